@@ -1,0 +1,141 @@
+"""Hyper-parameters and the ONNX contracts, declared once.
+
+No torch import here: the stream worker reads the same contract through
+``encoder.runtime`` to feed the exported models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streams.errors import ModelError
+
+# The ONNX contract of the interest encoder (left-padded: the newest event is the last position).
+INTEREST_INPUTS = {
+    "item_vectors": ("float32", ("batch", "length", "item_dim")),
+    "event_types": ("int64", ("batch", "length")),
+    "ages_s": ("float32", ("batch", "length")),
+    "mask": ("bool", ("batch", "length")),
+}
+INTEREST_OUTPUT = "user_vector"  # float32 [batch, item_dim], L2-normalised
+
+# The ONNX contract of the text encoder (mean pooling and L2 normalisation are in the graph).
+TEXT_INPUTS = {
+    "input_ids": ("int64", ("batch", "tokens")),
+    "attention_mask": ("int64", ("batch", "tokens")),
+}
+TEXT_OUTPUT = "sentence_embedding"  # float32 [batch, 384]; "embedding" collides inside the dynamo exporter
+
+OPSET = 18
+BUNDLE_MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+TEXT_BUNDLE = "text-encoder"  # folder names inside the models directory
+INTEREST_BUNDLE = "interest-encoder"
+
+
+@dataclass(frozen=True)
+class InterestEncoderConfig:
+    """Every hyper-parameter of the interest encoder and its training, validated."""
+
+    event_types: tuple[str, ...]
+    item_dim: int = 384
+    d_model: int = 64
+    n_heads: int = 2
+    n_layers: int = 2
+    ffn_mult: int = 2
+    max_len: int = 200
+    dropout: float = 0.1
+    temperature: float = 0.05
+    # Training.
+    window: int = 50
+    epochs: int = 8
+    batch_size: int = 128
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    patience: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.event_types:
+            raise ValueError("event_types must not be empty")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} must be divisible by n_heads {self.n_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.window > self.max_len:
+            raise ValueError(f"window {self.window} exceeds max_len {self.max_len}")
+        for name in ("item_dim", "d_model", "n_heads", "n_layers", "ffn_mult", "epochs", "batch_size", "window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0")
+
+    @property
+    def n_type_ids(self) -> int:
+        # Id 0 is padding, 1..n the known types, n+1 any type the model never saw.
+        return len(self.event_types) + 2
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["event_types"] = list(self.event_types)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InterestEncoderConfig:
+        return cls(**{**data, "event_types": tuple(data["event_types"])})
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class BundleManifest:
+    """What an exported model bundle is: written by export, checked by the runtime."""
+
+    kind: str  # "interest-encoder" | "text-encoder"
+    version: str
+    dim: int
+    opset: int
+    inputs: dict[str, Any]
+    output: str
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    config: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] = field(default_factory=dict)
+
+    def write(self, folder: Path) -> None:
+        self.files = {name: sha256_file(folder / name) for name in sorted(self.files or _bundle_files(folder))}
+        (folder / BUNDLE_MANIFEST).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def read(cls, folder: Path, kind: str, *, verify: bool = True) -> BundleManifest:
+        path = folder / BUNDLE_MANIFEST
+        if not path.exists():
+            raise ModelError(f"no {kind} bundle at {folder} (missing {BUNDLE_MANIFEST}); run `rtrec train` first")
+        try:
+            manifest = cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ModelError(f"unreadable manifest {path}: {exc}") from None
+        if manifest.kind != kind:
+            raise ModelError(f"{folder} holds a {manifest.kind}, expected a {kind}")
+        if verify:
+            for name, expected in manifest.files.items():
+                file = folder / name
+                if not file.exists() or sha256_file(file) != expected:
+                    raise ModelError(f"{file} is missing or does not match its checksum in the manifest")
+        return manifest
+
+
+def _bundle_files(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.is_file() and p.name != BUNDLE_MANIFEST]

@@ -1,0 +1,82 @@
+"""Window → encoder inputs: the one featurizer shared by training and the live stream.
+
+Numpy only (no torch), so the stream worker and the trainer build bit-identical
+inputs. Windows are left-padded: the newest event is always the last position,
+and ages are measured from it in event time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class EncoderInputs:
+    item_vectors: np.ndarray  # float32 [batch, length, item_dim]
+    event_types: np.ndarray  # int64 [batch, length]; 0 = padding
+    ages_s: np.ndarray  # float32 [batch, length]; seconds before the newest event
+    mask: np.ndarray  # bool [batch, length]; True = a real event
+
+    def as_feed(self) -> dict[str, np.ndarray]:
+        return {
+            "item_vectors": self.item_vectors,
+            "event_types": self.event_types,
+            "ages_s": self.ages_s,
+            "mask": self.mask,
+        }
+
+    def __len__(self) -> int:
+        return int(self.mask.shape[0])
+
+
+@dataclass(frozen=True)
+class WindowArrays:
+    """One window as arrays, oldest first."""
+
+    item_vectors: np.ndarray  # float32 [n, item_dim]
+    type_ids: np.ndarray  # int64 [n]
+    ts_ms: np.ndarray  # int64 [n]
+
+
+class EventTypeVocabulary:
+    """Maps event type names to the ids the model was trained with (from its manifest)."""
+
+    def __init__(self, event_types: Sequence[str]) -> None:
+        self.event_types = tuple(event_types)
+        self._ids = {name: i + 1 for i, name in enumerate(self.event_types)}
+        self.unknown_id = len(self.event_types) + 1
+
+    def ids(self, names: Sequence[str]) -> np.ndarray:
+        return np.fromiter((self._ids.get(n, self.unknown_id) for n in names), dtype=np.int64, count=len(names))
+
+
+def assemble_inputs(windows: Sequence[WindowArrays], item_dim: int, max_len: int | None = None) -> EncoderInputs:
+    """Left-pad a batch of windows (each keeps its newest ``max_len`` events) into model inputs."""
+    if not windows:
+        raise ValueError("cannot assemble an empty batch")
+    trimmed = [_newest(w, max_len) for w in windows]
+    length = max(1, max(len(w.type_ids) for w in trimmed))
+    batch = len(trimmed)
+    item_vectors = np.zeros((batch, length, item_dim), dtype=np.float32)
+    event_types = np.zeros((batch, length), dtype=np.int64)
+    ages_s = np.zeros((batch, length), dtype=np.float32)
+    mask = np.zeros((batch, length), dtype=bool)
+    for row, window in enumerate(trimmed):
+        n = len(window.type_ids)
+        if n == 0:
+            continue
+        start = length - n
+        item_vectors[row, start:] = window.item_vectors
+        event_types[row, start:] = window.type_ids
+        ages_s[row, start:] = (window.ts_ms[-1] - window.ts_ms).astype(np.float64) / 1000.0
+        mask[row, start:] = True
+    return EncoderInputs(item_vectors, event_types, ages_s, mask)
+
+
+def _newest(window: WindowArrays, max_len: int | None) -> WindowArrays:
+    if max_len is None or len(window.type_ids) <= max_len:
+        return window
+    return WindowArrays(window.item_vectors[-max_len:], window.type_ids[-max_len:], window.ts_ms[-max_len:])

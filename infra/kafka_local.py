@@ -1,0 +1,296 @@
+"""A real single-node Apache Kafka (KRaft) assembled from Maven Central, no Docker.
+
+The broker's jars are resolved once with the machine's Maven into a cache folder
+(``~/.cache/rtrec/kafka-<version>`` unless told otherwise); every later start
+reuses them without touching the network. The broker runs as a child process
+in its own session so that ``rtrec broker start`` can return and
+``rtrec broker stop`` can find it again through a pid file in the data folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from streams.errors import BrokerError
+
+KAFKA_VERSION = "4.1.1"
+LOG4J_VERSION = "2.24.3"
+READY_LINE = "Kafka Server started"
+
+_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>rtrec</groupId><artifactId>local-kafka</artifactId><version>1</version>
+  <dependencies>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>{kafka}</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId><version>{log4j}</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId><version>{log4j}</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-api</artifactId><version>{log4j}</version></dependency>
+  </dependencies>
+</project>
+"""
+
+# Only the line that says the server is up is kept at INFO: the rest of the broker is quiet.
+_LOG4J2 = """<Configuration status="WARN">
+  <Appenders>
+    <Console name="STDOUT" target="SYSTEM_OUT"><PatternLayout pattern="[%d] %p %m (%c)%n"/></Console>
+  </Appenders>
+  <Loggers>
+    <Logger name="kafka.server.KafkaRaftServer" level="INFO"/>
+    <Root level="WARN"><AppenderRef ref="STDOUT"/></Root>
+  </Loggers>
+</Configuration>
+"""
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "rtrec"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass(frozen=True)
+class LocalKafkaConfig:
+    data_dir: Path
+    port: int = 19092
+    controller_port: int = 0  # 0: port + 1
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    version: str = KAFKA_VERSION
+    heap: str = "768m"
+    # Extra server.properties lines (e.g. a SASL listener for security tests).
+    extra_properties: tuple[str, ...] = ()
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def libs_dir(self) -> Path:
+        return self.cache_dir / f"kafka-{self.version}" / "libs"
+
+
+class LocalKafka:
+    """Start, check and stop one local KRaft broker (broker and controller in one process)."""
+
+    def __init__(self, config: LocalKafkaConfig, progress: Callable[[str], None] = lambda _msg: None) -> None:
+        self.config = config
+        self._progress = progress
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def _pid_file(self) -> Path:
+        return self.config.data_dir / "broker.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.config.data_dir / "broker.log"
+
+    @property
+    def _controller_port(self) -> int:
+        return self.config.controller_port or self.config.port + 1
+
+    # ------------------------------------------------------------ assembly
+
+    @staticmethod
+    def _require(tool: str, hint: str) -> str:
+        path = shutil.which(tool)
+        if path is None:
+            raise BrokerError(f"'{tool}' was not found on PATH: {hint}")
+        return path
+
+    def _java(self) -> str:
+        java_home = os.environ.get("JAVA_HOME")
+        if java_home and (Path(java_home) / "bin" / "java").exists():
+            return str(Path(java_home) / "bin" / "java")
+        return self._require("java", "install a Java 17+ runtime (e.g. `apt-get install openjdk-17-jre-headless`)")
+
+    def ensure_runtime(self) -> Path:
+        """Resolve the broker's jars from Maven Central once; later calls are offline."""
+        libs = self.config.libs_dir
+        marker = libs / ".complete"
+        if marker.exists():
+            return libs
+        mvn = self._require("mvn", "install Apache Maven (e.g. `apt-get install maven`) to fetch Kafka's jars once")
+        self._java()
+        work = libs.parent / "resolve"
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "pom.xml").write_text(_POM.format(kafka=self.config.version, log4j=LOG4J_VERSION))
+        self._progress(f"fetching Apache Kafka {self.config.version} jars from Maven Central (once)…")
+        tmp_libs = libs.parent / "libs.partial"
+        shutil.rmtree(tmp_libs, ignore_errors=True)
+        result = subprocess.run(
+            [
+                mvn,
+                "-B",
+                "-q",
+                "dependency:copy-dependencies",
+                "-DincludeScope=runtime",
+                f"-DoutputDirectory={tmp_libs}",
+            ],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            tail = (result.stdout + result.stderr).strip().splitlines()[-5:]
+            raise BrokerError("Maven could not fetch Kafka's jars: " + " | ".join(tail))
+        shutil.rmtree(libs, ignore_errors=True)
+        tmp_libs.rename(libs)
+        marker.write_text(self.config.version)
+        return libs
+
+    def _write_config(self) -> Path:
+        data = self.config.data_dir
+        cport = self._controller_port
+        lines = [
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@127.0.0.1:{cport}",
+            "controller.listener.names=CONTROLLER",
+            f"listeners=PLAINTEXT://127.0.0.1:{self.config.port},CONTROLLER://127.0.0.1:{cport}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.config.port}",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            f"log.dirs={data / 'logs'}",
+            # One broker: internal topics must have one replica or groups and transactions hang.
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=1",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "share.coordinator.state.topic.replication.factor=1",
+            "share.coordinator.state.topic.min.isr=1",
+            "group.initial.rebalance.delay.ms=0",
+            # The 128 MiB default would be taken from a small heap.
+            "log.cleaner.dedupe.buffer.size=16777216",
+            "num.network.threads=2",
+            "num.io.threads=4",
+            "auto.create.topics.enable=false",
+            *self.config.extra_properties,
+        ]
+        path = data / "server.properties"
+        path.write_text("\n".join(lines) + "\n")
+        (data / "log4j2.xml").write_text(_LOG4J2)
+        return path
+
+    def _format_storage(self, libs: Path, properties: Path) -> None:
+        if (self.config.data_dir / "logs" / "meta.properties").exists():
+            return
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        result = subprocess.run(
+            [
+                self._java(),
+                "-cp",
+                f"{libs}/*",
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(properties),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise BrokerError(f"formatting Kafka storage failed: {(result.stdout + result.stderr).strip()[-400:]}")
+
+    # ------------------------------------------------------------ lifecycle
+
+    def running_pid(self) -> int | None:
+        try:
+            pid = int(self._pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        return pid
+
+    def start(self, timeout_s: float = 60.0) -> str:
+        """Start the broker (or find it running) and return its bootstrap address."""
+        if self.running_pid() is not None:
+            return self.config.bootstrap
+        if _port_open(self.config.port):
+            raise BrokerError(f"port {self.config.port} is already in use by another process")
+        libs = self.ensure_runtime()
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        properties = self._write_config()
+        self._format_storage(libs, properties)
+        cmd = [
+            self._java(),
+            "-Xms256m",
+            f"-Xmx{self.config.heap}",
+            "-Djava.net.preferIPv4Stack=true",
+            f"-Dlog4j2.configurationFile={(self.config.data_dir / 'log4j2.xml').resolve()}",
+            "-cp",
+            f"{libs}/*",
+            "kafka.Kafka",
+            str(properties),
+        ]
+        self._progress(f"starting Kafka {self.config.version} on {self.config.bootstrap}…")
+        log = self.log_file.open("ab")
+        self._process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self._pid_file.write_text(str(self._process.pid))
+        self._wait_ready(timeout_s)
+        return self.config.bootstrap
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        while time.monotonic() < deadline:
+            if self._process is not None and self._process.poll() is not None:
+                raise BrokerError(f"Kafka exited with code {self._process.returncode}; see {self.log_file}")
+            with self.log_file.open("rb") as f:
+                f.seek(max(0, offset - 4096))
+                if READY_LINE.encode() in f.read() and _port_open(self.config.port):
+                    return
+            time.sleep(0.2)
+        self.stop()
+        raise BrokerError(f"Kafka did not start within {timeout_s:.0f} s; see {self.log_file}")
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Stop the broker gracefully (SIGTERM, then SIGKILL after the timeout). True if one was running."""
+        pid = self.running_pid()
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._process is not None and self._process.pid == pid:
+                if self._process.poll() is not None:
+                    break
+            else:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+            time.sleep(0.2)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        self._pid_file.unlink(missing_ok=True)
+        self._process = None
+        return True

@@ -1,0 +1,95 @@
+"""Idempotent topic bootstrap with kafka-python's admin client.
+
+Used by `rtrec topics`, the demo, the tests and the docker-compose bootstrap
+service alike. Running it twice changes nothing; a topic that exists with
+fewer partitions than asked is grown, and its configs are brought in line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from streams.errors import BrokerError
+from streams.settings import Settings
+
+DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    replication: int
+    configs: dict[str, str] = field(default_factory=dict)
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    """Every topic the pipeline reads or writes, with its retention policy."""
+    p, r = settings.topic_partitions, settings.topic_replication
+    return [
+        TopicSpec(settings.events_topic, p, r, {"retention.ms": str(settings.events_retention_hours * 3600 * 1000)}),
+        # The catalog is a table: compaction keeps the latest version of every item, tombstones delete.
+        TopicSpec(settings.items_topic, p, r, {"cleanup.policy": "compact"}),
+        TopicSpec(settings.recommendations_topic, p, r, {"retention.ms": str(DAY_MS)}),
+        TopicSpec(settings.deadletter_topic, p, r, {"retention.ms": str(14 * DAY_MS)}),
+        TopicSpec(settings.control_topic, p, r, {"retention.ms": str(7 * DAY_MS)}),
+    ]
+
+
+def admin_client(bootstrap: str, timeout_s: float = 30.0) -> KafkaAdminClient:
+    try:
+        return KafkaAdminClient(
+            bootstrap_servers=bootstrap,
+            client_id="rtrec-admin",
+            request_timeout_ms=15000,
+            bootstrap_timeout_ms=int(timeout_s * 1000),
+        )
+    except KafkaError as exc:
+        raise BrokerError(f"no Kafka broker reachable at {bootstrap} ({type(exc).__name__})") from None
+
+
+def ensure_topics(bootstrap: str, specs: list[TopicSpec]) -> dict[str, str]:
+    """Create missing topics, grow partitions, apply configs. Returns {topic: what was done}."""
+    admin = admin_client(bootstrap)
+    try:
+        existing = set(admin.list_topics())
+        report: dict[str, str] = {}
+        missing = [s for s in specs if s.name not in existing]
+        if missing:
+            # Another bootstrapper may win the race; the checks below still apply.
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics(
+                    {
+                        s.name: {
+                            "num_partitions": s.partitions,
+                            "replication_factor": s.replication,
+                            "configs": s.configs,
+                        }
+                        for s in missing
+                    },
+                    wait_for_metadata=True,
+                )
+            for s in missing:
+                report[s.name] = "created"
+        present = [s for s in specs if s.name in existing]
+        if present:
+            described = {t["name"]: len(t["partitions"]) for t in admin.describe_topics([s.name for s in present])}
+            grow = {s.name: s.partitions for s in present if described.get(s.name, 0) < s.partitions}
+            if grow:
+                admin.create_partitions(grow)
+            admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, s.name, configs=s.configs) for s in present])
+            for s in present:
+                report[s.name] = f"grown to {s.partitions} partitions" if s.name in grow else "exists"
+        return report
+    except KafkaError as exc:
+        raise BrokerError(f"topic bootstrap on {bootstrap} failed: {exc}") from exc
+    finally:
+        admin.close()
+
+
+def ensure_pipeline_topics(settings: Settings) -> dict[str, str]:
+    return ensure_topics(settings.bootstrap_servers, topic_specs(settings))

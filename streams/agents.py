@@ -1,0 +1,88 @@
+"""Faust agents: thin. They batch at the stream boundary, run the pure batch logic
+off the event loop, store windows and send outputs.
+
+Offsets are acknowledged only after a micro-batch's windows are written and its
+outputs handed to the producer; Faust flushes the producer before it commits,
+so delivery is at-least-once and a crash replays, never loses, a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import faust
+
+from streams.process import CatalogBatchProcessor, EventBatchProcessor, IncomingMessage
+from streams.records import encode_deadletter, encode_recommendation
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RAW = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+
+
+def _incoming(events: Sequence[Any]) -> list[IncomingMessage]:
+    return [
+        IncomingMessage(e.message.key, e.message.value, e.message.topic, e.message.partition, e.message.offset)
+        for e in events
+    ]
+
+
+def register_agents(
+    app: faust.App,
+    settings: Settings,
+    events: EventBatchProcessor,
+    catalog: CatalogBatchProcessor,
+) -> None:
+    events_topic = app.topic(settings.events_topic, **RAW)
+    items_topic = app.topic(settings.items_topic, **RAW)
+    recommendations_topic = app.topic(settings.recommendations_topic, **RAW)
+    deadletter_topic = app.topic(settings.deadletter_topic, **RAW)
+    # One window per user, keyed like the events topic. use_partitioner: a micro-batch spans
+    # events of several partitions, so each changelog write is partitioned by its own key.
+    windows = app.Table(
+        "user-windows",
+        default=None,
+        partitions=settings.topic_partitions,
+        key_type=bytes,  # bytes means the raw codec for the changelog
+        value_type=bytes,
+        use_partitioner=True,
+    )
+    # One thread per agent: model and store calls run off the loop, and in order.
+    event_worker = ThreadPoolExecutor(1, thread_name_prefix="rtrec-events")
+    catalog_worker = ThreadPoolExecutor(1, thread_name_prefix="rtrec-catalog")
+
+    async def dead_letter(letters: Sequence[Any]) -> None:
+        for letter in letters:
+            await deadletter_topic.send(key=letter.key, value=encode_deadletter(letter))
+
+    @app.agent(events_topic, name="rtrec.events")
+    async def process_events(stream: faust.StreamT) -> None:
+        loop = asyncio.get_running_loop()
+        async for batch in stream.take_events(settings.batch_max, within=settings.batch_within_s):
+            messages = _incoming(batch)
+            stored = {user: windows.get(user.encode("utf-8")) for user in events.users_in(messages)}
+            outcome = await loop.run_in_executor(event_worker, events.process, messages, stored)
+            for user_id, window in outcome.windows.items():
+                windows[user_id.encode("utf-8")] = window.to_bytes()
+            for rec in outcome.recommendations:
+                await recommendations_topic.send(key=rec.user_id.encode("utf-8"), value=encode_recommendation(rec))
+            await dead_letter(outcome.dead_letters)
+            log.debug("events batch: %s", outcome.counts)
+
+    @app.agent(items_topic, name="rtrec.catalog")
+    async def process_catalog(stream: faust.StreamT) -> None:
+        loop = asyncio.get_running_loop()
+        async for batch in stream.take_events(settings.batch_max, within=settings.batch_within_s):
+            outcome = await loop.run_in_executor(catalog_worker, catalog.process, _incoming(batch))
+            await dead_letter(outcome.dead_letters)
+            log.info(
+                "catalog: %d upserted, %d deleted, %d dead-lettered",
+                len(outcome.upserted),
+                len(outcome.deleted),
+                len(outcome.dead_letters),
+            )

@@ -1,0 +1,90 @@
+"""The only wiring point: settings + injected parts → a Faust app.
+
+``build_app`` takes the encoders and the vector store as arguments;
+``load_components`` builds the production ones from settings. Nothing here
+is a module-level global, so a test can wire the app with its own parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import faust
+
+from encoder.config import INTEREST_BUNDLE, TEXT_BUNDLE
+from encoder.runtime import OnnxInterestEncoder, OnnxTextEmbedder
+from streams.agents import register_agents
+from streams.ports import InterestEncoderRuntime, TextEmbedder, VectorStore
+from streams.process import CatalogBatchProcessor, EventBatchProcessor, WindowLimits
+from streams.recommend import Recommender, now_ms
+from streams.records import Limits
+from streams.settings import Settings
+from streams.store_qdrant import QdrantVectorStore
+
+
+@dataclass
+class Components:
+    text_embedder: TextEmbedder
+    interest_encoder: InterestEncoderRuntime
+    store: VectorStore
+    clock: Callable[[], int] = now_ms
+
+
+def load_components(settings: Settings) -> Components:
+    models = settings.models_path
+    interest = OnnxInterestEncoder(models / INTEREST_BUNDLE, settings.encoder_provider)
+    text = OnnxTextEmbedder(models / TEXT_BUNDLE, settings.encoder_provider)
+    return Components(text_embedder=text, interest_encoder=interest, store=QdrantVectorStore.from_settings(settings))
+
+
+def limits_from(settings: Settings) -> Limits:
+    return Limits(
+        max_message_bytes=settings.max_message_bytes,
+        max_id_chars=settings.max_id_chars,
+        max_text_chars=settings.max_text_chars,
+        max_future_skew_s=settings.max_future_skew_s,
+    )
+
+
+def build_app(settings: Settings, components: Components) -> faust.App:
+    store = components.store
+    store.ensure_collection(settings.items_collection, components.text_embedder.dim)
+    store.ensure_collection(settings.users_collection, components.interest_encoder.dim)
+    limits = limits_from(settings)
+    recommender = Recommender(
+        components.interest_encoder,
+        store,
+        items_collection=settings.items_collection,
+        users_collection=settings.users_collection,
+        top_k=settings.top_k,
+        clock=components.clock,
+    )
+    events = EventBatchProcessor(
+        recommender,
+        WindowLimits(settings.window_size, settings.window_horizon_s * 1000, settings.dedup_capacity),
+        limits,
+        components.clock,
+    )
+    catalog = CatalogBatchProcessor(
+        components.text_embedder,
+        store,
+        items_collection=settings.items_collection,
+        limits=limits,
+        clock=components.clock,
+    )
+    app = faust.App(
+        settings.app_id,
+        broker=[f"kafka://{server}" for server in settings.bootstrap_servers.split(",")],
+        store=settings.table_store,
+        datadir=str(settings.faust_data_path),
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replication,
+        key_serializer="raw",
+        value_serializer="raw",
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        producer_max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
+    )
+    register_agents(app, settings, events, catalog)
+    return app

@@ -1,0 +1,102 @@
+"""kafka-python clients for everything outside the Faust worker: producers of events and
+catalogue changes, readers of the output topics, and consumer-lag checks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
+
+from streams.errors import BrokerError
+from streams.records import ControlCommand, Event, Item, encode_control, encode_event, encode_item
+from streams.settings import Settings
+
+
+def make_producer(settings: Settings, **overrides: object) -> KafkaProducer:
+    config: dict[str, object] = {
+        "bootstrap_servers": settings.bootstrap_servers.split(","),
+        "client_id": "rtrec-producer",
+        "acks": "all",
+        "linger_ms": 5,
+        "max_request_size": max(settings.max_message_bytes * 2, 1_048_576),
+        **overrides,
+    }
+    try:
+        return KafkaProducer(**config)
+    except KafkaError as exc:
+        raise BrokerError(f"cannot connect a producer to {settings.bootstrap_servers}: {exc}") from None
+
+
+def make_consumer(settings: Settings, topics: Sequence[str], group_id: str | None = None) -> KafkaConsumer:
+    """A reader of ``topics`` from their beginning (no group: every reader sees everything)."""
+    try:
+        consumer = KafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers.split(","),
+            client_id="rtrec-reader",
+            group_id=group_id,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+    except KafkaError as exc:
+        raise BrokerError(f"cannot connect a consumer to {settings.bootstrap_servers}: {exc}") from None
+    partitions = []
+    for topic in topics:
+        ids = _partitions(consumer, topic)
+        partitions.extend(TopicPartition(topic, p) for p in ids)
+    consumer.assign(partitions)
+    return consumer
+
+
+def _partitions(consumer: KafkaConsumer, topic: str, timeout_s: float = 15.0) -> set[int]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ids = consumer.partitions_for_topic(topic)
+        if ids:
+            return set(ids)
+        time.sleep(0.2)
+    raise BrokerError(f"topic {topic!r} does not exist on {consumer.config['bootstrap_servers']}")
+
+
+def publish_events(producer: KafkaProducer, topic: str, events: Sequence[Event]) -> None:
+    for event in events:
+        producer.send(topic, key=event.user_id.encode("utf-8"), value=encode_event(event))
+
+
+def publish_items(producer: KafkaProducer, topic: str, items: Sequence[Item]) -> None:
+    for item in items:
+        producer.send(topic, key=item.item_id.encode("utf-8"), value=encode_item(item))
+
+
+def delete_items(producer: KafkaProducer, topic: str, item_ids: Sequence[str]) -> None:
+    for item_id in item_ids:
+        producer.send(topic, key=item_id.encode("utf-8"), value=None)
+
+
+def publish_control(producer: KafkaProducer, topic: str, command: ControlCommand) -> None:
+    producer.send(topic, key=command.user_id.encode("utf-8"), value=encode_control(command))
+
+
+def iterate(consumer: KafkaConsumer, timeout_s: float) -> Iterator[tuple[str, bytes | None, bytes | None]]:
+    """(topic, key, value) of each record arriving within ``timeout_s`` of the previous one."""
+    idle_since = time.monotonic()
+    while time.monotonic() - idle_since < timeout_s:
+        batches = consumer.poll(timeout_ms=200)
+        for tp, records in batches.items():
+            for record in records:
+                idle_since = time.monotonic()
+                yield tp.topic, record.key, record.value
+
+
+def group_lag(settings: Settings, group_id: str, topic: str) -> int:
+    """Messages on ``topic`` not yet committed by consumer group ``group_id``."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers.split(","), group_id=group_id, enable_auto_commit=False
+    )
+    try:
+        partitions = [TopicPartition(topic, p) for p in _partitions(consumer, topic)]
+        ends = consumer.end_offsets(partitions)
+        return sum(ends[tp] - (consumer.committed(tp) or 0) for tp in partitions)
+    finally:
+        consumer.close(autocommit=False)

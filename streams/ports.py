@@ -1,0 +1,79 @@
+"""The small interfaces between the steps of the pipeline.
+
+The worker is wired with implementations of these (``app.build_app``): the
+ONNX Runtime encoders and a Qdrant store in production, other implementations
+in tests. Each Protocol lists only what the stream calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from encoder.features import EncoderInputs
+
+
+class TextEmbedder(Protocol):
+    dim: int
+    version: str
+    provider: str
+
+    def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
+        """[n, dim] float32 unit vectors."""
+        ...
+
+
+class InterestEncoderRuntime(Protocol):
+    dim: int
+    version: str
+    provider: str
+    max_len: int
+
+    @property
+    def vocabulary(self) -> Any: ...  # EventTypeVocabulary of the loaded model
+
+    def encode_batch(self, inputs: EncoderInputs) -> np.ndarray:
+        """[batch, dim] float32 unit vectors."""
+        ...
+
+
+@dataclass(frozen=True)
+class VectorPoint:
+    id: str  # the external id (item_id / user_id)
+    vector: np.ndarray
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    vector: np.ndarray
+    limit: int
+    exclude_ids: Sequence[str] = ()
+    only_available: bool = True
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    id: str
+    score: float
+    vector: np.ndarray | None
+    payload: dict[str, Any]
+
+
+class VectorStore(Protocol):
+    def ensure_collection(self, name: str, dim: int) -> None: ...
+
+    def upsert(self, collection: str, points: Sequence[VectorPoint]) -> None: ...
+
+    def delete(self, collection: str, ids: Sequence[str]) -> None: ...
+
+    def fetch_vectors(self, collection: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """Vectors of the ids that exist; unknown ids are absent from the result."""
+        ...
+
+    def search_batch(self, collection: str, queries: Sequence[SearchQuery]) -> list[list[SearchHit]]: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,214 @@
+"""Micro-batch processing for both input topics: validate → apply → outputs.
+
+Pure of Faust: the agents hand in raw messages and stored windows and get back
+what to store and what to send. Anything invalid becomes a dead-letter record
+naming its topic, partition, offset and the reason; valid messages around it
+are processed as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from streams.errors import InvalidRecord
+from streams.ports import TextEmbedder, VectorPoint, VectorStore
+from streams.recommend import Recommender, RefreshRequest, now_ms
+from streams.records import (
+    DeadLetter,
+    Event,
+    Item,
+    Limits,
+    Recommendation,
+    decode_event,
+    decode_item,
+)
+from streams.state import AddOutcome, UserWindow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    key: bytes | None
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class WindowLimits:
+    max_events: int
+    horizon_ms: int
+    dedup_capacity: int
+
+    def new_window(self) -> UserWindow:
+        return UserWindow(self.max_events, self.horizon_ms, self.dedup_capacity)
+
+    def load(self, raw: bytes | None) -> UserWindow:
+        if raw is None:
+            return self.new_window()
+        return UserWindow.from_bytes(raw, self.max_events, self.horizon_ms, self.dedup_capacity)
+
+
+def dead_letter(message: IncomingMessage, reason: str, clock: Callable[[], int]) -> DeadLetter:
+    return DeadLetter(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        error=reason,
+        key=message.key,
+        value=message.value,
+        ts=clock(),
+    )
+
+
+@dataclass
+class EventBatchOutcome:
+    windows: dict[str, UserWindow] = field(default_factory=dict)
+    recommendations: list[Recommendation] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class EventBatchProcessor:
+    """validate → drop unknown items → dedup and window update → one refresh per touched user."""
+
+    def __init__(
+        self, recommender: Recommender, windows: WindowLimits, limits: Limits, clock: Callable[[], int] = now_ms
+    ) -> None:
+        self.recommender = recommender
+        self.window_limits = windows
+        self.limits = limits
+        self.clock = clock
+
+    def users_in(self, messages: Sequence[IncomingMessage]) -> set[str]:
+        """The users whose stored windows ``process`` will need (keys that decode as UTF-8)."""
+        users = set()
+        for message in messages:
+            if message.key is not None:
+                try:
+                    users.add(message.key.decode("utf-8"))
+                except UnicodeDecodeError:
+                    continue
+        return users
+
+    def process(self, messages: Sequence[IncomingMessage], stored: Mapping[str, bytes | None]) -> EventBatchOutcome:
+        outcome = EventBatchOutcome()
+        now = self.clock()
+        valid: list[tuple[IncomingMessage, Event]] = []
+        for message in messages:
+            try:
+                valid.append((message, decode_event(message.value, message.key, self.limits, now_ms=now)))
+            except InvalidRecord as exc:
+                outcome.dead_letters.append(dead_letter(message, exc.reason, self.clock))
+
+        vectors = self.recommender.item_vectors([event.item_id for _, event in valid])
+        by_user: dict[str, list[Event]] = {}
+        for message, event in valid:
+            if event.item_id not in vectors:
+                outcome.dead_letters.append(
+                    dead_letter(message, f"field 'item_id': unknown item {event.item_id[:64]!r}", self.clock)
+                )
+                continue
+            by_user.setdefault(event.user_id, []).append(event)
+
+        requests = []
+        added = duplicates = too_old = 0
+        for user_id, events in by_user.items():
+            window = self._load(user_id, stored.get(user_id))
+            for event in events:
+                result = window.add(event)
+                added += result is AddOutcome.ADDED
+                duplicates += result is AddOutcome.DUPLICATE
+                too_old += result is AddOutcome.TOO_OLD
+            outcome.windows[user_id] = window
+            requests.append(RefreshRequest(user_id, window, events[-1], tuple(e.event_id for e in events)))
+
+        missing = {e.item_id for r in requests for e in r.window.entries} - vectors.keys()
+        if missing:
+            vectors = {**vectors, **self.recommender.item_vectors(sorted(missing))}
+        outcome.recommendations = self.recommender.refresh_batch(requests, vectors)
+        outcome.counts = {
+            "events": len(messages),
+            "added": added,
+            "duplicates": duplicates,
+            "too_old": too_old,
+            "dead_lettered": len(outcome.dead_letters),
+            "recommendations": len(outcome.recommendations),
+        }
+        return outcome
+
+    def _load(self, user_id: str, raw: bytes | None) -> UserWindow:
+        try:
+            return self.window_limits.load(raw)
+        except InvalidRecord as exc:
+            # A corrupt stored window must not wedge the user's partition: start afresh, loudly.
+            log.error("stored window of user %r is unreadable (%s); starting a new window", user_id, exc.reason)
+            return self.window_limits.new_window()
+
+
+@dataclass
+class CatalogBatchOutcome:
+    upserted: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+
+class CatalogBatchProcessor:
+    """Item upserts are embedded and written in one batch; a tombstone (null value) deletes."""
+
+    def __init__(
+        self,
+        embedder: TextEmbedder,
+        store: VectorStore,
+        *,
+        items_collection: str,
+        limits: Limits,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self.embedder = embedder
+        self.store = store
+        self.items_collection = items_collection
+        self.limits = limits
+        self.clock = clock
+
+    def process(self, messages: Sequence[IncomingMessage]) -> CatalogBatchOutcome:
+        outcome = CatalogBatchOutcome()
+        latest: dict[str, Item | None] = {}  # the last change to each item in this batch wins
+        for message in messages:
+            try:
+                if message.value is None:
+                    latest[self._tombstone_id(message.key)] = None
+                else:
+                    item = decode_item(message.value, message.key, self.limits)
+                    latest[item.item_id] = item
+            except InvalidRecord as exc:
+                outcome.dead_letters.append(dead_letter(message, exc.reason, self.clock))
+        upserts = [item for item in latest.values() if item is not None]
+        outcome.deleted = [item_id for item_id, item in latest.items() if item is None]
+        if upserts:
+            vectors = self.embedder.embed_batch([item.text() for item in upserts])
+            self.store.upsert(
+                self.items_collection,
+                [
+                    VectorPoint(item.item_id, vector, item.payload())
+                    for item, vector in zip(upserts, vectors, strict=True)
+                ],
+            )
+            outcome.upserted = [item.item_id for item in upserts]
+        self.store.delete(self.items_collection, outcome.deleted)
+        return outcome
+
+    def _tombstone_id(self, key: bytes | None) -> str:
+        if not key:
+            raise InvalidRecord("a tombstone (null value) needs the item_id as its key")
+        try:
+            item_id = key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRecord("tombstone key is not UTF-8") from None
+        if len(item_id) > self.limits.max_id_chars:
+            raise InvalidRecord(f"tombstone key of {len(item_id)} characters exceeds the limit")
+        return item_id

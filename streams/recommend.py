@@ -1,0 +1,129 @@
+"""Windows → user vectors → candidates → the list a user sees. Pure batch logic.
+
+One batched encoder call, one batched upsert and one batched search per
+micro-batch. Items already in the window and unavailable or deleted items are
+never recommended; each item carries the window event it is most similar to as
+its reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from encoder.features import WindowArrays, assemble_inputs
+from streams.ports import InterestEncoderRuntime, SearchQuery, VectorPoint, VectorStore
+from streams.records import Event, Recommendation, RecommendedItem
+from streams.state import UserWindow, WindowEntry
+
+REASON_VERBS = {
+    "view": "viewed",
+    "click": "clicked",
+    "add_to_cart": "added to your cart",
+    "purchase": "bought",
+    "rating": "rated",
+    "dislike": "disliked",
+}
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class RefreshRequest:
+    user_id: str
+    window: UserWindow
+    trigger: Event  # the user's last event to arrive in this micro-batch
+    event_ids: tuple[str, ...]  # every event of the user this refresh accounts for
+
+
+class Recommender:
+    def __init__(
+        self,
+        encoder: InterestEncoderRuntime,
+        store: VectorStore,
+        *,
+        items_collection: str,
+        users_collection: str,
+        top_k: int,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self.encoder = encoder
+        self.store = store
+        self.items_collection = items_collection
+        self.users_collection = users_collection
+        self.top_k = top_k
+        self.clock = clock
+
+    def item_vectors(self, item_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        return self.store.fetch_vectors(self.items_collection, item_ids)
+
+    def refresh_batch(
+        self, requests: Sequence[RefreshRequest], vectors: Mapping[str, np.ndarray]
+    ) -> list[Recommendation]:
+        """Recommendations for every request whose window holds at least one known item."""
+        usable: list[tuple[RefreshRequest, list[WindowEntry]]] = []
+        for request in requests:
+            # An item deleted from the catalogue since it entered the window no longer shapes interest.
+            entries = [e for e in request.window.entries if e.item_id in vectors]
+            if entries:
+                usable.append((request, entries))
+        if not usable:
+            return []
+        vocabulary = self.encoder.vocabulary
+        windows = [
+            WindowArrays(
+                item_vectors=np.stack([vectors[e.item_id] for e in entries]),
+                type_ids=vocabulary.ids([e.type for e in entries]),
+                ts_ms=np.array([e.ts for e in entries], dtype=np.int64),
+            )
+            for _, entries in usable
+        ]
+        user_vectors = self.encoder.encode_batch(assemble_inputs(windows, self.encoder.dim, self.encoder.max_len))
+        emitted = self.clock()
+        self.store.upsert(
+            self.users_collection,
+            [
+                VectorPoint(r.user_id, v, {"user_id": r.user_id, "model": self.encoder.version, "ts": emitted})
+                for (r, _), v in zip(usable, user_vectors, strict=True)
+            ],
+        )
+        hits = self.store.search_batch(
+            self.items_collection,
+            [
+                SearchQuery(vector=v, limit=self.top_k, exclude_ids=r.window.item_ids)
+                for (r, _), v in zip(usable, user_vectors, strict=True)
+            ],
+        )
+        recommendations = []
+        for (request, entries), window, candidates in zip(usable, windows, hits, strict=True):
+            items = []
+            for hit in candidates:
+                reason = _reason(hit.vector, window.item_vectors, entries)
+                items.append(RecommendedItem(hit.id, round(hit.score, 6), reason))
+            recommendations.append(
+                Recommendation(
+                    user_id=request.user_id,
+                    items=tuple(items),
+                    model=self.encoder.version,
+                    trigger_event_id=request.trigger.event_id,
+                    event_ts=request.trigger.ts,
+                    emitted_ts=self.clock(),
+                    event_ids=request.event_ids,
+                )
+            )
+        return recommendations
+
+
+def _reason(candidate: np.ndarray | None, window_vectors: np.ndarray, entries: Sequence[WindowEntry]) -> str:
+    """Names the window event whose item is most similar to the candidate."""
+    if candidate is None:
+        entry = entries[-1]
+    else:
+        similarity = window_vectors @ candidate
+        entry = entries[int(np.argmax(similarity))]
+    return f"because you {REASON_VERBS.get(entry.type, entry.type)} {entry.item_id}"

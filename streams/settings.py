@@ -1,0 +1,186 @@
+"""The one settings object, read from ``RTREC_*`` environment variables once at start.
+
+Every field is documented in the README's configuration table (generated from
+``SETTINGS_DOC`` below, so the two cannot drift). CLI flags override environment
+values through ``Settings.with_overrides``. Nothing reads the environment at
+import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from streams.errors import ConfigError
+
+ENV_PREFIX = "RTREC_"
+
+
+class Secret:
+    """A string that never shows itself in logs, reprs or error messages."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('****')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where local state lives: the local broker, embedded Qdrant, models, Faust data.
+    home: Path = Path(".rtrec")
+    # Kafka. Empty means the local broker that `rtrec broker start` / `rtrec demo` runs.
+    kafka_bootstrap: str = ""
+    local_kafka_port: int = 19092
+    topic_partitions: int = 4
+    topic_replication: int = 1
+    events_topic: str = "rec.events"
+    items_topic: str = "rec.items"
+    recommendations_topic: str = "rec.recommendations"
+    deadletter_topic: str = "rec.deadletter"
+    control_topic: str = "rec.control"
+    events_retention_hours: int = 24 * 7
+    app_id: str = "rtrec"
+    # Faust table store: memory:// (state rebuilt from the changelog at start) or rocksdb://.
+    table_store: str = "memory://"
+    # Qdrant. Empty URL means embedded local mode in `qdrant_path` (default: <home>/qdrant).
+    qdrant_url: str = ""
+    qdrant_api_key: Secret | None = None
+    qdrant_path: str = ""
+    items_collection: str = "items"
+    users_collection: str = "users"
+    # Models. Empty dir means <home>/models.
+    model_dir: str = ""
+    encoder_provider: str = "auto"
+    # The user window and the recommendation list.
+    window_size: int = 50
+    window_horizon_s: int = 30 * 24 * 3600
+    dedup_capacity: int = 500
+    top_k: int = 10
+    # Micro-batching at the stream boundary.
+    batch_max: int = 256
+    batch_within_s: float = 0.05
+    # Input limits: anything beyond goes to the dead-letter topic.
+    max_message_bytes: int = 1_000_000
+    max_id_chars: int = 256
+    max_text_chars: int = 20_000
+    max_future_skew_s: int = 24 * 3600
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            name = ENV_PREFIX + f.name.upper()
+            if name in environ:
+                values[f.name] = _parse(name, environ[name], hints[f.name])
+        unknown = sorted(
+            k for k in environ if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX) :].lower() not in _FIELD_NAMES
+        )
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(unknown)} (see `rtrec config`)")
+        return cls(**values).validated()
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """Apply CLI flags; ``None`` means the flag was not given."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        hints = get_type_hints(type(self))
+        for name, value in list(given.items()):
+            if name not in _FIELD_NAMES:
+                raise ConfigError(f"unknown setting '{name}'")
+            if isinstance(value, str) and hints[name] is not str:
+                given[name] = _parse(name, value, hints[name])
+        return dataclasses.replace(self, **given).validated()
+
+    def validated(self) -> Settings:
+        positive = ("topic_partitions", "topic_replication", "window_size", "top_k", "batch_max", "dedup_capacity")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
+        if self.window_horizon_s <= 0:
+            raise ConfigError(f"{ENV_PREFIX}WINDOW_HORIZON_S must be > 0, got {self.window_horizon_s}")
+        if self.batch_within_s <= 0:
+            raise ConfigError(f"{ENV_PREFIX}BATCH_WITHIN_S must be > 0, got {self.batch_within_s}")
+        if self.encoder_provider not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"{ENV_PREFIX}ENCODER_PROVIDER must be auto, cpu or cuda, got {self.encoder_provider!r}")
+        if not self.table_store.startswith(("memory://", "rocksdb://", "rocksdict://")):
+            raise ConfigError(f"{ENV_PREFIX}TABLE_STORE must be memory://, rocksdb:// or rocksdict://")
+        return self
+
+    # Derived locations: one place decides where each piece of local state lives.
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.kafka_bootstrap or f"127.0.0.1:{self.local_kafka_port}"
+
+    @property
+    def uses_local_kafka(self) -> bool:
+        return not self.kafka_bootstrap
+
+    @property
+    def models_path(self) -> Path:
+        return Path(self.model_dir) if self.model_dir else self.home / "models"
+
+    @property
+    def qdrant_local_path(self) -> Path:
+        return Path(self.qdrant_path) if self.qdrant_path else self.home / "qdrant"
+
+    @property
+    def kafka_data_path(self) -> Path:
+        return self.home / "kafka"
+
+    @property
+    def faust_data_path(self) -> Path:
+        return self.home / "faust"
+
+    def describe(self) -> dict[str, str]:
+        """The effective configuration with secrets masked, for `rtrec config`."""
+        shown: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            shown[ENV_PREFIX + f.name.upper()] = "" if value is None else str(value)
+        return shown
+
+
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(Settings))
+
+
+def _parse(name: str, raw: str, kind: Any) -> Any:
+    text = raw.strip()
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true/false")
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        if kind is Path:
+            return Path(text)
+        if kind == (Secret | None):
+            return Secret(text) if text else None
+        return text
+    except ValueError as exc:
+        raise ConfigError(f"{name}: cannot parse {raw!r} ({exc})") from None

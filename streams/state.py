@@ -1,0 +1,133 @@
+"""The per-user sliding window: a bounded, event-time-ordered value object.
+
+Pure Python, no Faust import: the agent stores its bytes in a plain Faust table
+keyed by user (Faust's windowed tables have open expiry bugs). The window is
+bounded by count and by a horizon measured in *event time* from the newest
+event it holds, so replaying a stream rebuilds exactly the same windows.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import msgpack
+
+from streams.errors import InvalidRecord
+from streams.records import Event
+
+WINDOW_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class WindowEntry:
+    # Field order is the sort order: event time first, event id breaks ties deterministically.
+    ts: int
+    event_id: str
+    item_id: str
+    type: str
+    value: float | None = None
+
+
+class AddOutcome(Enum):
+    ADDED = "added"
+    DUPLICATE = "duplicate"
+    TOO_OLD = "too_old"
+
+
+class UserWindow:
+    """The newest ``max_events`` events within ``horizon_ms`` of the newest one, oldest first.
+
+    Event ids seen recently (up to ``dedup_capacity`` of them, also those already
+    evicted) are remembered so that a redelivered event changes nothing.
+    """
+
+    __slots__ = ("_entries", "_seen", "_seen_order", "dedup_capacity", "horizon_ms", "max_events")
+
+    def __init__(self, max_events: int, horizon_ms: int, dedup_capacity: int) -> None:
+        self.max_events = max_events
+        self.horizon_ms = horizon_ms
+        self.dedup_capacity = max(dedup_capacity, max_events)
+        self._entries: list[WindowEntry] = []
+        self._seen: set[str] = set()
+        self._seen_order: deque[str] = deque()
+
+    @property
+    def entries(self) -> tuple[WindowEntry, ...]:
+        return tuple(self._entries)
+
+    @property
+    def item_ids(self) -> list[str]:
+        return [e.item_id for e in self._entries]
+
+    @property
+    def newest_ts(self) -> int | None:
+        return self._entries[-1].ts if self._entries else None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, event: Event) -> AddOutcome:
+        if event.event_id in self._seen:
+            return AddOutcome.DUPLICATE
+        self._remember(event.event_id)
+        newest = self.newest_ts
+        if newest is not None and event.ts < newest - self.horizon_ms:
+            return AddOutcome.TOO_OLD
+        entry = WindowEntry(event.ts, event.event_id, event.item_id, event.type, event.value)
+        bisect.insort(self._entries, entry)
+        self._evict()
+        # An out-of-order event older than everything in a full window is evicted at once.
+        return AddOutcome.ADDED if entry in self._entries else AddOutcome.TOO_OLD
+
+    def _remember(self, event_id: str) -> None:
+        self._seen.add(event_id)
+        self._seen_order.append(event_id)
+        while len(self._seen_order) > self.dedup_capacity:
+            self._seen.discard(self._seen_order.popleft())
+
+    def _evict(self) -> None:
+        if len(self._entries) > self.max_events:
+            del self._entries[: len(self._entries) - self.max_events]
+        cutoff = self._entries[-1].ts - self.horizon_ms
+        first_kept = bisect.bisect_left([e.ts for e in self._entries], cutoff)
+        if first_kept:
+            del self._entries[:first_kept]
+
+    # ------------------------------------------------------------ storage format
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb(
+            {
+                "v": WINDOW_FORMAT_VERSION,
+                "entries": [[e.ts, e.event_id, e.item_id, e.type, e.value] for e in self._entries],
+                "seen": list(self._seen_order),
+            },
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, max_events: int, horizon_ms: int, dedup_capacity: int) -> UserWindow:
+        """Restore a stored window; current limits apply (a lowered limit trims it)."""
+        try:
+            obj: dict[str, Any] = msgpack.unpackb(raw, raw=False)
+            if obj.get("v") != WINDOW_FORMAT_VERSION:
+                raise InvalidRecord(f"unsupported window format version {obj.get('v')!r}")
+            window = cls(max_events, horizon_ms, dedup_capacity)
+            for event_id in obj["seen"]:
+                window._remember(event_id)
+            window._entries = sorted(WindowEntry(*row) for row in obj["entries"])
+        except (ValueError, KeyError, TypeError, msgpack.ExtraData, msgpack.FormatError) as exc:
+            raise InvalidRecord(f"corrupt stored window ({type(exc).__name__}: {exc})") from None
+        if window._entries:
+            window._evict()
+        return window
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, UserWindow) and self._entries == other._entries
+
+    def __repr__(self) -> str:
+        return f"UserWindow({len(self._entries)} events, newest_ts={self.newest_ts})"
