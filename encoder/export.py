@@ -79,7 +79,9 @@ def export_interest_encoder(
             str(staging / MODEL_FILE),
             input_names=list(INTEREST_INPUTS),
             output_names=[INTEREST_OUTPUT],
-            dynamic_axes={name: {0: "batch", 1: "length"} for name in INTEREST_INPUTS},
+            dynamic_shapes={
+                name: {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC} for name in INTEREST_INPUTS
+            },
             opset_version=OPSET,
             dynamo=True,
             external_data=False,

@@ -75,7 +75,7 @@ def export_text_encoder(bundle: Path) -> BundleManifest:
             str(staging / MODEL_FILE),
             input_names=list(TEXT_INPUTS),
             output_names=[TEXT_OUTPUT],
-            dynamic_axes={"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}},
+            dynamic_shapes={name: {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC} for name in TEXT_INPUTS},
             opset_version=OPSET,
             dynamo=True,
             external_data=False,

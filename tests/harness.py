@@ -1,0 +1,158 @@
+"""A running pipeline for integration tests: real broker, real worker process, unique names.
+
+Each harness gets its own topics, consumer group (app id), Qdrant folder and Faust
+data folder, so tests never see each other's messages. Outputs are read by an
+independent kafka-python consumer, as a consumer of the product would.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+
+from infra.topics import ensure_pipeline_topics
+from streams.demo import start_worker, stop_worker
+from streams.kafka_io import delete_items, group_lag, iterate, make_consumer, make_producer, publish_items
+from streams.records import (
+    DeadLetter,
+    Event,
+    Item,
+    Recommendation,
+    decode_deadletter,
+    decode_recommendation,
+    encode_event,
+)
+from streams.settings import Settings
+from streams.workload import Workload, WorkloadConfig
+
+TEST_WORKLOAD = WorkloadConfig(n_items=240, n_users=60, seed=7)
+
+
+@dataclass
+class Outputs:
+    recommendations: list[Recommendation] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+    def by_user(self) -> dict[str, list[Recommendation]]:
+        grouped: dict[str, list[Recommendation]] = defaultdict(list)
+        for rec in self.recommendations:
+            grouped[rec.user_id].append(rec)
+        return grouped
+
+    def covered_event_ids(self) -> set[str]:
+        return {event_id for rec in self.recommendations for event_id in rec.event_ids}
+
+    def dead_lettered_event_ids(self) -> set[str]:
+        ids = set()
+        for letter in self.dead_letters:
+            try:
+                ids.add(msgpack.unpackb(letter.value)["event_id"])
+            except (ValueError, TypeError, KeyError, msgpack.ExtraData):
+                continue
+        return ids
+
+    def accounted_event_ids(self) -> set[str]:
+        return self.covered_event_ids() | self.dead_lettered_event_ids()
+
+
+class Pipeline:
+    def __init__(self, bootstrap: str, models: Path, home: Path, **settings: object) -> None:
+        suffix = uuid.uuid4().hex[:8]
+        self.settings = Settings(
+            home=home,
+            kafka_bootstrap=bootstrap,
+            model_dir=str(models),
+            app_id=f"rtrec-test-{suffix}",
+            events_topic=f"t{suffix}.events",
+            items_topic=f"t{suffix}.items",
+            recommendations_topic=f"t{suffix}.recommendations",
+            deadletter_topic=f"t{suffix}.deadletter",
+            control_topic=f"t{suffix}.control",
+            topic_partitions=2,
+            batch_within_s=0.02,
+        ).with_overrides(**settings)
+        self.workload = Workload(TEST_WORKLOAD)
+        self.producer = make_producer(self.settings)
+        self.outputs = Outputs()
+        self._reader = None
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.log_path = home / "worker.log"
+
+    def start(self) -> Pipeline:
+        ensure_pipeline_topics(self.settings)
+        self._reader = make_consumer(
+            self.settings, [self.settings.recommendations_topic, self.settings.deadletter_topic]
+        )
+        self.worker = start_worker(self.settings, self.log_path)
+        return self
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            stop_worker(self.worker)
+        if self._reader is not None:
+            self._reader.close()
+        self.producer.close()
+
+    def worker_log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    # ------------------------------------------------------------ inputs
+
+    def publish_catalog(self, items: Sequence[Item] | None = None) -> None:
+        publish_items(self.producer, self.settings.items_topic, list(items or self.workload.catalog))
+        self.producer.flush()
+        self.wait_caught_up(self.settings.items_topic)
+
+    def delete_items(self, item_ids: Sequence[str]) -> None:
+        delete_items(self.producer, self.settings.items_topic, item_ids)
+        self.producer.flush()
+        self.wait_caught_up(self.settings.items_topic)
+
+    def send_events(self, events: Sequence[Event]) -> None:
+        for event in events:
+            self.send_raw(event.user_id.encode(), encode_event(event))
+        self.producer.flush()
+
+    def send_raw(self, key: bytes | None, value: bytes | None) -> None:
+        self.producer.send(self.settings.events_topic, key=key, value=value)
+
+    def wait_caught_up(self, topic: str, timeout_s: float = 90.0) -> None:
+        """Until the worker has committed everything on ``topic``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_worker()
+            if group_lag(self.settings, self.settings.app_id, topic) == 0:
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"worker did not catch up on {topic}:\n{self.worker_log()[-3000:]}")
+
+    # ------------------------------------------------------------ outputs
+
+    def collect_until(self, done: Callable[[Outputs], bool], timeout_s: float = 60.0) -> Outputs:
+        assert self._reader is not None
+        deadline = time.monotonic() + timeout_s
+        while not done(self.outputs):
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"timed out: {len(self.outputs.recommendations)} recommendations, "
+                    f"{len(self.outputs.dead_letters)} dead letters so far\n{self.worker_log()[-3000:]}"
+                )
+            self._check_worker()
+            for topic, _key, value in iterate(self._reader, timeout_s=0.3):
+                assert value is not None
+                if topic == self.settings.recommendations_topic:
+                    self.outputs.recommendations.append(decode_recommendation(value))
+                else:
+                    self.outputs.dead_letters.append(decode_deadletter(value))
+        return self.outputs
+
+    def _check_worker(self) -> None:
+        if self.worker is not None and self.worker.poll() is not None:
+            raise AssertionError(f"worker exited with {self.worker.returncode}:\n{self.worker_log()[-3000:]}")

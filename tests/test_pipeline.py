@@ -1,0 +1,189 @@
+"""The vertical slice, proven through the real Kafka broker and a real worker process."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from infra.kafka_local import LocalKafka
+from streams.recommend import now_ms
+from streams.records import Event, Recommendation, encode_event, encode_item
+from streams.state import UserWindow
+from tests.harness import Pipeline
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def pipeline(kafka: LocalKafka, models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    running = Pipeline(kafka.config.bootstrap, models_dir, tmp_path_factory.mktemp("pipeline")).start()
+    try:
+        running.publish_catalog()
+        yield running
+    finally:
+        running.stop()
+
+
+def _windows_at(events: list[Event], settings_window: int, horizon_ms: int) -> dict[str, UserWindow]:
+    """Each event id → a copy of its user's window right after that event (test-side replay)."""
+    windows: dict[str, UserWindow] = {}
+    snapshots = {}
+    for event in events:
+        window = windows.setdefault(event.user_id, UserWindow(settings_window, horizon_ms, 500))
+        window.add(event)
+        snapshots[event.event_id] = UserWindow.from_bytes(window.to_bytes(), settings_window, horizon_ms, 500)
+    return snapshots
+
+
+def _last_event_of(rec: Recommendation, order: dict[str, int]) -> str:
+    return max(rec.event_ids, key=order.__getitem__)
+
+
+def test_every_event_is_reflected_or_dead_lettered(pipeline: Pipeline) -> None:
+    events = [g.event for g in pipeline.workload.stream(400, clock=now_ms, first_user=0)]
+    valid = encode_event(events[0])
+    unpacked = msgpack.unpackb(valid)
+    user_key = events[0].user_id.encode()
+
+    def variant(**changes: object) -> bytes:
+        return msgpack.packb({**unpacked, **changes, "event_id": f"bad-{len(changes)}-{next(counter)}"})
+
+    counter = iter(range(10_000))
+    bad: list[tuple[bytes | None, bytes | None, str]] = [
+        (user_key, valid[:-7], "not a msgpack payload"),
+        (user_key, b"\xc1\x00garbage", "not a msgpack payload"),
+        (user_key, variant(ts="yesterday"), "field 'ts': expected int epoch milliseconds, got str"),
+        (user_key, variant(type="teleport"), "field 'type': unknown event type 'teleport'"),
+        (user_key, variant(item_id=None), "field 'item_id': missing"),
+        (user_key, variant(v=2), "field 'v': unsupported schema version 2"),
+        (user_key, variant(item_id="x" * 5000), "field 'item_id': 5000 characters exceeds the limit"),
+        (user_key, variant(item_id="no-such-item"), "field 'item_id': unknown item 'no-such-item'"),
+        (user_key, None, "empty payload"),
+        (b"someone-else", variant(), "does not match user_id"),
+        (None, variant(), "message key missing"),
+        (user_key, msgpack.packb([1, 2, 3]), "payload must be a msgpack map"),
+    ]
+    for index, event in enumerate(events):
+        pipeline.send_raw(event.user_id.encode(), encode_event(event))
+        if index % 30 == 0 and index // 30 < len(bad):
+            key, value, _ = bad[index // 30]
+            pipeline.send_raw(key, value)
+    pipeline.producer.flush()
+
+    event_ids = {e.event_id for e in events}
+    bad_values = [value for _, value, _ in bad]
+
+    def done(out: object) -> bool:
+        outputs = pipeline.outputs
+        ours = [d for d in outputs.dead_letters if d.value in bad_values]
+        return event_ids <= outputs.covered_event_ids() and len(ours) >= len(bad)
+
+    outputs = pipeline.collect_until(done, timeout_s=120)
+
+    # Every invalid message: exactly one dead letter, with its precise reason and original bytes.
+    for key, value, reason in bad:
+        letters = [d for d in outputs.dead_letters if d.value == value and d.key == key]
+        assert len(letters) == 1, (reason, letters)
+        assert reason in letters[0].error
+        assert letters[0].topic == pipeline.settings.events_topic
+    # Every valid event: reflected in a recommendation for its own user, never dead-lettered.
+    user_of = {e.event_id: e.user_id for e in events}
+    for rec in outputs.recommendations:
+        for event_id in rec.event_ids:
+            if event_id in user_of:
+                assert user_of[event_id] == rec.user_id
+    assert not [d for d in outputs.dead_letters if d.value in {encode_event(e) for e in events}]
+    # A recommended item is never one the user has in the window.
+    order = {e.event_id: i for i, e in enumerate(events)}
+    window_after = _windows_at(events, pipeline.settings.window_size, pipeline.settings.window_horizon_s * 1000)
+    ours = [r for r in outputs.recommendations if set(r.event_ids) <= event_ids]
+    assert ours
+    for rec in ours:
+        window = window_after[_last_event_of(rec, order)]
+        assert len(rec.items) == pipeline.settings.top_k
+        assert not {i.item_id for i in rec.items} & set(window.item_ids), rec
+        assert all(i.reason.split()[-1] in window.item_ids for i in rec.items)
+
+
+def _scripted(pipeline: Pipeline, user_index: int, segments: list[tuple[str, int]]) -> list[Event]:
+    return [g.event for g in pipeline.workload.scripted_user(user_index, segments, clock=now_ms)]
+
+
+def _recommendations_for(pipeline: Pipeline, events: list[Event]) -> list[Recommendation]:
+    wanted = {e.event_id for e in events}
+    outputs = pipeline.collect_until(lambda out: wanted <= out.accounted_event_ids(), timeout_s=60)
+    return [r for r in outputs.recommendations if set(r.event_ids) & wanted]
+
+
+def test_deleted_and_unavailable_items_are_never_recommended(pipeline: Pipeline) -> None:
+    workload = pipeline.workload
+    category = "gaming"
+    # Items the user's category makes likely: the most popular ones it interacts with least.
+    before = _scripted(pipeline, 500, [(category, 15)])
+    pipeline.send_events(before)
+    recommended_before = {i.item_id for r in _recommendations_for(pipeline, before) for i in r.items}
+    targets = sorted(recommended_before)[:6]
+    assert len(targets) == 6, "the category's items must be recommended before they are removed"
+    deleted, unavailable = targets[:3], targets[3:]
+    pipeline.delete_items(deleted)
+    catalog = {item.item_id: item for item in workload.catalog}
+    for item_id in unavailable:
+        pipeline.producer.send(
+            pipeline.settings.items_topic,
+            key=item_id.encode(),
+            value=encode_item(dataclasses.replace(catalog[item_id], available=False)),
+        )
+    pipeline.producer.flush()
+    pipeline.wait_caught_up(pipeline.settings.items_topic)
+
+    after = _scripted(pipeline, 501, [(category, 25)]) + _scripted(pipeline, 502, [(category, 25)])
+    pipeline.send_events(after)
+    recommended_after = [i.item_id for r in _recommendations_for(pipeline, after) for i in r.items]
+    assert recommended_after
+    # Events for a deleted item are dead-lettered as unknown items; the others are reflected.
+    deleted_events = {e.event_id for e in after if e.item_id in deleted}
+    assert deleted_events <= pipeline.outputs.dead_lettered_event_ids()
+    assert {e.event_id for e in after} - deleted_events <= pipeline.outputs.covered_event_ids()
+    assert not set(recommended_after) & set(targets)
+
+
+def test_recommendations_follow_an_interest_switch(pipeline: Pipeline) -> None:
+    """After a user switches category, most of the list follows within ``switch_events`` events."""
+    switch_events = 3
+    workload = pipeline.workload
+    old, new = "kitchen", "camping"
+    history = _scripted(pipeline, 600, [(old, 12)])
+    pipeline.send_events(history)
+    before = _recommendations_for(pipeline, history)[-1]
+    assert sum(workload.category_of[i.item_id] == old for i in before.items) >= 6
+
+    followed_after = None
+    for n, event in enumerate(_scripted(pipeline, 601, [(new, 8)]), start=1):
+        event = dataclasses.replace(event, user_id=history[0].user_id)
+        pipeline.send_events([event])
+        rec = _recommendations_for(pipeline, [event])[-1]
+        if sum(workload.category_of[i.item_id] == new for i in rec.items) >= 6:
+            followed_after = n
+            break
+    assert followed_after is not None and followed_after <= switch_events, followed_after
+
+
+def test_invalid_catalog_changes_are_dead_lettered(pipeline: Pipeline) -> None:
+    item = pipeline.workload.catalog[0]
+    too_long = msgpack.packb({**msgpack.unpackb(encode_item(item)), "description": "x" * 30_000})
+    no_title = msgpack.packb({**msgpack.unpackb(encode_item(item)), "title": None})
+    for value in (too_long, no_title):
+        pipeline.producer.send(pipeline.settings.items_topic, key=item.item_id.encode(), value=value)
+    pipeline.producer.send(pipeline.settings.items_topic, key=b"", value=None)  # a tombstone naming no item
+    pipeline.producer.flush()
+    outputs = pipeline.collect_until(
+        lambda out: sum(d.topic == pipeline.settings.items_topic for d in out.dead_letters) >= 3
+    )
+    errors = sorted(d.error for d in outputs.dead_letters if d.topic == pipeline.settings.items_topic)
+    assert any("field 'description': 30000 characters exceeds the limit" in e for e in errors), errors
+    assert any("field 'title': missing" in e for e in errors), errors
+    assert any("tombstone (null value) needs the item_id as its key" in e for e in errors), errors
