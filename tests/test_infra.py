@@ -1,0 +1,87 @@
+"""The local broker and topic bootstrap, against the real Kafka of this session."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from kafka.admin import ConfigResource, ConfigResourceType
+
+from infra.kafka_local import LocalKafka, LocalKafkaConfig, free_port
+from infra.topics import admin_client, ensure_pipeline_topics, topic_specs
+from streams.errors import BrokerError
+from streams.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def test_start_is_idempotent_and_status_sees_the_broker(kafka: LocalKafka) -> None:
+    pid = kafka.running_pid()
+    assert pid is not None
+    assert kafka.start() == kafka.config.bootstrap  # already running: the same process serves
+    assert kafka.running_pid() == pid
+
+
+def test_topic_bootstrap_is_idempotent_with_policies(kafka: LocalKafka) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    settings = Settings(
+        kafka_bootstrap=kafka.config.bootstrap,
+        topic_partitions=3,
+        events_topic=f"b{suffix}.events",
+        items_topic=f"b{suffix}.items",
+        recommendations_topic=f"b{suffix}.recommendations",
+        deadletter_topic=f"b{suffix}.deadletter",
+        control_topic=f"b{suffix}.control",
+    )
+    assert set(ensure_pipeline_topics(settings).values()) == {"created"}
+    assert set(ensure_pipeline_topics(settings).values()) == {"exists"}
+    grown = ensure_pipeline_topics(settings.with_overrides(topic_partitions=4))
+    assert set(grown.values()) == {"grown to 4 partitions"}
+    admin = admin_client(settings.bootstrap_servers)
+    try:
+        described = {
+            t["name"]: len(t["partitions"]) for t in admin.describe_topics([s.name for s in topic_specs(settings)])
+        }
+        assert set(described.values()) == {4}
+        configs = admin.describe_configs(
+            [
+                ConfigResource(ConfigResourceType.TOPIC, settings.items_topic),
+                ConfigResource(ConfigResourceType.TOPIC, settings.events_topic),
+            ]
+        )
+        text = str(configs)
+        assert "compact" in text
+        assert str(settings.events_retention_hours * 3600 * 1000) in text
+    finally:
+        admin.close()
+
+
+def test_missing_java_or_maven_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    broker = LocalKafka(LocalKafkaConfig(data_dir=tmp_path / "data", port=free_port(), cache_dir=tmp_path / "cache"))
+    with pytest.raises(BrokerError, match="'mvn' was not found on PATH"):
+        broker.start()
+    libs = broker.config.libs_dir
+    libs.mkdir(parents=True)
+    (libs / ".complete").write_text("cached")
+    with pytest.raises(BrokerError, match="'java' was not found on PATH: install a Java 17"):
+        broker.start()
+
+
+def test_a_second_broker_can_start_stop_and_restart_with_its_data(tmp_path: Path) -> None:
+    """Cached jars: no download; a restart keeps the data folder and comes back quickly."""
+    broker = LocalKafka(LocalKafkaConfig(data_dir=tmp_path, port=free_port(), controller_port=free_port()))
+    try:
+        bootstrap = broker.start()
+        settings = Settings(kafka_bootstrap=bootstrap, topic_partitions=1)
+        ensure_pipeline_topics(settings)
+        assert broker.stop()
+        assert broker.running_pid() is None
+        broker.start()
+        assert set(ensure_pipeline_topics(settings).values()) == {"exists"}  # the data survived
+    finally:
+        broker.stop()
+    assert not broker.stop()
+    assert "Kafka Server started" in (tmp_path / "broker.log").read_text()

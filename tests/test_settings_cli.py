@@ -1,0 +1,73 @@
+"""Settings from the environment and flags; the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streams.cli import main
+from streams.errors import ConfigError
+from streams.settings import Secret, Settings
+
+
+def test_environment_values_are_parsed_and_typed() -> None:
+    settings = Settings.from_env(
+        {"RTREC_TOPIC_PARTITIONS": "8", "RTREC_BATCH_WITHIN_S": "0.1", "RTREC_HOME": "/tmp/x", "PATH": "/bin"}
+    )
+    assert settings.topic_partitions == 8
+    assert settings.batch_within_s == 0.1
+    assert settings.home == Path("/tmp/x")
+    assert settings.models_path == Path("/tmp/x/models")
+    assert settings.bootstrap_servers == "127.0.0.1:19092" and settings.uses_local_kafka
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RTREC_TOPIC_PARTITIONS": "many"}, "RTREC_TOPIC_PARTITIONS: cannot parse 'many'"),
+        ({"RTREC_TOPIC_PARTITION": "4"}, "unknown setting(s): RTREC_TOPIC_PARTITION"),
+        ({"RTREC_WINDOW_SIZE": "0"}, "RTREC_WINDOW_SIZE must be >= 1"),
+        ({"RTREC_ENCODER_PROVIDER": "tpu"}, "RTREC_ENCODER_PROVIDER must be auto, cpu or cuda"),
+    ],
+)
+def test_bad_settings_are_clear_errors(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    assert message in str(caught.value)
+
+
+def test_flags_override_the_environment_and_secrets_stay_masked() -> None:
+    settings = Settings.from_env({"RTREC_TOP_K": "5", "RTREC_QDRANT_API_KEY": "hunter2"}).with_overrides(top_k="7")
+    assert settings.top_k == 7
+    assert settings.qdrant_api_key == Secret("hunter2")
+    assert "hunter2" not in repr(settings) and "hunter2" not in str(settings.describe())
+
+
+def test_config_command_prints_every_setting(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RTREC_QDRANT_API_KEY", "hunter2")
+    assert main(["--top-k", "12", "config"]) == 0
+    out = capsys.readouterr().out
+    assert "RTREC_TOP_K" in out and " 12\n" in out
+    assert "hunter2" not in out
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "streams", "--window-size", "-3", "config"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "rtrec: error: RTREC_WINDOW_SIZE must be >= 1, got -3"
+    missing = subprocess.run(
+        [sys.executable, "-m", "streams", "--model-dir", str(tmp_path), "worker"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert missing.returncode == 2
+    assert missing.stderr.strip().startswith("rtrec: error: no interest-encoder bundle at")
+    assert "Traceback" not in missing.stderr
