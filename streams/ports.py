@@ -59,8 +59,7 @@ class SearchQuery:
 class SearchHit:
     id: str
     score: float
-    vector: np.ndarray | None
-    payload: dict[str, Any]
+    payload: dict[str, Any]  # at least "available" when the item has it
 
 
 class VectorStore(Protocol):

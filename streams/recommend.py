@@ -99,11 +99,12 @@ class Recommender:
                 for (r, _), v in zip(usable, user_vectors, strict=True)
             ],
         )
+        candidate_vectors = self.item_vectors(sorted({hit.id for candidates in hits for hit in candidates}))
         recommendations = []
         for (request, entries), window, candidates in zip(usable, windows, hits, strict=True):
             items = []
             for hit in candidates:
-                reason = _reason(hit.vector, window.item_vectors, entries)
+                reason = _reason(candidate_vectors.get(hit.id), window.item_vectors, entries)
                 items.append(RecommendedItem(hit.id, round(hit.score, 6), reason))
             recommendations.append(
                 Recommendation(

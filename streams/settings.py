@@ -1,9 +1,8 @@
 """The one settings object, read from ``RTREC_*`` environment variables once at start.
 
-Every field is documented in the README's configuration table (generated from
-``SETTINGS_DOC`` below, so the two cannot drift). CLI flags override environment
-values through ``Settings.with_overrides``. Nothing reads the environment at
-import time.
+Every field is documented in the README's configuration table (a test keeps the two
+in step). CLI flags override environment values through ``Settings.with_overrides``.
+Nothing reads the environment at import time.
 """
 
 from __future__ import annotations

@@ -98,53 +98,54 @@ class QdrantVectorStore:
     def search_batch(self, collection: str, queries: Sequence[SearchQuery]) -> list[list[SearchHit]]:
         if not queries:
             return []
-        if self._server:
-            return self._query(collection, [(q.vector, q.limit, _filter(q)) for q in queries])
-        return [self._search_local(collection, q) for q in queries]
+        if not self._server:
+            return [self._search_local(collection, q) for q in queries]
+        responses = self._client.query_batch_points(
+            self._name(collection),
+            requests=[
+                models.QueryRequest(
+                    query=np.asarray(q.vector, dtype=np.float32).tolist(),
+                    limit=q.limit,
+                    filter=_filter(q),
+                    with_payload=_RANKING_FIELDS,
+                    with_vector=False,
+                )
+                for q in queries
+            ],
+        )
+        return [[_hit(p) for p in response.points] for response in responses]
 
     def _search_local(self, collection: str, query: SearchQuery) -> list[SearchHit]:
-        """Local mode evaluates payload filters point by point in Python (~25 ms a query at 1k points),
-        so over-fetch without a filter and apply the same exclusions to the ranked hits."""
+        """Local mode evaluates payload filters point by point in Python (~25 ms a query at 1k points)
+        and deep-copies batch requests, so: one plain query each, over-fetched without a filter, and
+        the same exclusions applied to the ranked hits."""
         excluded = set(query.exclude_ids)
         fetch = query.limit + len(excluded) + 8
         while True:
-            hits = self._query(collection, [(query.vector, fetch, None)])[0]
+            response = self._client.query_points(
+                self._name(collection),
+                query=np.asarray(query.vector, dtype=np.float32).tolist(),
+                limit=fetch,
+                with_payload=_RANKING_FIELDS,
+            )
+            hits = [_hit(p) for p in response.points]
             kept = [h for h in hits if h.id not in excluded and not (query.only_available and _unavailable(h))]
             if len(kept) >= query.limit or len(hits) < fetch:
                 return kept[: query.limit]
             fetch *= 2
 
-    def _query(
-        self, collection: str, requests: Sequence[tuple[np.ndarray, int, models.Filter | None]]
-    ) -> list[list[SearchHit]]:
-        responses = self._client.query_batch_points(
-            self._name(collection),
-            requests=[
-                models.QueryRequest(
-                    query=np.asarray(vector, dtype=np.float32).tolist(),
-                    limit=limit,
-                    filter=query_filter,
-                    with_payload=True,
-                    with_vector=True,
-                )
-                for vector, limit, query_filter in requests
-            ],
-        )
-        return [
-            [
-                SearchHit(
-                    id=str((p.payload or {}).get(EXTERNAL_ID, p.id)),
-                    score=float(p.score),
-                    vector=None if p.vector is None else np.asarray(p.vector, dtype=np.float32),
-                    payload=dict(p.payload or {}),
-                )
-                for p in response.points
-            ]
-            for response in responses
-        ]
-
     def close(self) -> None:
         self._client.close()
+
+
+# Ranking needs only these; local mode deep-copies whatever a search returns.
+_RANKING_FIELDS = [EXTERNAL_ID, "available"]
+
+
+def _hit(point: models.ScoredPoint) -> SearchHit:
+    return SearchHit(
+        id=str((point.payload or {}).get(EXTERNAL_ID, point.id)), score=float(point.score), payload=point.payload or {}
+    )
 
 
 def _unavailable(hit: SearchHit) -> bool:

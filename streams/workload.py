@@ -246,15 +246,18 @@ class Workload:
     def _build_catalog(self) -> list[Item]:
         rng = random.Random(self.config.seed)
         items = []
+        titles: set[str] = set()
         for index in range(self.config.n_items):
             category = self.categories[index % len(self.categories)]
             spec = CATEGORIES[category]
-            serial = index // len(self.categories)
-            noun = spec["nouns"][serial % len(spec["nouns"])]
-            adjective = ADJECTIVES[(serial // len(spec["nouns"])) % len(ADJECTIVES)]
-            brand = BRANDS[(serial // (len(spec["nouns"]) * len(ADJECTIVES))) % len(BRANDS)]
-            edition = serial // (len(spec["nouns"]) * len(ADJECTIVES) * len(BRANDS))
-            title = f"{brand} {adjective} {noun}" + (f" mk {edition + 1}" if edition else "")
+            noun = spec["nouns"][(index // len(self.categories)) % len(spec["nouns"])]
+            adjective, brand = rng.choice(ADJECTIVES), rng.choice(BRANDS)
+            title = f"{brand} {adjective} {noun}"
+            edition = 1
+            while title in titles:  # large catalogues: later editions of the same product
+                edition += 1
+                title = f"{brand} {adjective} {noun} mk {edition}"
+            titles.add(title)
             items.append(
                 Item(
                     item_id=f"item-{index:06d}",

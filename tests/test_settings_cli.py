@@ -71,3 +71,12 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert missing.returncode == 2
     assert missing.stderr.strip().startswith("rtrec: error: no interest-encoder bundle at")
     assert "Traceback" not in missing.stderr
+
+
+def test_readme_documents_every_setting_with_its_default() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name, value in Settings().describe().items():
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{name}` |")), None)
+        assert row is not None, f"{name} is missing from the README's configuration table"
+        default = row.split("|")[2].strip()
+        assert default in (f"`{value}`", "*(empty)*", "`<home>/qdrant`", "`<home>/models`"), (name, default, value)
