@@ -1,6 +1,6 @@
 # One entry point for people and CI alike.
 #   make demo   install (first time) and run the whole pipeline on embedded defaults
-#   make test   lint + the test suite (unit and integration, with a real local Kafka)
+#   make test   ruff, mypy and the test suite (unit and integration, with a real local Kafka)
 # VENV can point outside the checkout (CI keeps one per lock-file hash).
 
 VENV ?= .venv
@@ -25,6 +25,7 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test: lint
 	$(PY) -m pytest

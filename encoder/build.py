@@ -15,7 +15,7 @@ from encoder.data import History, TrainingData
 from encoder.runtime import OnnxTextEmbedder
 from streams.errors import ModelError
 from streams.records import EVENT_TYPES
-from streams.workload import Workload, WorkloadConfig
+from streams.workload import GeneratedEvent, Workload, WorkloadConfig
 
 
 def ensure_text_encoder(models: Path, progress: Callable[[str], None] = lambda _msg: None) -> Path:
@@ -35,32 +35,44 @@ def ensure_text_encoder(models: Path, progress: Callable[[str], None] = lambda _
 
 def fingerprint(*parts: object) -> str:
     text = json.dumps(
-        [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True, default=str
+        [dataclasses.asdict(p) if dataclasses.is_dataclass(p) and not isinstance(p, type) else p for p in parts],
+        sort_keys=True,
+        default=str,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def workload_training_data(
-    workload: Workload, embedder: OnnxTextEmbedder, n_users: int, events_per_user: int
-) -> TrainingData:
+def workload_histories(workload: Workload, n_users: int, events_per_user: int) -> list[list[GeneratedEvent]]:
     """Histories of users the live stream never sees (their indices start after the live ones)."""
+    return workload.histories(n_users, events_per_user, first_user=10_000_000)
+
+
+def content_hash(workload: Workload, histories: list[list[GeneratedEvent]]) -> str:
+    """What the model would learn from: the catalogue's text and every training event."""
+    digest = hashlib.sha256()
+    for item in workload.catalog:
+        digest.update(f"{item.item_id}\t{item.text()}\n".encode())
+    for history in histories:
+        digest.update("|".join(f"{g.event.item_id},{g.event.type},{g.event.ts}" for g in history).encode())
+    return digest.hexdigest()[:16]
+
+
+def workload_training_data(
+    workload: Workload, histories: list[list[GeneratedEvent]], embedder: OnnxTextEmbedder
+) -> TrainingData:
     item_ids = [item.item_id for item in workload.catalog]
     vectors = embedder.embed_batch([item.text() for item in workload.catalog])
     index = {item_id: i for i, item_id in enumerate(item_ids)}
-    histories = [
+    converted = [
         History(
             items=np.array([index[g.event.item_id] for g in history], dtype=np.int64),
             types=[g.event.type for g in history],
             ts_ms=np.array([g.event.ts for g in history], dtype=np.int64),
         )
-        for history in workload.histories(n_users, events_per_user, first_user=10_000_000)
+        for history in histories
     ]
-    return TrainingData(
-        item_ids,
-        vectors,
-        histories,
-        {"source": "generated workload", "users": n_users, "events_per_user": events_per_user},
-    )
+    description = {"source": "generated workload", "users": len(histories), "events": sum(map(len, histories))}
+    return TrainingData(item_ids, vectors, converted, description)
 
 
 def ensure_interest_encoder(
@@ -73,11 +85,13 @@ def ensure_interest_encoder(
     force: bool = False,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> Path:
-    """Train on the generated workload and export, unless a bundle with the same fingerprint exists."""
+    """Train on the generated workload and export, unless a bundle trained on the same data exists."""
     cfg = encoder_config or InterestEncoderConfig(event_types=EVENT_TYPES)
     text_bundle = ensure_text_encoder(models, progress)
     embedder = OnnxTextEmbedder(text_bundle, provider="cpu")
-    print_ = fingerprint(workload_config, cfg, embedder.version, n_users, events_per_user)
+    workload = Workload(workload_config)
+    histories = workload_histories(workload, n_users, events_per_user)
+    print_ = fingerprint(cfg, embedder.version, content_hash(workload, histories))
     bundle = models / INTEREST_BUNDLE
     if not force:
         try:
@@ -89,9 +103,8 @@ def ensure_interest_encoder(
     from encoder.export import export_interest_encoder
     from encoder.train import train_interest_encoder
 
-    workload = Workload(workload_config)
     progress(f"embedding {len(workload.catalog):,} catalogue items for training…")
-    data = workload_training_data(workload, embedder, n_users, events_per_user)
+    data = workload_training_data(workload, histories, embedder)
     result = train_interest_encoder(data, cfg, progress)
     manifest = export_interest_encoder(
         result.model,

@@ -69,7 +69,8 @@ class WindowBatcher:
 
 def split_examples(data: TrainingData) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Every next-item position for training; each user's last event for validation."""
-    train, valid = [], []
+    train: list[tuple[int, int]] = []
+    valid: list[tuple[int, int]] = []
     for user, history in enumerate(data.histories):
         n = len(history.items)
         if n < 2:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import faust
 
@@ -22,7 +22,10 @@ from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
-RAW = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+
+def _raw_topic(app: faust.App, name: str) -> faust.TopicT:
+    """Bytes in, bytes out: validation is ours (streams.records), not a Faust codec's."""
+    return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
 
 def _incoming(events: Sequence[Any]) -> list[IncomingMessage]:
@@ -32,16 +35,21 @@ def _incoming(events: Sequence[Any]) -> list[IncomingMessage]:
     ]
 
 
+def _batches(stream: faust.StreamT, settings: Settings) -> AsyncIterator[Sequence[Any]]:
+    # take_events (acks after the batch is processed) exists on faust.Stream, not on its StreamT protocol.
+    return cast(faust.Stream, stream).take_events(settings.batch_max, within=settings.batch_within_s)
+
+
 def register_agents(
     app: faust.App,
     settings: Settings,
     events: EventBatchProcessor,
     catalog: CatalogBatchProcessor,
 ) -> None:
-    events_topic = app.topic(settings.events_topic, **RAW)
-    items_topic = app.topic(settings.items_topic, **RAW)
-    recommendations_topic = app.topic(settings.recommendations_topic, **RAW)
-    deadletter_topic = app.topic(settings.deadletter_topic, **RAW)
+    events_topic = _raw_topic(app, settings.events_topic)
+    items_topic = _raw_topic(app, settings.items_topic)
+    recommendations_topic = _raw_topic(app, settings.recommendations_topic)
+    deadletter_topic = _raw_topic(app, settings.deadletter_topic)
     # One window per user, keyed like the events topic. use_partitioner: a micro-batch spans
     # events of several partitions, so each changelog write is partitioned by its own key.
     windows = app.Table(
@@ -63,7 +71,7 @@ def register_agents(
     @app.agent(events_topic, name="rtrec.events")
     async def process_events(stream: faust.StreamT) -> None:
         loop = asyncio.get_running_loop()
-        async for batch in stream.take_events(settings.batch_max, within=settings.batch_within_s):
+        async for batch in _batches(stream, settings):
             messages = _incoming(batch)
             stored = {user: windows.get(user.encode("utf-8")) for user in events.users_in(messages)}
             outcome = await loop.run_in_executor(event_worker, events.process, messages, stored)
@@ -77,7 +85,7 @@ def register_agents(
     @app.agent(items_topic, name="rtrec.catalog")
     async def process_catalog(stream: faust.StreamT) -> None:
         loop = asyncio.get_running_loop()
-        async for batch in stream.take_events(settings.batch_max, within=settings.batch_within_s):
+        async for batch in _batches(stream, settings):
             outcome = await loop.run_in_executor(catalog_worker, catalog.process, _incoming(batch))
             await dead_letter(outcome.dead_letters)
             log.info(

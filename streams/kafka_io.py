@@ -41,7 +41,7 @@ def make_consumer(settings: Settings, topics: Sequence[str], group_id: str | Non
         )
     except KafkaError as exc:
         raise BrokerError(f"cannot connect a consumer to {settings.bootstrap_servers}: {exc}") from None
-    partitions = []
+    partitions: list[TopicPartition] = []
     for topic in topics:
         ids = _partitions(consumer, topic)
         partitions.extend(TopicPartition(topic, p) for p in ids)
