@@ -9,27 +9,23 @@ with counts and event→recommendation latency.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
+import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import msgpack
 import numpy as np
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer
 
 from infra.kafka_local import LocalKafka, LocalKafkaConfig
 from infra.topics import ensure_pipeline_topics
-from streams.errors import RtrecError
-from streams.kafka_io import group_lag, iterate, make_consumer, make_producer, publish_items
+from streams.kafka_io import iterate, make_consumer, make_producer, publish_items
 from streams.recommend import now_ms
 from streams.records import decode_deadletter, decode_recommendation, encode_event
 from streams.settings import Settings
+from streams.worker_process import WorkerProcess
 from streams.workload import Workload, WorkloadConfig
 
 
@@ -56,45 +52,9 @@ class Tally:
     interest_hits: int = 0
     interest_total: int = 0
     interest_of: dict[str, str] = field(default_factory=dict)  # ground truth: event id → the user's interest
+    # Each run brings its own users: the same seeded event ids again would be (rightly) deduplicated.
+    first_user: int = field(default_factory=lambda: secrets.randbelow(1_000_000) * 1_000)
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def worker_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({k: v for k, v in settings.describe().items() if v})
-    if settings.qdrant_api_key is not None:
-        env["RTREC_QDRANT_API_KEY"] = settings.qdrant_api_key.reveal()
-    return env
-
-
-def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "streams", "worker"], env=worker_env(settings), stdout=log, stderr=subprocess.STDOUT
-        )
-
-
-def stop_worker(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def wait_for_catalog(settings: Settings, worker: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
-    """Until the worker has committed every catalogue message (so events find their items)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if worker.poll() is not None:
-            raise RtrecError(f"the worker exited with code {worker.returncode}; see {log_path}")
-        if group_lag(settings, settings.app_id, settings.items_topic) == 0:
-            return
-        time.sleep(0.5)
-    raise RtrecError(f"the worker did not index the catalogue within {timeout_s:.0f} s; see {log_path}")
 
 
 def run_demo(settings: Settings, options: DemoOptions, say: Callable[[str], None] = print) -> Tally:
@@ -116,14 +76,22 @@ def run_demo(settings: Settings, options: DemoOptions, say: Callable[[str], None
         workload = Workload(workload_config)
         log_path = settings.home / "worker.log"
         say(f"starting a worker (log: {log_path})…")
-        worker = start_worker(settings, log_path)
+        worker = WorkerProcess(settings, log_path)
+        worker.wait_ready(options.timeout_s)
         producer = make_producer(settings)
         publish_items(producer, settings.items_topic, workload.catalog)
         producer.flush()
         say(f"published {len(workload.catalog):,} catalogue items; waiting for the worker to index them…")
-        wait_for_catalog(settings, worker, log_path, options.timeout_s)
+        worker.wait_caught_up(settings.items_topic, options.timeout_s)
         tally = Tally()
-        reader = threading.Thread(target=_read_outputs, args=(settings, workload, tally, options, say), daemon=True)
+        # Start offsets are pinned before any event is sent, so no output can slip past the reader.
+        consumer = make_consumer(settings, [settings.recommendations_topic, settings.deadletter_topic])
+        consumer.seek_to_end()
+        for partition in consumer.assignment():
+            consumer.position(partition)
+        reader = threading.Thread(
+            target=_read_outputs, args=(consumer, settings, workload, tally, options, say), daemon=True
+        )
         reader.start()
         _stream_events(producer, settings, workload, options, tally, say)
         deadline = time.monotonic() + options.timeout_s
@@ -137,7 +105,7 @@ def run_demo(settings: Settings, options: DemoOptions, say: Callable[[str], None
         return tally
     finally:
         if worker is not None:
-            stop_worker(worker)
+            worker.stop()
         if broker is not None and started_here and not options.keep_broker:
             broker.stop()
 
@@ -153,7 +121,7 @@ def _stream_events(
     interval = 1.0 / options.rate
     started = time.monotonic()
     say(f"streaming {options.events:,} events of {options.users} drifting users at {options.rate:.0f}/s…")
-    for n, generated in enumerate(workload.stream(options.events, clock=now_ms), start=1):
+    for n, generated in enumerate(workload.stream(options.events, clock=now_ms, first_user=tally.first_user), start=1):
         target = started + n * interval
         pause = target - time.monotonic()
         if pause > 0:
@@ -183,10 +151,13 @@ def _stream_events(
 
 
 def _read_outputs(
-    settings: Settings, workload: Workload, tally: Tally, options: DemoOptions, say: Callable[[str], None]
+    consumer: KafkaConsumer,
+    settings: Settings,
+    workload: Workload,
+    tally: Tally,
+    options: DemoOptions,
+    say: Callable[[str], None],
 ) -> None:
-    consumer = make_consumer(settings, [settings.recommendations_topic, settings.deadletter_topic])
-    consumer.seek_to_end()
     titles = {item.item_id: item.title for item in workload.catalog}
     try:
         for topic, _key, value in iterate(consumer, options.timeout_s):

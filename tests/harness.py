@@ -7,7 +7,6 @@ independent kafka-python consumer, as a consumer of the product would.
 
 from __future__ import annotations
 
-import subprocess
 import time
 import uuid
 from collections import defaultdict
@@ -18,8 +17,7 @@ from pathlib import Path
 import msgpack
 
 from infra.topics import ensure_pipeline_topics
-from streams.demo import start_worker, stop_worker
-from streams.kafka_io import delete_items, group_lag, iterate, make_consumer, make_producer, publish_items
+from streams.kafka_io import delete_items, iterate, make_consumer, make_producer, publish_items
 from streams.records import (
     DeadLetter,
     Event,
@@ -30,6 +28,7 @@ from streams.records import (
     encode_event,
 )
 from streams.settings import Settings
+from streams.worker_process import WorkerProcess
 from streams.workload import Workload, WorkloadConfig
 
 TEST_WORKLOAD = WorkloadConfig(n_items=240, n_users=60, seed=7)
@@ -82,7 +81,7 @@ class Pipeline:
         self.producer = make_producer(self.settings)
         self.outputs = Outputs()
         self._reader = None
-        self.worker: subprocess.Popen[bytes] | None = None
+        self.worker: WorkerProcess | None = None
         self.log_path = home / "worker.log"
 
     def start(self) -> Pipeline:
@@ -90,18 +89,19 @@ class Pipeline:
         self._reader = make_consumer(
             self.settings, [self.settings.recommendations_topic, self.settings.deadletter_topic]
         )
-        self.worker = start_worker(self.settings, self.log_path)
+        self.worker = WorkerProcess(self.settings, self.log_path)
+        self.worker.wait_ready()
         return self
 
     def stop(self) -> None:
         if self.worker is not None:
-            stop_worker(self.worker)
+            self.worker.stop()
         if self._reader is not None:
             self._reader.close()
         self.producer.close()
 
     def worker_log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return self.worker.log() if self.worker is not None else ""
 
     # ------------------------------------------------------------ inputs
 
@@ -125,13 +125,8 @@ class Pipeline:
 
     def wait_caught_up(self, topic: str, timeout_s: float = 90.0) -> None:
         """Until the worker has committed everything on ``topic``."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self._check_worker()
-            if group_lag(self.settings, self.settings.app_id, topic) == 0:
-                return
-            time.sleep(0.3)
-        raise AssertionError(f"worker did not catch up on {topic}:\n{self.worker_log()[-3000:]}")
+        assert self.worker is not None
+        self.worker.wait_caught_up(topic, timeout_s)
 
     # ------------------------------------------------------------ outputs
 
@@ -154,5 +149,5 @@ class Pipeline:
         return self.outputs
 
     def _check_worker(self) -> None:
-        if self.worker is not None and self.worker.poll() is not None:
-            raise AssertionError(f"worker exited with {self.worker.returncode}:\n{self.worker_log()[-3000:]}")
+        if self.worker is not None:
+            self.worker.check_alive()
