@@ -93,6 +93,13 @@ class Pipeline:
         self.worker.wait_ready()
         return self
 
+    def restart_worker(self) -> None:
+        """Stop the worker gracefully and start a new one with the same settings and state folder."""
+        assert self.worker is not None
+        self.worker.stop()
+        self.worker = WorkerProcess(self.settings, self.log_path)
+        self.worker.wait_ready()
+
     def stop(self) -> None:
         if self.worker is not None:
             self.worker.stop()
