@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +92,20 @@ class InterestEncoderConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InterestEncoderConfig:
         return cls(**{**data, "event_types": tuple(data["event_types"])})
+
+
+@contextmanager
+def staged_bundle(bundle: Path) -> Iterator[Path]:
+    """A staging folder beside ``bundle`` that replaces it only if the block completes,
+    so a failed export (or a failed parity check) never leaves a half-written bundle."""
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{bundle.name}-", dir=bundle.parent))
+    try:
+        yield staging
+        shutil.rmtree(bundle, ignore_errors=True)
+        staging.rename(bundle)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def sha256_file(path: Path) -> str:

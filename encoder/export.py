@@ -7,19 +7,19 @@ other than the traced one, padded rows and a lone user included.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from encoder.config import INTEREST_INPUTS, INTEREST_OUTPUT, MODEL_FILE, OPSET, BundleManifest
+from encoder.config import INTEREST_INPUTS, INTEREST_OUTPUT, MODEL_FILE, OPSET, BundleManifest, staged_bundle
 from encoder.features import EncoderInputs, WindowArrays, assemble_inputs
 from encoder.model import InterestEncoder
 from encoder.train import to_tensors
+from streams.errors import ModelError
 
 PARITY_TOLERANCE = 1e-5  # max abs difference between torch and ONNX Runtime user vectors
 PARITY_SHAPES = ((1, 1), (1, 50), (3, 7), (7, 50), (16, 23))  # (batch, longest window)
@@ -62,6 +62,24 @@ def check_parity(model: InterestEncoder, onnx_path: Path, provider: str = "cpu")
     return {"max_abs_diff": worst, "tolerance": PARITY_TOLERANCE, "shapes": [list(s) for s in PARITY_SHAPES]}
 
 
+def export_onnx(
+    model: torch.nn.Module, sample: tuple[torch.Tensor, ...], path: Path, inputs: Mapping[str, Any], output: str
+) -> None:
+    """Export per a declared contract: every input dynamic in batch and length, weights inline."""
+    torch.onnx.export(
+        model,
+        sample,
+        str(path),
+        input_names=list(inputs),
+        output_names=[output],
+        dynamic_shapes={name: {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC} for name in inputs},
+        opset_version=OPSET,
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
+
+
 def export_interest_encoder(
     model: InterestEncoder,
     bundle: Path,
@@ -69,27 +87,17 @@ def export_interest_encoder(
     metrics: dict[str, Any],
 ) -> BundleManifest:
     model = model.cpu().eval()
-    bundle.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".interest-encoder-", dir=bundle.parent))
-    try:
+    with staged_bundle(bundle) as staging:
         sample = random_inputs(model, 2, 5, seed=123)
-        torch.onnx.export(
-            model,
-            to_tensors(sample, torch.device("cpu")),
-            str(staging / MODEL_FILE),
-            input_names=list(INTEREST_INPUTS),
-            output_names=[INTEREST_OUTPUT],
-            dynamic_shapes={
-                name: {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC} for name in INTEREST_INPUTS
-            },
-            opset_version=OPSET,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
+        export_onnx(
+            model, to_tensors(sample, torch.device("cpu")), staging / MODEL_FILE, INTEREST_INPUTS, INTEREST_OUTPUT
         )
         parity = check_parity(model, staging / MODEL_FILE)
         if parity["max_abs_diff"] > PARITY_TOLERANCE:
-            raise ValueError(f"ONNX output differs from torch by {parity['max_abs_diff']:.2e} (> {PARITY_TOLERANCE})")
+            raise ModelError(
+                f"interest encoder ONNX output differs from torch by {parity['max_abs_diff']:.2e} "
+                f"(> {PARITY_TOLERANCE:.0e})"
+            )
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         manifest = BundleManifest(
             kind="interest-encoder",
@@ -104,8 +112,4 @@ def export_interest_encoder(
             parity=parity,
         )
         manifest.write(staging)
-        shutil.rmtree(bundle, ignore_errors=True)
-        staging.rename(bundle)
-        return manifest
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return manifest

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from encoder.config import MODEL_FILE, OPSET, TEXT_INPUTS, TEXT_OUTPUT, TOKENIZER_FILE, BundleManifest
+from encoder.config import MODEL_FILE, OPSET, TEXT_INPUTS, TEXT_OUTPUT, TOKENIZER_FILE, BundleManifest, staged_bundle
+from encoder.export import export_onnx
 from streams.errors import ModelError
 
 TEXT_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -65,21 +65,10 @@ def export_text_encoder(bundle: Path) -> BundleManifest:
     transformer = AutoModel.from_pretrained(str(source), attn_implementation="eager").eval()
     model = SentenceEncoder(transformer).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(source))
-    bundle.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".text-encoder-", dir=bundle.parent))
-    try:
+    with staged_bundle(bundle) as staging:
         sample = tokenizer(PARITY_TEXTS[:2], padding=True, return_tensors="pt")
-        torch.onnx.export(
-            model,
-            (sample["input_ids"], sample["attention_mask"]),
-            str(staging / MODEL_FILE),
-            input_names=list(TEXT_INPUTS),
-            output_names=[TEXT_OUTPUT],
-            dynamic_shapes={name: {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC} for name in TEXT_INPUTS},
-            opset_version=OPSET,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
+        export_onnx(
+            model, (sample["input_ids"], sample["attention_mask"]), staging / MODEL_FILE, TEXT_INPUTS, TEXT_OUTPUT
         )
         shutil.copy(source / TOKENIZER_FILE, staging / TOKENIZER_FILE)
         parity = _check_parity(model, tokenizer, staging / MODEL_FILE)
@@ -94,11 +83,7 @@ def export_text_encoder(bundle: Path) -> BundleManifest:
             parity=parity,
         )
         manifest.write(staging)
-        shutil.rmtree(bundle, ignore_errors=True)
-        staging.rename(bundle)
-        return manifest
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
 
 
 def _check_parity(model: torch.nn.Module, tokenizer: object, onnx_path: Path) -> dict[str, float]:

@@ -156,3 +156,16 @@ def test_stream_code_never_imports_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_a_failed_export_leaves_the_previous_bundle_in_place(tmp_path: Path) -> None:
+    from encoder.config import staged_bundle
+
+    bundle = tmp_path / "bundle"
+    with staged_bundle(bundle) as staging:
+        (staging / "model.onnx").write_text("v1")
+    with pytest.raises(ModelError), staged_bundle(bundle) as staging:
+        (staging / "model.onnx").write_text("v2, half written")
+        raise ModelError("parity check failed")
+    assert (bundle / "model.onnx").read_text() == "v1"
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no staging folder left behind
