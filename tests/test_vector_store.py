@@ -1,0 +1,97 @@
+"""One contract suite for every VectorStore implementation.
+
+Embedded Qdrant always runs; a Qdrant server runs too when PYTEST_QDRANT_URL points
+at one (e.g. `docker compose up qdrant`, then PYTEST_QDRANT_URL=http://localhost:6333).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streams.errors import VectorStoreError
+from streams.ports import SearchQuery, VectorPoint
+from streams.settings import Settings
+from streams.store_qdrant import QdrantVectorStore
+
+DIM = 8
+
+
+@dataclass
+class StoreUnderTest:
+    store: QdrantVectorStore
+    name: str  # a collection of DIM-d vectors, fresh for each test
+
+
+@pytest.fixture(params=["embedded", "server"])
+def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
+    if request.param == "server":
+        url = os.environ.get("PYTEST_QDRANT_URL")
+        if not url:
+            pytest.skip("set PYTEST_QDRANT_URL to run the contract suite against a Qdrant server")
+        settings = Settings(qdrant_url=url, items_collection=f"items-{uuid.uuid4().hex[:8]}")
+    else:
+        settings = Settings(home=tmp_path, items_collection=f"items-{uuid.uuid4().hex[:8]}")
+    opened = QdrantVectorStore.from_settings(settings)
+    opened.ensure_collection(settings.items_collection, DIM)
+    yield StoreUnderTest(opened, settings.items_collection)
+    opened.close()
+
+
+def _unit(seed: int) -> np.ndarray:
+    vector = np.random.default_rng(seed).normal(size=DIM).astype(np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def _points(n: int) -> list[VectorPoint]:
+    return [VectorPoint(f"item-{i}", _unit(i), {"available": True, "title": f"t{i}"}) for i in range(n)]
+
+
+def test_upsert_fetch_and_delete_by_external_id(subject: StoreUnderTest) -> None:
+    store, name = subject.store, subject.name
+    store.upsert(name, _points(5))
+    fetched = store.fetch_vectors(name, ["item-1", "item-3", "item-3", "nope"])
+    assert set(fetched) == {"item-1", "item-3"}
+    np.testing.assert_allclose(fetched["item-1"], _unit(1), atol=1e-6)
+    store.delete(name, ["item-1"])
+    assert set(store.fetch_vectors(name, ["item-1", "item-3"])) == {"item-3"}
+
+
+def test_search_ranks_by_cosine_and_honours_exclusions(subject: StoreUnderTest) -> None:
+    store, name = subject.store, subject.name
+    points = _points(40)
+    points[7] = VectorPoint("item-7", _unit(7), {"available": False})
+    store.upsert(name, points)
+    query = _unit(3)
+    expected = sorted(
+        (p.id for p in points if p.id not in {"item-3", "item-7"}), key=lambda i: -float(_unit(int(i[5:])) @ query)
+    )
+    hits = store.search_batch(name, [SearchQuery(query, limit=5, exclude_ids=["item-3"])])[0]
+    assert [h.id for h in hits] == expected[:5]
+    assert hits[0].score == pytest.approx(float(_unit(int(expected[0][5:])) @ query), abs=1e-5)
+    everything = store.search_batch(name, [SearchQuery(query, limit=40, exclude_ids=["item-3"])])[0]
+    assert "item-7" not in {h.id for h in everything} and len(everything) == 38  # unavailable is never returned
+    with_unavailable = store.search_batch(name, [SearchQuery(query, limit=40, only_available=False)])[0]
+    assert "item-7" in {h.id for h in with_unavailable}
+
+
+def test_exclusions_larger_than_the_first_fetch_still_fill_the_list(subject: StoreUnderTest) -> None:
+    store, name = subject.store, subject.name
+    points = _points(60)
+    for i in range(0, 30):  # many unavailable items near the query force a second, larger fetch
+        points[i] = VectorPoint(points[i].id, points[i].vector, {"available": False})
+    store.upsert(name, points)
+    hits = store.search_batch(name, [SearchQuery(_unit(0), limit=10, exclude_ids=["item-31"])])[0]
+    assert len(hits) == 10
+    assert all(int(h.id[5:]) >= 30 and h.id != "item-31" for h in hits)
+
+
+def test_a_collection_of_another_dimension_is_refused(subject: StoreUnderTest) -> None:
+    with pytest.raises(VectorStoreError, match=f"holds {DIM}-d vectors, the model makes 16-d"):
+        subject.store.ensure_collection(subject.name, 16)
