@@ -10,7 +10,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
 from streams.errors import BrokerError
-from streams.records import ControlCommand, Event, Item, encode_control, encode_event, encode_item
+from streams.records import Event, Item, encode_event, encode_item
 from streams.settings import Settings
 
 
@@ -72,10 +72,6 @@ def publish_items(producer: KafkaProducer, topic: str, items: Sequence[Item]) ->
 def delete_items(producer: KafkaProducer, topic: str, item_ids: Sequence[str]) -> None:
     for item_id in item_ids:
         producer.send(topic, key=item_id.encode("utf-8"), value=None)
-
-
-def publish_control(producer: KafkaProducer, topic: str, command: ControlCommand) -> None:
-    producer.send(topic, key=command.user_id.encode("utf-8"), value=encode_control(command))
 
 
 def iterate(consumer: KafkaConsumer, timeout_s: float) -> Iterator[tuple[str, bytes | None, bytes | None]]:

@@ -6,10 +6,14 @@ kept in the payload under ``ext_id``. Collections use cosine distance.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 from qdrant_client import QdrantClient, models
@@ -22,8 +26,23 @@ ID_NAMESPACE = uuid.UUID("6f1d9a8e-2b7c-4d0e-9a51-3c8f0e2d7b64")
 EXTERNAL_ID = "ext_id"
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
 def point_id(external_id: str) -> str:
     return str(uuid.uuid5(ID_NAMESPACE, external_id))
+
+
+def _serialized(
+    method: Callable[Concatenate[QdrantVectorStore, P], R],
+) -> Callable[Concatenate[QdrantVectorStore, P], R]:
+    @functools.wraps(method)
+    def guarded(self: QdrantVectorStore, *args: P.args, **kwargs: P.kwargs) -> R:
+        with self._guard:
+            return method(self, *args, **kwargs)
+
+    return guarded
 
 
 class QdrantVectorStore:
@@ -31,6 +50,10 @@ class QdrantVectorStore:
         self._client = client
         self._server = server  # payload indexes exist only on a server
         self._prefix = prefix  # lets several pipelines (or tests) share one Qdrant
+        # The worker calls the store from two threads (events, catalogue). Local mode is plain
+        # Python state and one SQLite connection and is not documented as thread-safe, so its
+        # calls take turns (a stress run without the lock showed no failure, so no test pins it).
+        self._guard: AbstractContextManager[object] = contextlib.nullcontext() if server else threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> QdrantVectorStore:
@@ -48,6 +71,7 @@ class QdrantVectorStore:
     def _name(self, collection: str) -> str:
         return self._prefix + collection
 
+    @_serialized
     def ensure_collection(self, name: str, dim: int) -> None:
         full = self._name(name)
         if self._client.collection_exists(full):
@@ -62,6 +86,7 @@ class QdrantVectorStore:
         if self._server:
             self._client.create_payload_index(full, "available", models.PayloadSchemaType.BOOL)
 
+    @_serialized
     def upsert(self, collection: str, points: Sequence[VectorPoint]) -> None:
         if not points:
             return
@@ -78,10 +103,12 @@ class QdrantVectorStore:
             wait=True,
         )
 
+    @_serialized
     def delete(self, collection: str, ids: Sequence[str]) -> None:
         if ids:
             self._client.delete(self._name(collection), points_selector=[point_id(i) for i in ids], wait=True)
 
+    @_serialized
     def fetch_vectors(self, collection: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
         if not ids:
             return {}
@@ -95,6 +122,7 @@ class QdrantVectorStore:
             if r.payload and r.vector is not None
         }
 
+    @_serialized
     def search_batch(self, collection: str, queries: Sequence[SearchQuery]) -> list[list[SearchHit]]:
         if not queries:
             return []
@@ -134,6 +162,7 @@ class QdrantVectorStore:
                 return kept[: query.limit]
             fetch *= 2
 
+    @_serialized
     def close(self) -> None:
         self._client.close()
 

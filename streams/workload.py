@@ -271,9 +271,6 @@ class Workload:
             )
         return items
 
-    def items_in(self, category: str) -> list[str]:
-        return list(self._by_category[category])
-
     def user_id(self, index: int) -> str:
         return f"user-{self.config.seed}-{index:06d}"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import msgpack
 
 from infra.topics import ensure_pipeline_topics
-from streams.kafka_io import delete_items, iterate, make_consumer, make_producer, publish_items
+from streams.kafka_io import delete_items, iterate, make_consumer, make_producer, publish_events, publish_items
 from streams.records import (
     DeadLetter,
     Event,
@@ -25,7 +25,6 @@ from streams.records import (
     Recommendation,
     decode_deadletter,
     decode_recommendation,
-    encode_event,
 )
 from streams.settings import Settings
 from streams.worker_process import WorkerProcess
@@ -123,8 +122,7 @@ class Pipeline:
         self.wait_caught_up(self.settings.items_topic)
 
     def send_events(self, events: Sequence[Event]) -> None:
-        for event in events:
-            self.send_raw(event.user_id.encode(), encode_event(event))
+        publish_events(self.producer, self.settings.events_topic, events)
         self.producer.flush()
 
     def send_raw(self, key: bytes | None, value: bytes | None) -> None:
