@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from infra.kafka_local import LocalKafka, LocalKafkaConfig
-from streams.errors import RtrecError
+from streams.errors import ConfigError, RtrecError
 from streams.settings import ENV_PREFIX, Settings
 
 
@@ -85,7 +85,10 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     from streams.records import EVENT_TYPES
     from streams.workload import WorkloadConfig
 
-    cfg = InterestEncoderConfig(event_types=EVENT_TYPES, epochs=args.epochs, window=min(args.window, 200))
+    try:
+        cfg = InterestEncoderConfig(event_types=EVENT_TYPES, epochs=args.epochs, window=args.window)
+    except ValueError as exc:
+        raise ConfigError(f"train: {exc}") from None
     bundle = ensure_interest_encoder(
         settings.models_path,
         WorkloadConfig(n_items=args.items, n_users=args.users),

@@ -71,6 +71,14 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert missing.returncode == 2
     assert missing.stderr.strip().startswith("rtrec: error: no interest-encoder bundle at")
     assert "Traceback" not in missing.stderr
+    bad_window = subprocess.run(
+        [sys.executable, "-m", "streams", "--model-dir", str(tmp_path), "train", "--window", "500"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad_window.returncode == 2
+    assert bad_window.stderr.strip() == "rtrec: error: train: window 500 exceeds max_len 200"
 
 
 def test_readme_documents_every_setting_with_its_default() -> None:
