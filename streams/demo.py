@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import msgpack
@@ -52,6 +52,7 @@ class Tally:
     interest_hits: int = 0
     interest_total: int = 0
     interest_of: dict[str, str] = field(default_factory=dict)  # ground truth: event id → the user's interest
+    finished: threading.Event = field(default_factory=threading.Event)  # tells the output reader to stop
     # Each run brings its own users: the same seeded event ids again would be (rightly) deduplicated.
     first_user: int = field(default_factory=lambda: secrets.randbelow(1_000_000) * 1_000)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -94,13 +95,15 @@ def run_demo(settings: Settings, options: DemoOptions, say: Callable[[str], None
         )
         reader.start()
         _stream_events(producer, settings, workload, options, tally, say)
+        producer.close()
         deadline = time.monotonic() + options.timeout_s
         while time.monotonic() < deadline and reader.is_alive():
             with tally.lock:
                 if len(tally.covered) >= tally.sent - tally.bad_sent and tally.dead_lettered >= tally.bad_sent:
                     break
             time.sleep(0.2)
-        time.sleep(0.5)
+        tally.finished.set()
+        reader.join()
         _summary(tally, workload, say)
         return tally
     finally:
@@ -150,6 +153,11 @@ def _stream_events(
     producer.flush()
 
 
+def _until(finished: threading.Event, consumer: KafkaConsumer) -> Iterator[tuple[str, bytes | None, bytes | None]]:
+    while not finished.is_set():
+        yield from iterate(consumer, timeout_s=0.5)
+
+
 def _read_outputs(
     consumer: KafkaConsumer,
     settings: Settings,
@@ -160,7 +168,7 @@ def _read_outputs(
 ) -> None:
     titles = {item.item_id: item.title for item in workload.catalog}
     try:
-        for topic, _key, value in iterate(consumer, options.timeout_s):
+        for topic, _key, value in _until(tally.finished, consumer):
             if value is None:
                 continue
             arrived = now_ms()
