@@ -57,6 +57,15 @@ def default_cache_dir() -> Path:
     return Path(base) / "rtrec"
 
 
+def new_cluster_id() -> str:
+    """A KRaft cluster id as Kafka makes them: 22 URL-safe base64 characters, never starting with
+    '-' (the storage tool, like other command lines, would read such an id as an option)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from kafka.admin import ConfigResource, ConfigResourceType
 
-from infra.kafka_local import LocalKafka, LocalKafkaConfig, free_port
+from infra.kafka_local import LocalKafka, LocalKafkaConfig, free_port, new_cluster_id
 from infra.topics import admin_client, ensure_pipeline_topics, topic_specs
 from streams.errors import BrokerError
 from streams.settings import Settings
@@ -85,3 +85,9 @@ def test_a_second_broker_can_start_stop_and_restart_with_its_data(tmp_path: Path
         broker.stop()
     assert not broker.stop()
     assert "Kafka Server started" in (tmp_path / "broker.log").read_text()
+
+
+def test_cluster_ids_never_look_like_options() -> None:
+    ids = [new_cluster_id() for _ in range(5000)]  # about 1 in 64 random ids would start with '-'
+    assert all(len(i) == 22 and not i.startswith("-") for i in ids)
+    assert len(set(ids)) == len(ids)
