@@ -79,6 +79,7 @@ class Pipeline:
         self.workload = Workload(TEST_WORKLOAD)
         self.producer = make_producer(self.settings)
         self.outputs = Outputs()
+        self.deleted: set[str] = set()  # items this pipeline's tests removed from the shared catalogue
         self._reader = None
         self.worker: WorkerProcess | None = None
         self.log_path = home / "worker.log"
@@ -117,6 +118,7 @@ class Pipeline:
         self.wait_caught_up(self.settings.items_topic)
 
     def delete_items(self, item_ids: Sequence[str]) -> None:
+        self.deleted.update(item_ids)
         delete_items(self.producer, self.settings.items_topic, item_ids)
         self.producer.flush()
         self.wait_caught_up(self.settings.items_topic)
