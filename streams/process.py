@@ -105,7 +105,10 @@ class EventBatchProcessor:
             except InvalidRecord as exc:
                 outcome.dead_letters.append(dead_letter(message, exc.reason, self.clock))
 
-        vectors = self.recommender.item_vectors([event.item_id for _, event in valid])
+        windows = {user: self._load(user, stored.get(user)) for user in {event.user_id for _, event in valid}}
+        # One fetch for the new events' items and everything already in the windows.
+        needed = {event.item_id for _, event in valid} | {e.item_id for w in windows.values() for e in w.entries}
+        vectors = self.recommender.item_vectors(sorted(needed))
         by_user: dict[str, list[Event]] = {}
         for message, event in valid:
             if event.item_id not in vectors:
@@ -118,7 +121,7 @@ class EventBatchProcessor:
         requests = []
         added = duplicates = too_old = 0
         for user_id, events in by_user.items():
-            window = self._load(user_id, stored.get(user_id))
+            window = windows[user_id]
             for event in events:
                 result = window.add(event)
                 added += result is AddOutcome.ADDED
@@ -127,9 +130,6 @@ class EventBatchProcessor:
             outcome.windows[user_id] = window
             requests.append(RefreshRequest(user_id, window, events[-1], tuple(e.event_id for e in events)))
 
-        missing = {e.item_id for r in requests for e in r.window.entries} - vectors.keys()
-        if missing:
-            vectors = {**vectors, **self.recommender.item_vectors(sorted(missing))}
         outcome.recommendations = self.recommender.refresh_batch(requests, vectors)
         outcome.counts = {
             "events": len(messages),
