@@ -31,6 +31,13 @@ from streams.worker_process import WorkerProcess
 from streams.workload import Workload, WorkloadConfig
 
 TEST_WORKLOAD = WorkloadConfig(n_items=240, n_users=60, seed=7)
+TOPICS = ("events", "items", "recommendations", "deadletter", "control")
+
+
+def isolated_names() -> dict[str, str]:
+    """Settings giving a test its own topics and consumer group on the shared broker."""
+    suffix = uuid.uuid4().hex[:8]
+    return {"app_id": f"rtrec-test-{suffix}", **{f"{topic}_topic": f"t{suffix}.{topic}" for topic in TOPICS}}
 
 
 @dataclass
@@ -62,20 +69,13 @@ class Outputs:
 
 class Pipeline:
     def __init__(self, bootstrap: str, models: Path, home: Path, **settings: object) -> None:
-        suffix = uuid.uuid4().hex[:8]
         self.settings = Settings(
             home=home,
             kafka_bootstrap=bootstrap,
             model_dir=str(models),
-            app_id=f"rtrec-test-{suffix}",
-            events_topic=f"t{suffix}.events",
-            items_topic=f"t{suffix}.items",
-            recommendations_topic=f"t{suffix}.recommendations",
-            deadletter_topic=f"t{suffix}.deadletter",
-            control_topic=f"t{suffix}.control",
             topic_partitions=2,
             batch_within_s=0.02,
-        ).with_overrides(**settings)
+        ).with_overrides(**isolated_names(), **settings)
         self.workload = Workload(TEST_WORKLOAD)
         self.producer = make_producer(self.settings)
         self.outputs = Outputs()

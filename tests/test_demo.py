@@ -6,13 +6,13 @@ import re
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 
 from encoder.config import TEXT_BUNDLE
 from infra.kafka_local import LocalKafka
+from tests.harness import isolated_names
 
 pytestmark = pytest.mark.integration
 
@@ -20,12 +20,10 @@ pytestmark = pytest.mark.integration
 def test_demo_streams_events_into_recommendations(kafka: LocalKafka, models_dir: Path, tmp_path: Path) -> None:
     models = tmp_path / "models"
     shutil.copytree(models_dir / TEXT_BUNDLE, models / TEXT_BUNDLE)  # the demo trains its own interest encoder
-    suffix = uuid.uuid4().hex[:8]
-    names = ["events", "items", "recommendations", "deadletter", "control"]
-    flags = [f"--{name}-topic=d{suffix}.{name}" for name in names]
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in isolated_names().items()]
     result = subprocess.run(
         [sys.executable, "-m", "streams", f"--kafka-bootstrap={kafka.config.bootstrap}", f"--home={tmp_path}",
-         f"--model-dir={models}", f"--app-id=demo-{suffix}", "--topic-partitions=2", *flags,
+         f"--model-dir={models}", "--topic-partitions=2", *flags,
          "demo", "--events=500", "--rate=250", "--users=40", "--items=240"],
         capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from infra.kafka_local import LocalKafka, LocalKafkaConfig, free_port, new_clust
 from infra.topics import admin_client, ensure_pipeline_topics, topic_specs
 from streams.errors import BrokerError
 from streams.settings import Settings
+from tests.harness import isolated_names
 
 pytestmark = pytest.mark.integration
 
@@ -24,16 +24,7 @@ def test_start_is_idempotent_and_status_sees_the_broker(kafka: LocalKafka) -> No
 
 
 def test_topic_bootstrap_is_idempotent_with_policies(kafka: LocalKafka) -> None:
-    suffix = uuid.uuid4().hex[:8]
-    settings = Settings(
-        kafka_bootstrap=kafka.config.bootstrap,
-        topic_partitions=3,
-        events_topic=f"b{suffix}.events",
-        items_topic=f"b{suffix}.items",
-        recommendations_topic=f"b{suffix}.recommendations",
-        deadletter_topic=f"b{suffix}.deadletter",
-        control_topic=f"b{suffix}.control",
-    )
+    settings = Settings(kafka_bootstrap=kafka.config.bootstrap, topic_partitions=3).with_overrides(**isolated_names())
     assert set(ensure_pipeline_topics(settings).values()) == {"created"}
     assert set(ensure_pipeline_topics(settings).values()) == {"exists"}
     grown = ensure_pipeline_topics(settings.with_overrides(topic_partitions=4))
