@@ -5,15 +5,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import platform
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from encoder.config import INTEREST_BUNDLE, TEXT_BUNDLE, BundleManifest, InterestEncoderConfig
-from encoder.data import History, TrainingData
+from encoder.data import Dataset, History, leave_one_out
 from encoder.runtime import OnnxTextEmbedder
-from streams.errors import ModelError
+from streams.errors import ConfigError, ModelError
 from streams.records import EVENT_TYPES
 from streams.workload import GeneratedEvent, Workload, WorkloadConfig
 
@@ -57,28 +60,33 @@ def content_hash(workload: Workload, histories: list[list[GeneratedEvent]]) -> s
     return digest.hexdigest()[:16]
 
 
-def workload_training_data(
-    workload: Workload, histories: list[list[GeneratedEvent]], embedder: OnnxTextEmbedder
-) -> TrainingData:
+def workload_dataset(workload: Workload, histories: list[list[GeneratedEvent]]) -> Dataset:
     item_ids = [item.item_id for item in workload.catalog]
-    vectors = embedder.embed_batch([item.text() for item in workload.catalog])
-    index = {item_id: i for i, item_id in enumerate(item_ids)}
-    converted = [
-        History(
-            items=np.array([index[g.event.item_id] for g in history], dtype=np.int64),
+    row = {item_id: i for i, item_id in enumerate(item_ids)}
+    converted = {
+        str(user): History(
+            items=np.array([row[g.event.item_id] for g in history], dtype=np.int64),
             types=[g.event.type for g in history],
             ts_ms=np.array([g.event.ts for g in history], dtype=np.int64),
         )
-        for history in histories
-    ]
-    description = {"source": "generated workload", "users": len(histories), "events": sum(map(len, histories))}
-    return TrainingData(item_ids, vectors, converted, description)
+        for user, history in enumerate(histories)
+    }
+    return leave_one_out("generated workload", item_ids, converted, [item.text() for item in workload.catalog], True)
+
+
+def stream_encoder_config(n_items: int, text_dim: int, **overrides: Any) -> InterestEncoderConfig:
+    """The stream's model: ids and text (so items published later are placed by their text alone)."""
+    defaults: dict[str, Any] = {"event_types": EVENT_TYPES, "n_items": n_items, "text_dim": text_dim, "id_dropout": 0.3}
+    try:
+        return InterestEncoderConfig(**(defaults | overrides))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"interest encoder: {exc}") from None
 
 
 def ensure_interest_encoder(
     models: Path,
     workload_config: WorkloadConfig,
-    encoder_config: InterestEncoderConfig | None = None,
+    overrides: dict[str, Any] | None = None,
     *,
     n_users: int = 600,
     events_per_user: int = 60,
@@ -86,10 +94,10 @@ def ensure_interest_encoder(
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> Path:
     """Train on the generated workload and export, unless a bundle trained on the same data exists."""
-    cfg = encoder_config or InterestEncoderConfig(event_types=EVENT_TYPES)
     text_bundle = ensure_text_encoder(models, progress)
     embedder = OnnxTextEmbedder(text_bundle, provider="cpu")
     workload = Workload(workload_config)
+    cfg = stream_encoder_config(len(workload.catalog), embedder.dim, **(overrides or {}))
     histories = workload_histories(workload, n_users, events_per_user)
     print_ = fingerprint(cfg, embedder.version, content_hash(workload, histories))
     bundle = models / INTEREST_BUNDLE
@@ -100,27 +108,55 @@ def ensure_interest_encoder(
                 return bundle
         except ModelError:
             pass
+    progress(f"embedding {len(workload.catalog):,} catalogue items for training…")
+    dataset = workload_dataset(workload, histories)
+    assert dataset.item_texts is not None
+    train_and_export(dataset, cfg, bundle, embedder.embed_batch(dataset.item_texts), print_, progress)
+    return bundle
+
+
+def hardware() -> str:
+    """The CPU model and core count, stated next to every training time."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = (
+        [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        if cpuinfo.exists()
+        else []
+    )
+    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} cores"
+
+
+def train_and_export(
+    dataset: Dataset,
+    cfg: InterestEncoderConfig,
+    bundle: Path,
+    text_vectors: np.ndarray | None,
+    fingerprint_: str,
+    progress: Callable[[str], None],
+    device: str | None = None,
+) -> BundleManifest:
     from encoder.export import export_interest_encoder
     from encoder.train import train_interest_encoder
 
-    progress(f"embedding {len(workload.catalog):,} catalogue items for training…")
-    data = workload_training_data(workload, histories, embedder)
-    result = train_interest_encoder(data, cfg, progress)
+    result = train_interest_encoder(dataset, cfg, text_vectors, progress, device)
     manifest = export_interest_encoder(
         result.model,
+        dataset.item_ids,
         bundle,
         training={
-            **data.description,
-            "fingerprint": print_,
+            **dataset.describe(),
+            "fingerprint": fingerprint_,
             "seconds": round(result.seconds, 1),
             "device": result.device,
-            "text_encoder": embedder.version,
+            "hardware": hardware() if result.device == "cpu" else result.device,
+            "epochs_run": result.epochs_run,
             "history": result.history,
         },
         metrics=result.metrics,
     )
     progress(
-        f"interest encoder {manifest.version}: HR@10 {result.metrics['hr@10']:.3f}, "
-        f"parity {manifest.parity['max_abs_diff']:.1e}, {result.seconds:.0f}s on {result.device}"
+        f"interest encoder {manifest.version}: validation NDCG@10 {result.metrics['val_ndcg@10']:.4f} "
+        f"(HR@10 {result.metrics['val_hr@10']:.4f}), parity {manifest.parity['max_abs_diff']:.1e}, "
+        f"{result.seconds:.0f}s on {result.device}"
     )
-    return bundle
+    return manifest

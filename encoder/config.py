@@ -20,12 +20,20 @@ from streams.errors import ModelError
 
 # The ONNX contract of the interest encoder (left-padded: the newest event is the last position).
 INTEREST_INPUTS = {
-    "item_vectors": ("float32", ("batch", "length", "item_dim")),
+    "item_vectors": ("float32", ("batch", "length", "dim")),
     "event_types": ("int64", ("batch", "length")),
     "ages_s": ("float32", ("batch", "length")),
     "mask": ("bool", ("batch", "length")),
 }
-INTEREST_OUTPUT = "user_vector"  # float32 [batch, item_dim], L2-normalised
+INTEREST_OUTPUT = "user_vector"  # float32 [batch, dim]; ranks items by dot product
+
+# The ONNX contract of the item tower. item_index is the item's row in the bundle's
+# item list (0: an item the model never saw); text_vectors only when the model reads text.
+ITEM_INDEX_INPUT = ("item_index", ("int64", ("items",)))
+ITEM_TEXT_INPUT = ("text_vectors", ("float32", ("items", "text_dim")))
+ITEM_OUTPUT = "item_vector"  # float32 [items, dim]
+ITEM_TOWER_FILE = "item_tower.onnx"
+ITEM_IDS_FILE = "item_ids.txt"  # one id a line; line i is item index i + 1
 
 # The ONNX contract of the text encoder (mean pooling and L2 normalisation are in the graph).
 TEXT_INPUTS = {
@@ -47,37 +55,49 @@ class InterestEncoderConfig:
     """Every hyper-parameter of the interest encoder and its training, validated."""
 
     event_types: tuple[str, ...]
-    item_dim: int = 384
+    n_items: int = 0  # items with a learned id embedding; 0 = no id embeddings (text only)
+    text_dim: int = 0  # dims of the item text vectors; 0 = no text (ids only)
     d_model: int = 64
     n_heads: int = 2
     n_layers: int = 2
-    ffn_mult: int = 2
-    max_len: int = 200
-    dropout: float = 0.1
-    temperature: float = 0.05
+    ffn_mult: int = 4
+    max_len: int = 50  # newest events a window keeps (and the longest training sequence)
+    dropout: float = 0.2
     # Training.
-    window: int = 50
-    epochs: int = 8
+    loss: str = "full"  # full: softmax over the whole catalogue; sampled: shared uniform negatives
+    negatives: int = 1024  # per batch, for the sampled loss
+    id_dropout: float = 0.0  # share of items trained as unseen (index 0), so the text path stands alone
+    epochs: int = 200
     batch_size: int = 128
-    learning_rate: float = 2e-3
-    weight_decay: float = 1e-4
-    patience: int = 2
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 10  # epochs without a better validation NDCG@10 before stopping
+    eval_every: int = 1
+    valid_users: int = 4096  # validation users scored each epoch (a seeded sample when there are more)
     seed: int = 0
 
     def __post_init__(self) -> None:
         if not self.event_types:
             raise ValueError("event_types must not be empty")
+        if self.n_items < 0 or self.text_dim < 0:
+            raise ValueError("n_items and text_dim must be >= 0")
+        if not self.n_items and not self.text_dim:
+            raise ValueError("an item tower needs ids (n_items > 0), text (text_dim > 0), or both")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} must be divisible by n_heads {self.n_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.window > self.max_len:
-            raise ValueError(f"window {self.window} exceeds max_len {self.max_len}")
-        for name in ("item_dim", "d_model", "n_heads", "n_layers", "ffn_mult", "epochs", "batch_size", "window"):
+        for name in ("dropout", "id_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.loss not in ("full", "sampled"):
+            raise ValueError(f"loss must be full or sampled, got {self.loss!r}")
+        for name in (
+            "d_model", "n_heads", "n_layers", "ffn_mult", "max_len", "epochs", "batch_size",
+            "negatives", "patience", "eval_every", "valid_users",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0")
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError("learning_rate must be > 0")
 
     @property
     def n_type_ids(self) -> int:
@@ -131,6 +151,7 @@ class BundleManifest:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
+    item_tower: dict[str, Any] = field(default_factory=dict)  # contract and parity of item_tower.onnx
 
     def write(self, folder: Path) -> None:
         self.files = {name: sha256_file(folder / name) for name in sorted(self.files or _bundle_files(folder))}

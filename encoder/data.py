@@ -1,4 +1,8 @@
-"""Training data for the interest encoder: per-user histories over a catalogue. No torch."""
+"""Sequences to learn from and to evaluate on: per-user histories over a catalogue. No torch.
+
+Item numbers here are catalogue rows (0-based); the model's item index is the row
+plus one, because index 0 stands for an item the model never saw.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +14,88 @@ import numpy as np
 
 @dataclass(frozen=True)
 class History:
-    """One user's events, oldest first: catalogue indices, type names, event times."""
+    """One user's events, oldest first: catalogue rows, type names, event times (0 when unknown)."""
 
     items: np.ndarray  # int64 [n]
     types: Sequence[str]
     ts_ms: np.ndarray  # int64 [n]
 
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def head(self, n: int) -> History:
+        return History(self.items[:n], self.types[:n], self.ts_ms[:n])
+
+
+@dataclass(frozen=True)
+class Example:
+    """Predict ``target`` (a catalogue row) from ``history``."""
+
+    user: str
+    history: History
+    target: int
+
 
 @dataclass
-class TrainingData:
+class Dataset:
+    """A catalogue and a leave-one-out split: train sequences, a validation and a test example per user."""
+
+    name: str
     item_ids: list[str]
-    item_vectors: np.ndarray  # float32 [n_items, item_dim], unit rows
-    histories: list[History]
-    description: dict[str, object] = field(default_factory=dict)
+    train: list[History]
+    valid: list[Example]
+    test: list[Example]
+    item_texts: list[str] | None = None
+    has_time: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def event_types(self) -> tuple[str, ...]:
+        return tuple(sorted({t for h in self.train for t in h.types}))
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "data": self.name,
+            "items": self.n_items,
+            "train_users": len(self.train),
+            "train_events": int(sum(len(h) for h in self.train)),
+            "valid_users": len(self.valid),
+            "test_users": len(self.test),
+            "text": self.item_texts is not None,
+            "time": self.has_time,
+        }
+
+    def trained_items(self) -> np.ndarray:
+        """Rows that occur in some training sequence; the others are cold for the model."""
+        seen = np.zeros(self.n_items, dtype=bool)
+        for history in self.train:
+            seen[history.items] = True
+        return seen
+
+
+def leave_one_out(
+    name: str,
+    item_ids: list[str],
+    histories: dict[str, History],
+    item_texts: list[str] | None = None,
+    has_time: bool = False,
+) -> Dataset:
+    """The published protocol: last event → test, the one before → validation, the rest → training.
+
+    Users with fewer than three events cannot be split that way; their events still train the model.
+    """
+    train: list[History] = []
+    valid: list[Example] = []
+    test: list[Example] = []
+    for user, history in histories.items():
+        n = len(history)
+        if n >= 3:
+            train.append(history.head(n - 2))
+            valid.append(Example(user, history.head(n - 2), int(history.items[n - 2])))
+            test.append(Example(user, history.head(n - 1), int(history.items[n - 1])))
+        elif n:
+            train.append(history)
+    return Dataset(name, item_ids, train, valid, test, item_texts, has_time)

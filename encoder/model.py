@@ -1,10 +1,19 @@
-"""The interest encoder: a small time-aware transformer over a user's window.
+"""The two towers: item vectors from ids and text, user vectors from a window of events.
 
-Inputs follow the ONNX contract in ``encoder.config`` (left-padded, newest event
-last). The output is one L2-normalised user vector in the item (text) space, so
-a nearest-neighbour search over item vectors ranks the catalogue, brand-new
-items included. Attention is written by hand with a finite mask: it exports
-cleanly with dynamic batch and length and stays finite for padded rows.
+The item tower maps a catalogue item to the model's item space: a learned id
+embedding (collaborative signal) plus a projection of its text vector (so a
+brand-new item, whose id the model never saw, is placed by its text alone).
+Either part may be absent: id-only data sets have no text, and an unseen item
+has index 0, whose embedding is fixed at zero.
+
+The interest encoder is a causal transformer over the window's item vectors,
+event types and gaps between events. Trained on every position of a sequence
+at once (each position predicts the next item), served on the newest position:
+its output is the user vector, scored against item vectors by dot product,
+which is what the vector store ranks by. Inputs follow the ONNX contract in
+``encoder.config`` (left-padded, newest event last). Attention is written by
+hand with a finite mask so it exports with dynamic batch and length and stays
+finite for padded rows.
 """
 
 from __future__ import annotations
@@ -13,11 +22,52 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
 
 from encoder.config import InterestEncoderConfig
 
 MASK_VALUE = -1e4  # finite, so that a fully padded row never produces NaN
+
+
+class Dropout(nn.Module):
+    """Inverted dropout from a uniform draw: on CPU it is about 3× faster than ``nn.Dropout``'s
+    Bernoulli sampling, which otherwise dominates a training step of this small model."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        return x * (torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p))
+
+
+class ItemTower(nn.Module):
+    """item index (0 = unseen) and optional text vector → item vector [dim]."""
+
+    def __init__(self, cfg: InterestEncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.id_embedding = nn.Embedding(cfg.n_items + 1, cfg.d_model, padding_idx=0) if cfg.n_items else None
+        self.text_proj = (
+            nn.Sequential(nn.Linear(cfg.text_dim, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, cfg.d_model))
+            if cfg.text_dim
+            else None
+        )
+        if self.id_embedding is not None:
+            nn.init.normal_(self.id_embedding.weight, std=0.02)
+            with torch.no_grad():
+                self.id_embedding.weight[0].zero_()
+
+    def forward(self, item_index: torch.Tensor, text_vectors: torch.Tensor | None = None) -> torch.Tensor:
+        out = torch.zeros((*item_index.shape, self.cfg.d_model), device=item_index.device)
+        if self.id_embedding is not None:
+            out = out + self.id_embedding(item_index)
+        if self.text_proj is not None:
+            if text_vectors is None:
+                raise ValueError("this item tower needs text vectors")
+            out = out + self.text_proj(text_vectors)
+        return out
 
 
 class SelfAttention(nn.Module):
@@ -27,16 +77,15 @@ class SelfAttention(nn.Module):
         self.head_dim = cfg.d_model // cfg.n_heads
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
-        # x [B, L, d]; key_bias [B, 1, 1, L] (0 for real keys, MASK_VALUE for padding)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        # x [B, L, d]; bias [B, 1, L, L]: 0 where a query may see a key, MASK_VALUE elsewhere
         b, length, d = x.shape
         q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        # q, k, v [B, H, L, hd]
-        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + key_bias  # [B, H, L, L]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + bias  # [B, H, L, L]
         weights = self.dropout(scores.softmax(dim=-1))
-        out = (weights @ v).transpose(1, 2).reshape(b, length, d)  # [B, L, d]
+        out = (weights @ v).transpose(1, 2).reshape(b, length, d)
         return self.proj(out)
 
 
@@ -49,49 +98,63 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(
             nn.Linear(cfg.d_model, cfg.ffn_mult * cfg.d_model),
             nn.GELU(),
+            Dropout(cfg.dropout),
             nn.Linear(cfg.ffn_mult * cfg.d_model, cfg.d_model),
         )
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.norm1(x), key_bias))
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), bias))
         return x + self.dropout(self.ffn(self.norm2(x)))
 
 
 class InterestEncoder(nn.Module):
+    """Window → a hidden state per position; ``forward`` serves the newest one (the user vector)."""
+
     def __init__(self, cfg: InterestEncoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.item_proj = nn.Linear(cfg.item_dim, cfg.d_model)
+        self.items = ItemTower(cfg)
         self.type_emb = nn.Embedding(cfg.n_type_ids, cfg.d_model, padding_idx=0)
-        # Time features: log-minutes since the event and since the previous event.
-        self.time_proj = nn.Linear(2, cfg.d_model)
-        self.recency_emb = nn.Embedding(cfg.max_len, cfg.d_model)  # distance from the newest event
+        # log-minutes since the previous event: the same for every later position, so training
+        # every position at once sees exactly what serving the newest one sees.
+        self.gap_proj = nn.Linear(1, cfg.d_model)
+        self.position_emb = nn.Embedding(cfg.max_len, cfg.d_model)  # events before this one in the window
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.out = nn.Linear(cfg.d_model, cfg.item_dim)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
-    def forward(
+    def hidden_states(
         self,
-        item_vectors: torch.Tensor,  # [B, L, item_dim]
+        item_vectors: torch.Tensor,  # [B, L, d]
         event_types: torch.Tensor,  # [B, L] int64
-        ages_s: torch.Tensor,  # [B, L] float32
+        ages_s: torch.Tensor,  # [B, L] float32, seconds before the newest event
         mask: torch.Tensor,  # [B, L] bool
-    ) -> torch.Tensor:  # [B, item_dim], L2-normalised
+    ) -> torch.Tensor:  # [B, L, d]
         length = item_vectors.shape[1]
         gaps = torch.cat([torch.zeros_like(ages_s[:, :1]), ages_s[:, :-1] - ages_s[:, 1:]], dim=1).clamp(min=0.0)
-        time_features = torch.stack([torch.log1p(ages_s / 60.0), torch.log1p(gaps / 60.0)], dim=-1)  # [B, L, 2]
-        recency = (length - 1 - torch.arange(length, device=item_vectors.device)).clamp(max=self.cfg.max_len - 1)
+        gap_features = torch.log1p(gaps / 60.0) * mask.to(gaps.dtype)
+        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0, max=self.cfg.max_len - 1)
         x = (
-            self.item_proj(item_vectors)
+            item_vectors * math.sqrt(self.cfg.d_model)
             + self.type_emb(event_types)
-            + self.time_proj(time_features)
-            + self.recency_emb(recency)[None]
-        )  # [B, L, d]
+            + self.gap_proj(gap_features[..., None])
+            + self.position_emb(positions)
+        )
         x = self.dropout(x) * mask[..., None].to(x.dtype)
-        key_bias = (~mask).to(x.dtype)[:, None, None, :] * MASK_VALUE  # [B, 1, 1, L]
+        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+        visible = causal[None] & mask[:, None, :]  # [B, L(query), L(key)]
+        bias = (~visible).to(x.dtype)[:, None] * MASK_VALUE
         for block in self.blocks:
-            x = block(x, key_bias)
-        newest = self.norm(x[:, -1])  # [B, d]
-        return F.normalize(self.out(newest), dim=-1)
+            x = block(x, bias)
+        return self.norm(x)
+
+    def forward(
+        self, item_vectors: torch.Tensor, event_types: torch.Tensor, ages_s: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:  # [B, d]
+        return self.hidden_states(item_vectors, event_types, ages_s, mask)[:, -1]
+
+
+def score_all(user_vectors: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
+    """Dot-product scores, the vector store's ranking: [..., d] × [n_items, d] → [..., n_items]."""
+    return user_vectors @ item_vectors.T

@@ -17,6 +17,11 @@ from tokenizers import Tokenizer
 
 from encoder.config import (
     INTEREST_OUTPUT,
+    ITEM_IDS_FILE,
+    ITEM_INDEX_INPUT,
+    ITEM_OUTPUT,
+    ITEM_TEXT_INPUT,
+    ITEM_TOWER_FILE,
     MODEL_FILE,
     TEXT_OUTPUT,
     TOKENIZER_FILE,
@@ -99,7 +104,45 @@ class OnnxInterestEncoder:
         self.provider = self._session.get_providers()[0]
 
     def encode_batch(self, inputs: EncoderInputs) -> np.ndarray:
-        """[batch, dim] float32 unit vectors."""
+        """[batch, dim] float32 user vectors (ranking items by dot product)."""
         if inputs.item_vectors.shape[-1] != self.dim:
             raise ModelError(f"item vectors have {inputs.item_vectors.shape[-1]} dims, the encoder expects {self.dim}")
         return self._session.run([INTEREST_OUTPUT], inputs.as_feed())[0]
+
+
+class OnnxItemEncoder:
+    """The exported item tower: item ids (and text vectors when the model reads text) → item vectors.
+
+    Ids the model learned keep their learned embedding; any other id is placed by its text alone.
+    """
+
+    def __init__(self, bundle: Path, provider: str = "auto", intra_op_threads: int = 0) -> None:
+        self.manifest = BundleManifest.read(bundle, "interest-encoder")
+        self.config = InterestEncoderConfig.from_dict(self.manifest.config)
+        self.dim = self.manifest.dim
+        self.version = self.manifest.version
+        self.text_dim = self.config.text_dim
+        ids = (bundle / ITEM_IDS_FILE).read_text().splitlines()
+        self._index = {item_id: i + 1 for i, item_id in enumerate(ids)} if self.config.n_items else {}
+        self._session = make_session(bundle / ITEM_TOWER_FILE, provider, intra_op_threads)
+
+    @property
+    def reads_text(self) -> bool:
+        return self.text_dim > 0
+
+    def knows(self, item_id: str) -> bool:
+        return item_id in self._index
+
+    def encode_batch(self, item_ids: Sequence[str], text_vectors: np.ndarray | None = None) -> np.ndarray:
+        """[n, dim] float32 item vectors."""
+        if not item_ids:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        feed = {ITEM_INDEX_INPUT[0]: np.fromiter((self._index.get(i, 0) for i in item_ids), np.int64, len(item_ids))}
+        if self.reads_text:
+            if text_vectors is None or text_vectors.shape != (len(item_ids), self.text_dim):
+                raise ModelError(f"the item tower needs a [{len(item_ids)}, {self.text_dim}] text vector array")
+            feed[ITEM_TEXT_INPUT[0]] = text_vectors.astype(np.float32, copy=False)
+        elif not all(i in self._index for i in item_ids):
+            unknown = next(i for i in item_ids if i not in self._index)
+            raise ModelError(f"item {unknown!r} is unknown to an id-only model, which cannot place new items")
+        return self._session.run([ITEM_OUTPUT], feed)[0]

@@ -1,10 +1,13 @@
-"""Train the interest encoder on event histories with a next-item objective.
+"""Train the two towers on training sequences with a next-item objective.
 
-Each training example is a window of a user's events and the item of the event
-that followed it. The loss is a full softmax over the catalogue's (fixed) text
-vectors: the encoder learns to point, in item space, at what the user does
-next. The last event of every user is held out for validation, which drives
-early stopping. Seeded and reproducible; uses a GPU when one is present.
+Every position of a sequence predicts the item that follows it, all positions at
+once (the encoder is causal). The loss is a softmax over the whole catalogue
+("full", exact, the default up to a few hundred thousand items) or over the
+true item and negatives drawn uniformly from the catalogue and shared by the
+batch ("sampled"; uniform sampling needs no logQ correction). Validation is the
+evaluation protocol itself (full ranking, history removed), on a seeded sample
+of validation users; its NDCG@10 drives early stopping and picks the epoch kept.
+Seeded and reproducible on CPU; uses a GPU when one is present.
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ import torch
 from torch.nn import functional as F  # noqa: N812
 
 from encoder.config import InterestEncoderConfig
-from encoder.data import TrainingData
-from encoder.features import EncoderInputs, EventTypeVocabulary, WindowArrays, assemble_inputs
-from encoder.model import InterestEncoder
+from encoder.data import Dataset, Example, History
+from encoder.features import EventTypeVocabulary
+from encoder.metrics import RankCounts, summarize
+from encoder.model import InterestEncoder, score_all
+
+Progress = Callable[[str], None]
 
 
 @dataclass
@@ -33,6 +39,7 @@ class TrainingResult:
     metrics: dict[str, float]
     seconds: float
     device: str
+    epochs_run: int
 
 
 def seed_everything(seed: int) -> None:
@@ -41,155 +48,209 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class WindowBatcher:
-    """Turns (history, target position) pairs into encoder inputs and target indices."""
+@dataclass(frozen=True)
+class SequenceBatch:
+    """Left-padded sequences: model item indices (0 = padding or unseen), types, ages, mask."""
 
-    def __init__(self, data: TrainingData, cfg: InterestEncoderConfig) -> None:
-        self.data = data
-        self.cfg = cfg
-        vocabulary = EventTypeVocabulary(cfg.event_types)
-        self._type_ids = [vocabulary.ids(h.types) for h in data.histories]
+    items: torch.Tensor  # int64 [B, L]
+    types: torch.Tensor  # int64 [B, L]
+    ages_s: torch.Tensor  # float32 [B, L]
+    mask: torch.Tensor  # bool [B, L]
 
-    def batch(self, examples: Sequence[tuple[int, int]]) -> tuple[EncoderInputs, np.ndarray]:
-        windows = []
-        targets = np.empty(len(examples), dtype=np.int64)
-        for row, (user, position) in enumerate(examples):
-            history = self.data.histories[user]
-            start = max(0, position - self.cfg.window)
-            windows.append(
-                WindowArrays(
-                    item_vectors=self.data.item_vectors[history.items[start:position]],
-                    type_ids=self._type_ids[user][start:position],
-                    ts_ms=history.ts_ms[start:position],
-                )
-            )
-            targets[row] = history.items[position]
-        return assemble_inputs(windows, self.cfg.item_dim, self.cfg.max_len), targets
+    def to(self, device: torch.device) -> SequenceBatch:
+        return SequenceBatch(*(t.to(device) for t in (self.items, self.types, self.ages_s, self.mask)))
 
 
-def split_examples(data: TrainingData) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """Every next-item position for training; each user's last event for validation."""
-    train: list[tuple[int, int]] = []
-    valid: list[tuple[int, int]] = []
-    for user, history in enumerate(data.histories):
-        n = len(history.items)
-        if n < 2:
+def pad_histories(histories: Sequence[History], vocabulary: EventTypeVocabulary, max_len: int) -> SequenceBatch:
+    """The newest ``max_len`` events of each history, left-padded; catalogue row r becomes index r + 1."""
+    length = max(1, min(max_len, max(len(h) for h in histories)))
+    items = np.zeros((len(histories), length), dtype=np.int64)
+    types = np.zeros((len(histories), length), dtype=np.int64)
+    ages = np.zeros((len(histories), length), dtype=np.float32)
+    for row, history in enumerate(histories):
+        n = min(len(history), length)
+        if n == 0:
             continue
-        train.extend((user, position) for position in range(1, n - 1))
-        valid.append((user, n - 1))
-    if not train or not valid:
-        raise ValueError("training needs histories with at least 3 events")
-    return train, valid
-
-
-def to_tensors(inputs: EncoderInputs, device: torch.device) -> tuple[torch.Tensor, ...]:
-    return (
-        torch.from_numpy(inputs.item_vectors).to(device),
-        torch.from_numpy(inputs.event_types).to(device),
-        torch.from_numpy(inputs.ages_s).to(device),
-        torch.from_numpy(inputs.mask).to(device),
+        ts = history.ts_ms[-n:]
+        items[row, -n:] = history.items[-n:] + 1
+        types[row, -n:] = vocabulary.ids(list(history.types[-n:]))
+        ages[row, -n:] = (ts[-1] - ts).astype(np.float64) / 1000.0
+    return SequenceBatch(
+        torch.from_numpy(items), torch.from_numpy(types), torch.from_numpy(ages), torch.from_numpy(items > 0)
     )
 
 
-def next_item_loss(users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Cross-entropy of the true next item against the whole catalogue (cosine / temperature)."""
-    return F.cross_entropy(users @ items.T / temperature, targets)
+class CatalogueTensors:
+    """What the item tower reads for every catalogue item: indices 1..n and text vectors."""
+
+    def __init__(self, dataset: Dataset, text_vectors: np.ndarray | None, device: torch.device) -> None:
+        self.index = torch.arange(1, dataset.n_items + 1, device=device)
+        self.text = None if text_vectors is None else torch.from_numpy(text_vectors).to(device)
+        # Row 0 (padding / unseen) reads a zero text vector.
+        self.text_with_pad = (
+            None if self.text is None else torch.cat([torch.zeros_like(self.text[:1]), self.text], dim=0)
+        )
+
+    def all_items(self, model: InterestEncoder) -> torch.Tensor:  # [n_items, d]
+        return model.items(self.index, self.text)
+
+    def inputs(self, model: InterestEncoder, items: torch.Tensor, id_dropout: float) -> torch.Tensor:
+        """Item vectors for a batch of indices; with id dropout some items lose their id (as if unseen)."""
+        text = None if self.text_with_pad is None else self.text_with_pad[items]
+        index = items
+        if id_dropout and model.training:
+            index = items.masked_fill(torch.rand(items.shape, device=items.device) < id_dropout, 0)
+        return model.items(index, text)
 
 
 @torch.no_grad()
-def evaluate(
+def rank_examples(
     model: InterestEncoder,
-    batcher: WindowBatcher,
-    examples: Sequence[tuple[int, int]],
-    items: torch.Tensor,
+    catalogue: CatalogueTensors,
+    examples: Sequence[Example],
+    vocabulary: EventTypeVocabulary,
     device: torch.device,
-    k: int = 10,
-) -> dict[str, float]:
-    """Validation loss, and HR@k / NDCG@k with full ranking and the window's items filtered out."""
+    batch_size: int = 512,
+) -> RankCounts:
+    """Full-ranking ranks of each example's target among items not in its history (torch model)."""
+    was_training = model.training
     model.eval()
-    total_loss, hits, ndcg, counted = 0.0, 0.0, 0.0, 0
-    for start in range(0, len(examples), 512):
-        chunk = examples[start : start + 512]
-        inputs, targets = batcher.batch(chunk)
-        users = model(*to_tensors(inputs, device))
-        target_t = torch.from_numpy(targets).to(device)
-        total_loss += next_item_loss(users, items, target_t, batcher.cfg.temperature).item() * len(chunk)
-        scores = users @ items.T
-        for row, (user, position) in enumerate(chunk):
-            history = batcher.data.histories[user]
-            seen = history.items[max(0, position - batcher.cfg.window) : position]
-            if targets[row] in seen:
-                continue  # the live stream never recommends what is in the window
-            scores[row, torch.from_numpy(seen).to(device)] = -math.inf
-            rank = int((scores[row] > scores[row, targets[row]]).sum())
-            counted += 1
-            if rank < k:
-                hits += 1
-                ndcg += 1.0 / math.log2(rank + 2)
-    model.train()
-    return {
-        "val_loss": total_loss / len(examples),
-        f"hr@{k}": hits / max(counted, 1),
-        f"ndcg@{k}": ndcg / max(counted, 1),
-        "val_users": float(counted),
-    }
+    item_vectors = catalogue.all_items(model)
+    greater, ties = [], []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        batch = pad_histories([e.history for e in chunk], vocabulary, model.cfg.max_len).to(device)
+        users = model(catalogue.inputs(model, batch.items, 0.0), batch.types, batch.ages_s, batch.mask)
+        scores = score_all(users, item_vectors).cpu().numpy()
+        counts = RankCounts.from_scores(scores, [e.target for e in chunk], [e.history.items for e in chunk])
+        greater.append(counts.greater)
+        ties.append(counts.ties)
+    model.train(was_training)
+    return RankCounts(np.concatenate(greater), np.concatenate(ties))
+
+
+def next_item_loss(
+    hidden: torch.Tensor, targets: torch.Tensor, item_vectors: torch.Tensor, cfg: InterestEncoderConfig
+) -> torch.Tensor:
+    """Cross-entropy of each position's next item; ``targets`` are catalogue rows (-1 = no target)."""
+    keep = targets >= 0
+    hidden, targets = hidden[keep], targets[keep]
+    if cfg.loss == "full":
+        return F.cross_entropy(score_all(hidden, item_vectors), targets)
+    negatives = torch.randint(0, item_vectors.shape[0], (cfg.negatives,), device=hidden.device)
+    positive = (hidden * item_vectors[targets]).sum(-1, keepdim=True)
+    negative = score_all(hidden, item_vectors[negatives]).masked_fill(negatives[None] == targets[:, None], -math.inf)
+    logits = torch.cat([positive, negative], dim=1)
+    return F.cross_entropy(logits, torch.zeros_like(targets))
+
+
+class TrainingSequences:
+    """Each training sequence's newest ``max_len + 1`` events: inputs and next-item targets."""
+
+    def __init__(self, histories: Sequence[History], vocabulary: EventTypeVocabulary, max_len: int) -> None:
+        usable = [h for h in histories if len(h) >= 2]
+        if not usable:
+            raise ValueError("training needs sequences with at least 2 events")
+        tails = [History(h.items[-max_len - 1 :], h.types[-max_len - 1 :], h.ts_ms[-max_len - 1 :]) for h in usable]
+        self.inputs = [h.head(len(h) - 1) for h in tails]
+        self.targets = [h.items[1:] for h in tails]
+        self.vocabulary = vocabulary
+        self.max_len = max_len
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def epoch_batches(self, batch_size: int, shuffler: random.Random) -> list[list[int]]:
+        """Shuffled batches of similar lengths: padding (and its cost) shrinks several-fold on
+        data sets of short sequences, while each batch still mixes users at random."""
+        order = list(range(len(self)))
+        shuffler.shuffle(order)
+        pool = batch_size * 32
+        batches = []
+        for start in range(0, len(order), pool):
+            chunk = sorted(order[start : start + pool], key=lambda r: len(self.targets[r]))
+            batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+        shuffler.shuffle(batches)
+        return batches
+
+    def batch(self, rows: Sequence[int]) -> tuple[SequenceBatch, torch.Tensor]:
+        batch = pad_histories([self.inputs[r] for r in rows], self.vocabulary, self.max_len)
+        targets = np.full(tuple(batch.items.shape), -1, dtype=np.int64)
+        for out, r in enumerate(rows):
+            n = len(self.targets[r])
+            targets[out, -n:] = self.targets[r]
+        return batch, torch.from_numpy(targets)
 
 
 def train_interest_encoder(
-    data: TrainingData,
+    dataset: Dataset,
     cfg: InterestEncoderConfig,
-    progress: Callable[[str], None] = lambda _msg: None,
+    text_vectors: np.ndarray | None = None,
+    progress: Progress = lambda _msg: None,
     device: str | None = None,
 ) -> TrainingResult:
+    if (text_vectors is None) != (cfg.text_dim == 0):
+        raise ValueError("text vectors must be given exactly when the config has text_dim > 0")
+    if cfg.n_items not in (0, dataset.n_items):
+        raise ValueError(f"config has {cfg.n_items} item ids, the data set {dataset.n_items}")
     seed_everything(cfg.seed)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     started = time.perf_counter()
     model = InterestEncoder(cfg).to(dev)
-    items = F.normalize(torch.from_numpy(data.item_vectors).to(dev), dim=-1)
-    batcher = WindowBatcher(data, cfg)
-    train, valid = split_examples(data)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.learning_rate, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1
-    )
+    vocabulary = EventTypeVocabulary(cfg.event_types)
+    catalogue = CatalogueTensors(dataset, text_vectors, dev)
+    sequences = TrainingSequences(dataset.train, vocabulary, cfg.max_len)
     shuffler = random.Random(cfg.seed)
+    valid = list(dataset.valid)
+    if len(valid) > cfg.valid_users:
+        valid = shuffler.sample(valid, cfg.valid_users)
+    if not valid:
+        raise ValueError("training needs validation examples (users with at least 3 events)")
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    steps = math.ceil(len(sequences) / cfg.batch_size)
     progress(
-        f"training on {dev}: {len(train):,} windows from {len(data.histories):,} users, "
-        f"{len(data.item_ids):,} items, {cfg.epochs} epochs × {steps_per_epoch} steps"
+        f"training on {dev}: {len(sequences):,} sequences, {dataset.n_items:,} items, "
+        f"{cfg.loss} softmax, up to {cfg.epochs} epochs × {steps} steps; validating on {len(valid):,} users"
     )
-    best_state, best_loss, stale, log = copy.deepcopy(model.state_dict()), math.inf, 0, []
+    best_state, best_score, stale, log = copy.deepcopy(model.state_dict()), -1.0, 0, []
     model.train()
+    epoch = 0
     for epoch in range(1, cfg.epochs + 1):
-        shuffler.shuffle(train)
         epoch_loss, epoch_start = 0.0, time.perf_counter()
-        for step in range(steps_per_epoch):
-            inputs, targets = batcher.batch(train[step * cfg.batch_size : (step + 1) * cfg.batch_size])
-            loss = next_item_loss(
-                model(*to_tensors(inputs, dev)), items, torch.from_numpy(targets).to(dev), cfg.temperature
+        batches = sequences.epoch_batches(cfg.batch_size, shuffler)
+        for rows in batches:
+            batch, targets = sequences.batch(rows)
+            batch, targets = batch.to(dev), targets.to(dev)
+            hidden = model.hidden_states(
+                catalogue.inputs(model, batch.items, cfg.id_dropout), batch.types, batch.ages_s, batch.mask
             )
+            loss = next_item_loss(hidden, targets, catalogue.all_items(model), cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            scheduler.step()
             epoch_loss += loss.item()
-        metrics = evaluate(model, batcher, valid, items, dev)
-        row = {"epoch": float(epoch), "train_loss": epoch_loss / steps_per_epoch, **metrics}
+        row = {
+            "epoch": float(epoch),
+            "train_loss": epoch_loss / len(batches),
+            "seconds": time.perf_counter() - epoch_start,
+        }
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            row.update(summarize(rank_examples(model, catalogue, valid, vocabulary, dev), prefix="val_"))
+            improved = row["val_ndcg@10"] > best_score
+            if improved:
+                best_score, stale, best_state = row["val_ndcg@10"], 0, copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+            progress(
+                f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.4f}  val HR@10 {row['val_hr@10']:.4f}  "
+                f"NDCG@10 {row['val_ndcg@10']:.4f}{' *' if improved else ''}  ({row['seconds']:.1f}s)"
+            )
         log.append(row)
-        progress(
-            f"epoch {epoch}/{cfg.epochs}  train_loss {row['train_loss']:.3f}  val_loss {metrics['val_loss']:.3f}  "
-            f"HR@10 {metrics['hr@10']:.3f}  NDCG@10 {metrics['ndcg@10']:.3f}  "
-            f"({time.perf_counter() - epoch_start:.1f}s)"
-        )
-        if metrics["val_loss"] < best_loss - 1e-4:
-            best_loss, stale, best_state = metrics["val_loss"], 0, copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                progress(f"early stop: validation loss has not improved for {cfg.patience} epochs")
-                break
+        if stale >= cfg.patience:
+            progress(f"early stop: validation NDCG@10 has not improved for {cfg.patience} evaluations")
+            break
     model.load_state_dict(best_state)
     model.eval()
-    final = evaluate(model, batcher, valid, items, dev)
-    return TrainingResult(model.cpu(), log, final, time.perf_counter() - started, str(dev))
+    best = max((r for r in log if "val_ndcg@10" in r), key=lambda r: r["val_ndcg@10"])
+    metrics = {k: v for k, v in best.items() if k.startswith("val_")} | {"best_epoch": best["epoch"]}
+    return TrainingResult(model.cpu(), log, metrics, time.perf_counter() - started, str(dev), epoch)

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import faust
 
 from encoder.config import INTEREST_BUNDLE, TEXT_BUNDLE
-from encoder.runtime import OnnxInterestEncoder, OnnxTextEmbedder
+from encoder.runtime import OnnxInterestEncoder, OnnxItemEncoder, OnnxTextEmbedder
 from streams.agents import register_agents
-from streams.ports import InterestEncoderRuntime, TextEmbedder, VectorStore
+from streams.errors import ModelError
+from streams.ports import InterestEncoderRuntime, ItemEncoderRuntime, TextEmbedder, VectorStore
 from streams.process import CatalogBatchProcessor, EventBatchProcessor, WindowLimits
 from streams.recommend import Recommender, now_ms
 from streams.records import Limits
@@ -27,6 +28,7 @@ from streams.store_qdrant import QdrantVectorStore
 class Components:
     text_embedder: TextEmbedder
     interest_encoder: InterestEncoderRuntime
+    item_encoder: ItemEncoderRuntime
     store: VectorStore
     clock: Callable[[], int] = now_ms
 
@@ -34,8 +36,13 @@ class Components:
 def load_components(settings: Settings) -> Components:
     models = settings.models_path
     interest = OnnxInterestEncoder(models / INTEREST_BUNDLE, settings.encoder_provider)
+    items = OnnxItemEncoder(models / INTEREST_BUNDLE, settings.encoder_provider)
     text = OnnxTextEmbedder(models / TEXT_BUNDLE, settings.encoder_provider)
-    return Components(text_embedder=text, interest_encoder=interest, store=QdrantVectorStore.from_settings(settings))
+    if items.reads_text and items.text_dim != text.dim:
+        raise ModelError(
+            f"the interest encoder reads {items.text_dim}-dim text vectors; the text encoder gives {text.dim}"
+        )
+    return Components(text, interest, items, QdrantVectorStore.from_settings(settings))
 
 
 def limits_from(settings: Settings) -> Limits:
@@ -49,7 +56,7 @@ def limits_from(settings: Settings) -> Limits:
 
 def build_app(settings: Settings, components: Components) -> faust.App:
     store = components.store
-    store.ensure_collection(settings.items_collection, components.text_embedder.dim)
+    store.ensure_collection(settings.items_collection, components.item_encoder.dim)
     store.ensure_collection(settings.users_collection, components.interest_encoder.dim)
     limits = limits_from(settings)
     recommender = Recommender(
@@ -68,6 +75,7 @@ def build_app(settings: Settings, components: Components) -> faust.App:
     )
     catalog = CatalogBatchProcessor(
         components.text_embedder,
+        components.item_encoder,
         store,
         items_collection=settings.items_collection,
         limits=limits,

@@ -12,10 +12,16 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from infra.kafka_local import LocalKafka, LocalKafkaConfig
 from streams.errors import ConfigError, RtrecError
 from streams.settings import ENV_PREFIX, Settings
+
+if TYPE_CHECKING:
+    from encoder.config import InterestEncoderConfig as InterestEncoderConfigType
+    from encoder.data import Dataset
 
 
 def _flag(name: str) -> str:
@@ -79,26 +85,103 @@ def cmd_topics(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
-    from encoder.build import ensure_interest_encoder
+MODEL_FLAGS = {  # flag → (config field, type, help); unset flags keep the config's defaults
+    "d_model": (int, "width of the towers"),
+    "n_layers": (int, "transformer blocks"),
+    "n_heads": (int, "attention heads"),
+    "dropout": (float, "dropout rate"),
+    "max_len": (int, "newest events a window (and a training sequence) keeps"),
+    "learning_rate": (float, "Adam learning rate"),
+    "batch_size": (int, "sequences per step"),
+    "epochs": (int, "maximum epochs (early stopping may end sooner)"),
+    "patience": (int, "epochs without a better validation NDCG@10 before stopping"),
+    "loss": (str, "full (softmax over the catalogue) or sampled (uniform negatives)"),
+    "negatives": (int, "negatives per batch for the sampled loss"),
+    "id_dropout": (float, "share of items trained without their id, so the text path stands alone"),
+    "valid_users": (int, "validation users scored each epoch"),
+    "seed": (int, "random seed"),
+}
+
+
+def _model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name) is not None}
+
+
+def _encoder_config(args: argparse.Namespace, **fields: Any) -> InterestEncoderConfigType:
     from encoder.config import InterestEncoderConfig
-    from streams.records import EVENT_TYPES
-    from streams.workload import WorkloadConfig
 
     try:
-        cfg = InterestEncoderConfig(event_types=EVENT_TYPES, epochs=args.epochs, window=args.window)
-    except ValueError as exc:
-        raise ConfigError(f"train: {exc}") from None
-    bundle = ensure_interest_encoder(
-        settings.models_path,
-        WorkloadConfig(n_items=args.items, n_users=args.users),
-        cfg,
-        n_users=args.train_users,
-        events_per_user=args.events_per_user,
-        force=args.force,
-        progress=_say,
+        return InterestEncoderConfig(**(fields | _model_overrides(args)))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{args.command}: {exc}") from None
+
+
+def _load_data(args: argparse.Namespace) -> Dataset:
+    from encoder.datasets import load_dataset
+
+    return load_dataset(args.data, args.format, args.item_text)
+
+
+def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
+    from encoder.build import ensure_interest_encoder, ensure_text_encoder, fingerprint, train_and_export
+    from encoder.runtime import OnnxTextEmbedder
+
+    if args.data is None:
+        from streams.workload import WorkloadConfig
+
+        overrides = {"epochs": 8, "patience": 3} | _model_overrides(args)
+        bundle = ensure_interest_encoder(
+            settings.models_path,
+            WorkloadConfig(n_items=args.items, n_users=args.users),
+            overrides,
+            n_users=args.train_users,
+            events_per_user=args.events_per_user,
+            force=args.force,
+            progress=_say,
+        )
+        print(f"interest encoder bundle: {bundle}")
+        return 0
+    dataset = _load_data(args)
+    use_text = dataset.item_texts is not None and not args.no_text
+    if args.no_ids and not use_text:
+        raise ConfigError("train: --no-ids needs item text (this data set has none, or --no-text was given)")
+    embedder = OnnxTextEmbedder(ensure_text_encoder(settings.models_path, _say), "cpu") if use_text else None
+    cfg = _encoder_config(
+        args,
+        event_types=dataset.event_types(),
+        n_items=0 if args.no_ids else dataset.n_items,
+        text_dim=embedder.dim if embedder else 0,
     )
+    text_vectors = None
+    if embedder is not None and dataset.item_texts is not None:
+        _say(f"embedding the text of {dataset.n_items:,} items…")
+        text_vectors = embedder.embed_batch(dataset.item_texts)
+    bundle = args.out or settings.models_path / f"interest-encoder-{dataset.name}"
+    train_and_export(dataset, cfg, bundle, text_vectors, fingerprint(cfg, dataset.describe()), _say)
     print(f"interest encoder bundle: {bundle}")
+    return 0
+
+
+def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
+    from encoder.build import ensure_text_encoder
+    from encoder.evaluate import evaluate, write_report
+    from encoder.runtime import OnnxTextEmbedder
+
+    dataset = _load_data(args)
+    embedder = None
+    if dataset.item_texts is not None:
+        embedder = OnnxTextEmbedder(ensure_text_encoder(settings.models_path, _say), "cpu")
+    evaluation = evaluate(dataset, args.bundle, embedder, _say)
+    report = write_report(evaluation, args.report, "rtrec " + " ".join(sys.argv[1:]))
+    width = max(len(r.name) for r in evaluation.results)
+    print(f"{'method':<{width}}  Recall@10  NDCG@10  Recall@20  NDCG@20     MRR")
+    for r in evaluation.results:
+        m = r.metrics
+        print(
+            f"{r.name:<{width}}  {m['hr@10']:9.4f}  {m['ndcg@10']:7.4f}  {m['hr@20']:9.4f}  {m['ndcg@20']:7.4f}  "
+            f"{m['mrr']:6.4f}"
+        )
+    print(f"report: {report}")
     return 0
 
 
@@ -133,6 +216,14 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ parser
 
 
+def _add_data_flags(parser: argparse.ArgumentParser, required: bool) -> None:
+    from encoder.datasets import FORMATS
+
+    parser.add_argument("--data", type=Path, required=required, help="data set file or folder")
+    parser.add_argument("--format", choices=FORMATS, default="generic", help="layout of --data (see README)")
+    parser.add_argument("--item-text", type=Path, help="generic format: a file of item_id, text")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rtrec", description="Event-streaming real-time recommender.", allow_abbrev=False
@@ -149,15 +240,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("topics", help="create or update the pipeline's topics (idempotent)").set_defaults(run=cmd_topics)
 
-    train = sub.add_parser("train", help="export the text encoder and train + export the interest encoder")
+    train = sub.add_parser(
+        "train",
+        help="train + export the interest encoder: on the generated workload (the stream's model), or on --data",
+    )
+    _add_data_flags(train, required=False)
+    train.add_argument("--out", type=Path, help="bundle folder for --data (default: MODELS_DIR/interest-encoder-NAME)")
+    train.add_argument("--no-text", action="store_true", help="ignore item text: an id-only model")
+    train.add_argument("--no-ids", action="store_true", help="no id embeddings: a text-only model")
     train.add_argument("--items", type=int, default=800, help="catalogue size of the generated workload")
     train.add_argument("--users", type=int, default=200, help="live users of the generated workload")
     train.add_argument("--train-users", type=int, default=300, help="generated users to train on")
     train.add_argument("--events-per-user", type=int, default=40, help="history length of each training user")
-    train.add_argument("--epochs", type=int, default=8, help="maximum epochs (early stopping may end sooner)")
-    train.add_argument("--window", type=int, default=50, help="window length the encoder is trained on")
     train.add_argument("--force", action="store_true", help="retrain even if an identical bundle exists")
+    for name, (kind, text) in MODEL_FLAGS.items():
+        train.add_argument(_flag(name), type=kind, default=None, help=text)
     train.set_defaults(run=cmd_train)
+
+    evaluate = sub.add_parser(
+        "evaluate", help="leave-one-out, full-ranking evaluation of an exported model next to baselines"
+    )
+    _add_data_flags(evaluate, required=True)
+    evaluate.add_argument("--bundle", type=Path, required=True, help="the exported interest-encoder bundle")
+    evaluate.add_argument("--report", type=Path, default=Path("report"), help="folder for report.md, plots, JSON")
+    evaluate.set_defaults(run=cmd_evaluate)
 
     sub.add_parser("worker", help="run a stream worker (scale out: one per core, same app id)").set_defaults(
         run=cmd_worker

@@ -58,6 +58,9 @@ class Tally:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+DEMO_ENCODER = {"epochs": 40, "patience": 5}  # the generated workload is learnt in well under a minute
+
+
 def run_demo(settings: Settings, options: DemoOptions, say: Callable[[str], None] = print) -> Tally:
     from encoder.build import ensure_interest_encoder
 
@@ -73,7 +76,9 @@ def run_demo(settings: Settings, options: DemoOptions, say: Callable[[str], None
         for topic, what in ensure_pipeline_topics(settings).items():
             say(f"topic {topic}: {what}")
         workload_config = WorkloadConfig(n_items=options.items, n_users=options.users)
-        ensure_interest_encoder(settings.models_path, workload_config, n_users=300, events_per_user=40, progress=say)
+        ensure_interest_encoder(
+            settings.models_path, workload_config, DEMO_ENCODER, n_users=300, events_per_user=40, progress=say
+        )
         workload = Workload(workload_config)
         log_path = settings.home / "worker.log"
         say(f"starting a worker (log: {log_path})…")

@@ -39,3 +39,7 @@ class BrokerError(RtrecError):
 
 class VectorStoreError(RtrecError):
     """The vector store refused or failed an operation."""
+
+
+class DataError(RtrecError):
+    """A data set file is missing or malformed (the message names the file and line)."""

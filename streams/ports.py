@@ -36,7 +36,25 @@ class InterestEncoderRuntime(Protocol):
     def vocabulary(self) -> Any: ...  # EventTypeVocabulary of the loaded model
 
     def encode_batch(self, inputs: EncoderInputs) -> np.ndarray:
-        """[batch, dim] float32 unit vectors."""
+        """[batch, dim] float32 user vectors; items rank by dot product with them."""
+        ...
+
+
+class ItemEncoderRuntime(Protocol):
+    """The model's item tower: places items (known ids, and new ones by their text) in its space."""
+
+    dim: int
+    version: str
+
+    @property
+    def reads_text(self) -> bool: ...
+
+    def knows(self, item_id: str) -> bool:
+        """Whether the model learned this item's id (an id-only model can place no other)."""
+        ...
+
+    def encode_batch(self, item_ids: Sequence[str], text_vectors: np.ndarray | None = None) -> np.ndarray:
+        """[n, dim] float32 item vectors."""
         ...
 
 

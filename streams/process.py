@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from streams.errors import InvalidRecord
-from streams.ports import TextEmbedder, VectorPoint, VectorStore
+from streams.ports import ItemEncoderRuntime, TextEmbedder, VectorPoint, VectorStore
 from streams.recommend import Recommender, RefreshRequest, now_ms
 from streams.records import (
     DeadLetter,
@@ -158,11 +158,13 @@ class CatalogBatchOutcome:
 
 
 class CatalogBatchProcessor:
-    """Item upserts are embedded and written in one batch; a tombstone (null value) deletes."""
+    """Item upserts are embedded (text, then the item tower) and written in one batch;
+    a tombstone (null value) deletes."""
 
     def __init__(
         self,
         embedder: TextEmbedder,
+        item_encoder: ItemEncoderRuntime,
         store: VectorStore,
         *,
         items_collection: str,
@@ -170,6 +172,7 @@ class CatalogBatchProcessor:
         clock: Callable[[], int] = now_ms,
     ) -> None:
         self.embedder = embedder
+        self.item_encoder = item_encoder
         self.store = store
         self.items_collection = items_collection
         self.limits = limits
@@ -184,13 +187,19 @@ class CatalogBatchProcessor:
                     latest[self._tombstone_id(message.key)] = None
                 else:
                     item = decode_item(message.value, message.key, self.limits)
+                    if not self.item_encoder.reads_text and not self.item_encoder.knows(item.item_id):
+                        raise InvalidRecord("the loaded model reads no text and never learned this item_id")
                     latest[item.item_id] = item
             except InvalidRecord as exc:
                 outcome.dead_letters.append(dead_letter(message, exc.reason, self.clock))
         upserts = [item for item in latest.values() if item is not None]
         outcome.deleted = [item_id for item_id, item in latest.items() if item is None]
         if upserts:
-            vectors = self.embedder.embed_batch([item.text() for item in upserts])
+            ids = [item.item_id for item in upserts]
+            text = (
+                self.embedder.embed_batch([item.text() for item in upserts]) if self.item_encoder.reads_text else None
+            )
+            vectors = self.item_encoder.encode_batch(ids, text)
             self.store.upsert(
                 self.items_collection,
                 [

@@ -1,7 +1,7 @@
 """Qdrant behind the ``VectorStore`` interface: embedded local mode or a server, one code path.
 
 External string ids map to deterministic UUIDs (uuid5), with the original id
-kept in the payload under ``ext_id``. Collections use cosine distance.
+kept in the payload under ``ext_id``. Collections rank by dot product, as the model scores.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ EXTERNAL_ID = "ext_id"
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+# The interest encoder scores items by dot product (it is trained that way): the store ranks alike.
+DISTANCE = models.Distance.DOT
 
 
 def point_id(external_id: str) -> str:
@@ -75,14 +79,15 @@ class QdrantVectorStore:
     def ensure_collection(self, name: str, dim: int) -> None:
         full = self._name(name)
         if self._client.collection_exists(full):
-            size = self._client.get_collection(full).config.params.vectors
-            existing = getattr(size, "size", None)
-            if existing is not None and existing != dim:
-                raise VectorStoreError(f"collection {full!r} holds {existing}-d vectors, the model makes {dim}-d")
+            params = self._client.get_collection(full).config.params.vectors
+            existing = (getattr(params, "size", None), getattr(params, "distance", None))
+            if existing != (dim, DISTANCE):
+                raise VectorStoreError(
+                    f"collection {full!r} holds {existing[0]}-d vectors ranked by {existing[1]}; the model makes "
+                    f"{dim}-d vectors ranked by {DISTANCE} (a different model: delete the collection to re-embed)"
+                )
             return
-        self._client.create_collection(
-            full, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE)
-        )
+        self._client.create_collection(full, vectors_config=models.VectorParams(size=dim, distance=DISTANCE))
         if self._server:
             self._client.create_payload_index(full, "available", models.PayloadSchemaType.BOOL)
 

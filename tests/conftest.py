@@ -17,12 +17,10 @@ from pathlib import Path
 import pytest
 
 from encoder.build import ensure_interest_encoder
-from encoder.config import InterestEncoderConfig
 from infra.kafka_local import LocalKafka, LocalKafkaConfig, free_port
-from streams.records import EVENT_TYPES
 from tests.harness import TEST_WORKLOAD
 
-TEST_ENCODER = InterestEncoderConfig(event_types=EVENT_TYPES, epochs=4, window=30, batch_size=128, seed=1)
+TEST_ENCODER = {"epochs": 40, "patience": 5, "seed": 1}  # overrides of the stream model's config
 
 
 @pytest.fixture(scope="session")

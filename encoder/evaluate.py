@@ -1,0 +1,245 @@
+"""Offline evaluation: the exported model and the baselines, on the same split, by the same code.
+
+The model is scored exactly as the stream serves it: item vectors from the
+exported item tower (what goes into the vector store), user vectors from the
+exported interest encoder fed by the stream's featurizer, ranked by dot
+product. Leave-one-out, full ranking over the whole catalogue, the user's
+history removed from the ranking.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from encoder.baselines import Scorer, baselines
+from encoder.data import Dataset, Example, History
+from encoder.features import WindowArrays, assemble_inputs
+from encoder.metrics import RankCounts, coverage, intra_list_diversity, per_example, summarize, top_k
+from encoder.runtime import OnnxInterestEncoder, OnnxItemEncoder, OnnxTextEmbedder
+
+K = 10
+BATCH = 512
+LENGTH_BUCKETS = ((1, 4), (5, 9), (10, 19), (20, 49), (50, 199), (200, None))
+POPULARITY_BUCKETS = ((0, 0), (1, 4), (5, 19), (20, 99), (100, 499), (500, None))
+
+
+@dataclass
+class MethodResult:
+    name: str
+    counts: RankCounts
+    lists: np.ndarray  # int64 [users, K]: top-K catalogue rows per test user
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class BundleScorer:
+    """The exported towers as a ``Scorer``: what the live stream would rank for each history."""
+
+    def __init__(self, bundle: Path, dataset: Dataset, text_embedder: OnnxTextEmbedder | None) -> None:
+        self.users = OnnxInterestEncoder(bundle, provider="cpu")
+        items = OnnxItemEncoder(bundle, provider="cpu")
+        self.name = f"interest encoder ({self.users.version})"
+        text = None
+        if items.reads_text:
+            if dataset.item_texts is None or text_embedder is None:
+                raise ValueError("this model reads item text, but the data set has none")
+            text = text_embedder.embed_batch(dataset.item_texts)
+        self.item_vectors = items.encode_batch(dataset.item_ids, text)
+
+    def scores(self, histories: Sequence[History]) -> np.ndarray:
+        vocabulary = self.users.vocabulary
+        windows = [WindowArrays(self.item_vectors[h.items], vocabulary.ids(list(h.types)), h.ts_ms) for h in histories]
+        inputs = assemble_inputs(windows, self.users.dim, self.users.max_len)
+        return self.users.encode_batch(inputs) @ self.item_vectors.T
+
+
+def score_method(scorer: Scorer, examples: Sequence[Example], progress: Callable[[str], None]) -> MethodResult:
+    started = time.perf_counter()
+    greater, ties, lists = [], [], []
+    for start in range(0, len(examples), BATCH):
+        chunk = examples[start : start + BATCH]
+        scores = scorer.scores([e.history for e in chunk])
+        exclude = [e.history.items for e in chunk]
+        counts = RankCounts.from_scores(scores, [e.target for e in chunk], exclude)
+        greater.append(counts.greater)
+        ties.append(counts.ties)
+        lists.append(top_k(scores, exclude, K))
+    seconds = time.perf_counter() - started
+    progress(f"  {scorer.name}: {len(examples):,} users in {seconds:.1f}s")
+    return MethodResult(
+        scorer.name, RankCounts(np.concatenate(greater), np.concatenate(ties)), np.concatenate(lists), seconds
+    )
+
+
+def bucket_label(low: int, high: int | None) -> str:
+    return f"{low}+" if high is None else (str(low) if low == high else f"{low}–{high}")
+
+
+def bucketed(result: MethodResult, values: np.ndarray, buckets: Sequence[tuple[int, int | None]]) -> list[dict]:
+    ndcg = per_example(result.counts, K)[f"ndcg@{K}"]
+    hits = per_example(result.counts, K)[f"hr@{K}"]
+    rows = []
+    for low, high in buckets:
+        keep = (values >= low) & (values <= (high if high is not None else np.iinfo(np.int64).max))
+        if keep.any():
+            rows.append(
+                {
+                    "bucket": bucket_label(low, high),
+                    "users": int(keep.sum()),
+                    f"hr@{K}": float(hits[keep].mean()),
+                    f"ndcg@{K}": float(ndcg[keep].mean()),
+                }
+            )
+    return rows
+
+
+@dataclass
+class Evaluation:
+    dataset: Dataset
+    results: list[MethodResult]
+    breakdowns: dict[str, dict[str, list[dict]]]
+    training: dict
+    manifest_metrics: dict
+
+    def table(self) -> list[dict[str, object]]:
+        return [{"method": r.name, **r.metrics, "seconds": round(r.seconds, 1)} for r in self.results]
+
+
+def evaluate(
+    dataset: Dataset,
+    bundle: Path,
+    text_embedder: OnnxTextEmbedder | None = None,
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> Evaluation:
+    progress(f"evaluating on {dataset.name}: {len(dataset.test):,} test users, {dataset.n_items:,} items")
+    model = BundleScorer(bundle, dataset, text_embedder)
+    scorers: list[Scorer] = [model, *baselines(dataset)]
+    results = [score_method(s, dataset.test, progress) for s in scorers]
+    trained = dataset.trained_items()
+    popularity = np.zeros(dataset.n_items, dtype=np.int64)
+    for history in dataset.train:
+        np.add.at(popularity, history.items, 1)
+    targets = np.array([e.target for e in dataset.test])
+    lengths = np.array([len(e.history) for e in dataset.test])
+    cold = ~trained[targets]
+    for result in results:
+        result.metrics = summarize(result.counts)
+        result.metrics[f"coverage@{K}"] = coverage(result.lists, dataset.n_items)
+        result.metrics[f"diversity@{K}"] = intra_list_diversity(result.lists, model.item_vectors)
+        if cold.any():
+            result.metrics[f"cold_hr@{K}"] = summarize(result.counts.subset(cold))[f"hr@{K}"]
+            result.metrics["cold_users"] = float(cold.sum())
+    breakdowns = {
+        "history length": {r.name: bucketed(r, lengths, LENGTH_BUCKETS) for r in results},
+        "target popularity (training occurrences)": {
+            r.name: bucketed(r, popularity[targets], POPULARITY_BUCKETS) for r in results
+        },
+    }
+    return Evaluation(dataset, results, breakdowns, model.users.manifest.training, model.users.manifest.metrics)
+
+
+COLUMNS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr", "coverage@10", "diversity@10", "cold_hr@10")
+
+
+def write_report(evaluation: Evaluation, folder: Path, command: str) -> Path:
+    """report.md with the tables and plots, and results.json with every number."""
+    folder.mkdir(parents=True, exist_ok=True)
+    columns = [c for c in COLUMNS if any(c in r.metrics for r in evaluation.results)]
+    lines = [
+        f"# Evaluation on {evaluation.dataset.name}",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Leave-one-out, full ranking over all items, each user's history removed from the ranking; "
+        "ties between scores count at their expected rank.",
+        "",
+        "| method | " + " | ".join(c.replace("hr@", "Recall@") for c in columns) + " | seconds |",
+        "|---" * (len(columns) + 2) + "|",
+    ]
+    for r in evaluation.results:
+        cells = [f"{r.metrics[c]:.4f}" if c in r.metrics else "" for c in columns]
+        lines.append(f"| {r.name} | " + " | ".join(cells) + f" | {r.seconds:.1f} |")
+    facts = {**evaluation.dataset.describe()}
+    training = evaluation.training
+    lines += ["", "Data: " + ", ".join(f"{k} {v}" for k, v in facts.items())]
+    if training:
+        lines.append(
+            f"Training: {training.get('seconds', '?')} s on {training.get('device', '?')} "
+            f"({training.get('hardware', '')}), best epoch {evaluation.manifest_metrics.get('best_epoch', '?')}"
+        )
+    lines += [f"Note: {n}" for n in evaluation.dataset.notes]
+    if "cold_hr@10" in columns:
+        lines.append("cold_hr@10: Recall@10 over users whose test item never occurs in training.")
+    lines.append("diversity@10: mean pairwise cosine distance of the top 10, measured with the model's item vectors.")
+    for title, per_method in evaluation.breakdowns.items():
+        lines += ["", f"## NDCG@10 by {title}", "", "| bucket | users | " + " | ".join(per_method) + " |"]
+        lines.append("|---" * (len(per_method) + 2) + "|")
+        first = next(iter(per_method.values()))
+        for i, row in enumerate(first):
+            cells = [f"{rows[i]['ndcg@10']:.4f}" for rows in per_method.values()]
+            lines.append(f"| {row['bucket']} | {row['users']} | " + " | ".join(cells) + " |")
+    plots = _plots(evaluation, folder)
+    lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
+    (folder / "report.md").write_text("\n".join(lines) + "\n")
+    (folder / "results.json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "data": facts,
+                "methods": evaluation.table(),
+                "breakdowns": evaluation.breakdowns,
+                "training": training,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return folder / "report.md"
+
+
+def _plots(evaluation: Evaluation, folder: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    history = evaluation.training.get("history") or []
+    if history:
+        fig, left = plt.subplots(figsize=(7, 4))
+        epochs = [row["epoch"] for row in history]
+        left.plot(epochs, [row["train_loss"] for row in history], color="tab:blue", label="training loss")
+        left.set_xlabel("epoch")
+        left.set_ylabel("training loss", color="tab:blue")
+        right = left.twinx()
+        scored = [row for row in history if "val_ndcg@10" in row]
+        right.plot([r["epoch"] for r in scored], [r["val_ndcg@10"] for r in scored], color="tab:red")
+        right.set_ylabel("validation NDCG@10", color="tab:red")
+        fig.suptitle("Training curve")
+        fig.tight_layout()
+        fig.savefig(folder / "training.png", dpi=110)
+        plt.close(fig)
+        written.append("training.png")
+    for index, (title, per_method) in enumerate(evaluation.breakdowns.items()):
+        fig, ax = plt.subplots(figsize=(8, 4))
+        names = list(per_method)
+        buckets = [row["bucket"] for row in per_method[names[0]]]
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            ax.bar(np.arange(len(buckets)) + i * width, [row["ndcg@10"] for row in per_method[name]], width, label=name)
+        ax.set_xticks(np.arange(len(buckets)) + 0.4 - width / 2, buckets)
+        ax.set_xlabel(title)
+        ax.set_ylabel("NDCG@10")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        name = f"by-{'length' if index == 0 else 'popularity'}.png"
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written
