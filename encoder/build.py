@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from encoder.config import INTEREST_BUNDLE, TEXT_BUNDLE, BundleManifest, InterestEncoderConfig
+from encoder.config import INTEREST_BUNDLE, TEXT_BUNDLE, TEXT_DIM, BundleManifest, InterestEncoderConfig
 from encoder.data import Dataset, History, leave_one_out
 from encoder.runtime import OnnxTextEmbedder
 from streams.errors import ConfigError, ModelError
@@ -94,10 +94,11 @@ def ensure_interest_encoder(
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> Path:
     """Train on the generated workload and export, unless a bundle trained on the same data exists."""
-    text_bundle = ensure_text_encoder(models, progress)
-    embedder = OnnxTextEmbedder(text_bundle, provider="cpu")
     workload = Workload(workload_config)
-    cfg = stream_encoder_config(len(workload.catalog), embedder.dim, **(overrides or {}))
+    cfg = stream_encoder_config(len(workload.catalog), TEXT_DIM, **(overrides or {}))  # bad flags fail first
+    embedder = OnnxTextEmbedder(ensure_text_encoder(models, progress), provider="cpu")
+    if embedder.dim != TEXT_DIM:
+        raise ModelError(f"the text encoder makes {embedder.dim}-d vectors, expected {TEXT_DIM}")
     histories = workload_histories(workload, n_users, events_per_user)
     print_ = fingerprint(cfg, embedder.version, content_hash(workload, histories))
     bundle = models / INTEREST_BUNDLE

@@ -40,6 +40,7 @@ TEXT_INPUTS = {
     "input_ids": ("int64", ("batch", "tokens")),
     "attention_mask": ("int64", ("batch", "tokens")),
 }
+TEXT_DIM = 384  # all-MiniLM-L6-v2
 TEXT_OUTPUT = "sentence_embedding"  # float32 [batch, 384]; "embedding" collides inside the dynamo exporter
 
 OPSET = 18

@@ -141,20 +141,19 @@ def load_sasrec(path: Path) -> Dataset:
     catalogue = ItemCatalogue()
     for row in rows:
         catalogue.row(str(row))
-    train, valid, test = [], [], []
+    train: list[History] = []
+    valid: list[Example] = []
+    test: list[Example] = []
     for user, line in enumerate(train_lines):
         if len(test_targets[user]) != 1:
             raise DataError(f"{files['test/output.txt']}:{user + 1}: expected one item id")
         history = order_only([catalogue.row(i) for i in full_history.get(user, line)])
-        test_target = catalogue.row(test_targets[user][0])
+        train.append(history)
         if user in valid_target:
-            target = catalogue.row(valid_target[user])
-            train.append(history)
-            valid.append(Example(str(user + 1), history, target))
-            history = order_only([*history.items.tolist(), target])
-        else:
-            train.append(history)
-        test.append(Example(str(user + 1), history, test_target))
+            valid_row = catalogue.row(valid_target[user])
+            valid.append(Example(str(user + 1), history, valid_row))
+            history = order_only([*history.items.tolist(), valid_row])
+        test.append(Example(str(user + 1), history, catalogue.row(test_targets[user][0])))
     dataset = Dataset(path.name, catalogue.ids, train, valid, test)
     dataset.notes.append(
         "ML-1M (gSASRec preparation): apart from the 512 validation users, each user's history lacks the "

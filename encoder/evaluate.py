@@ -159,7 +159,9 @@ def write_report(evaluation: Evaluation, folder: Path, command: str) -> Path:
         "Leave-one-out, full ranking over all items, each user's history removed from the ranking; "
         "ties between scores count at their expected rank.",
         "",
-        "| method | " + " | ".join(c.replace("hr@", "Recall@") for c in columns) + " | seconds |",
+        "| method | "
+        + " | ".join(c.replace("hr@", "Recall@").replace("ndcg@", "NDCG@").replace("mrr", "MRR") for c in columns)
+        + " | seconds |",
         "|---" * (len(columns) + 2) + "|",
     ]
     for r in evaluation.results:

@@ -166,7 +166,7 @@ class TrainingSequences:
         order = list(range(len(self)))
         shuffler.shuffle(order)
         pool = batch_size * 32
-        batches = []
+        batches: list[list[int]] = []
         for start in range(0, len(order), pool):
             chunk = sorted(order[start : start + pool], key=lambda r: len(self.targets[r]))
             batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))

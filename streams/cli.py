@@ -172,7 +172,7 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
     if dataset.item_texts is not None:
         embedder = OnnxTextEmbedder(ensure_text_encoder(settings.models_path, _say), "cpu")
     evaluation = evaluate(dataset, args.bundle, embedder, _say)
-    report = write_report(evaluation, args.report, "rtrec " + " ".join(sys.argv[1:]))
+    report = write_report(evaluation, args.report, "rtrec " + " ".join(args.argv))
     width = max(len(r.name) for r in evaluation.results)
     print(f"{'method':<{width}}  Recall@10  NDCG@10  Recall@20  NDCG@20     MRR")
     for r in evaluation.results:
@@ -282,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for reports that say how they were made
     run: Callable[[Settings, argparse.Namespace], int] = args.run
     try:
         return run(_settings(args), args)

@@ -72,13 +72,13 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert missing.stderr.strip().startswith("rtrec: error: no interest-encoder bundle at")
     assert "Traceback" not in missing.stderr
     bad_window = subprocess.run(
-        [sys.executable, "-m", "streams", "--model-dir", str(tmp_path), "train", "--window", "500"],
+        [sys.executable, "-m", "streams", "--model-dir", str(tmp_path), "train", "--max-len", "0"],
         capture_output=True,
         text=True,
         check=False,
     )
     assert bad_window.returncode == 2
-    assert bad_window.stderr.strip() == "rtrec: error: train: window 500 exceeds max_len 200"
+    assert bad_window.stderr.strip() == "rtrec: error: interest encoder: max_len must be >= 1, got 0"
 
 
 def test_readme_documents_every_setting_with_its_default() -> None:

@@ -93,5 +93,5 @@ def test_exclusions_larger_than_the_first_fetch_still_fill_the_list(subject: Sto
 
 
 def test_a_collection_of_another_dimension_is_refused(subject: StoreUnderTest) -> None:
-    with pytest.raises(VectorStoreError, match=f"holds {DIM}-d vectors, the model makes 16-d"):
+    with pytest.raises(VectorStoreError, match=f"holds {DIM}-d vectors ranked by Dot; the model makes 16-d"):
         subject.store.ensure_collection(subject.name, 16)
