@@ -26,6 +26,10 @@ class History:
     def head(self, n: int) -> History:
         return History(self.items[:n], self.types[:n], self.ts_ms[:n])
 
+    def tail(self, n: int) -> History:
+        """The newest ``n`` events."""
+        return self if len(self) <= n else History(self.items[-n:], self.types[-n:], self.ts_ms[-n:])
+
 
 @dataclass(frozen=True)
 class Example:

@@ -61,20 +61,16 @@ class BundleScorer:
 
 def score_method(scorer: Scorer, examples: Sequence[Example], progress: Callable[[str], None]) -> MethodResult:
     started = time.perf_counter()
-    greater, ties, lists = [], [], []
+    parts, lists = [], []
     for start in range(0, len(examples), BATCH):
         chunk = examples[start : start + BATCH]
         scores = scorer.scores([e.history for e in chunk])
         exclude = [e.history.items for e in chunk]
-        counts = RankCounts.from_scores(scores, [e.target for e in chunk], exclude)
-        greater.append(counts.greater)
-        ties.append(counts.ties)
+        parts.append(RankCounts.from_scores(scores, [e.target for e in chunk], exclude))
         lists.append(top_k(scores, exclude, K))
     seconds = time.perf_counter() - started
     progress(f"  {scorer.name}: {len(examples):,} users in {seconds:.1f}s")
-    return MethodResult(
-        scorer.name, RankCounts(np.concatenate(greater), np.concatenate(ties)), np.concatenate(lists), seconds
-    )
+    return MethodResult(scorer.name, RankCounts.concatenate(parts), np.concatenate(lists), seconds)
 
 
 def bucket_label(low: int, high: int | None) -> str:
@@ -82,8 +78,8 @@ def bucket_label(low: int, high: int | None) -> str:
 
 
 def bucketed(result: MethodResult, values: np.ndarray, buckets: Sequence[tuple[int, int | None]]) -> list[dict]:
-    ndcg = per_example(result.counts, K)[f"ndcg@{K}"]
-    hits = per_example(result.counts, K)[f"hr@{K}"]
+    values_at_k = per_example(result.counts, K)
+    ndcg, hits = values_at_k[f"ndcg@{K}"], values_at_k[f"hr@{K}"]
     rows = []
     for low, high in buckets:
         keep = (values >= low) & (values <= (high if high is not None else np.iinfo(np.int64).max))

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 
 @dataclass(frozen=True)
@@ -53,27 +54,35 @@ class EventTypeVocabulary:
         return np.fromiter((self._ids.get(n, self.unknown_id) for n in names), dtype=np.int64, count=len(names))
 
 
+def left_pad(
+    sequences: Sequence[np.ndarray], length: int, dtype: npt.DTypeLike, trailing: tuple[int, ...] = ()
+) -> np.ndarray:
+    """Zeros [batch, length, *trailing] with each sequence (at most ``length`` long) at the right end."""
+    out: np.ndarray = np.zeros((len(sequences), length, *trailing), dtype=dtype)
+    for row, values in enumerate(sequences):
+        out[row, length - len(values) :] = values
+    return out
+
+
+def ages_from_newest(ts_ms: np.ndarray) -> np.ndarray:
+    """Seconds before the window's newest event (event time)."""
+    if not len(ts_ms):
+        return np.zeros(0, dtype=np.float32)
+    return ((ts_ms[-1] - ts_ms).astype(np.float64) / 1000.0).astype(np.float32)
+
+
 def assemble_inputs(windows: Sequence[WindowArrays], item_dim: int, max_len: int | None = None) -> EncoderInputs:
     """Left-pad a batch of windows (each keeps its newest ``max_len`` events) into model inputs."""
     if not windows:
         raise ValueError("cannot assemble an empty batch")
     trimmed = [_newest(w, max_len) for w in windows]
     length = max(1, max(len(w.type_ids) for w in trimmed))
-    batch = len(trimmed)
-    item_vectors = np.zeros((batch, length, item_dim), dtype=np.float32)
-    event_types = np.zeros((batch, length), dtype=np.int64)
-    ages_s = np.zeros((batch, length), dtype=np.float32)
-    mask = np.zeros((batch, length), dtype=bool)
-    for row, window in enumerate(trimmed):
-        n = len(window.type_ids)
-        if n == 0:
-            continue
-        start = length - n
-        item_vectors[row, start:] = window.item_vectors
-        event_types[row, start:] = window.type_ids
-        ages_s[row, start:] = (window.ts_ms[-1] - window.ts_ms).astype(np.float64) / 1000.0
-        mask[row, start:] = True
-    return EncoderInputs(item_vectors, event_types, ages_s, mask)
+    return EncoderInputs(
+        item_vectors=left_pad([w.item_vectors for w in trimmed], length, np.float32, (item_dim,)),
+        event_types=left_pad([w.type_ids for w in trimmed], length, np.int64),
+        ages_s=left_pad([ages_from_newest(w.ts_ms) for w in trimmed], length, np.float32),
+        mask=left_pad([np.ones(len(w.type_ids), dtype=bool) for w in trimmed], length, bool),
+    )
 
 
 def _newest(window: WindowArrays, max_len: int | None) -> WindowArrays:

@@ -34,6 +34,10 @@ class RankCounts:
         ties = (scores == target_scores[:, None]).sum(axis=1) - 1
         return cls(greater.astype(np.int64), ties.astype(np.int64))
 
+    @classmethod
+    def concatenate(cls, parts: Sequence[RankCounts]) -> RankCounts:
+        return cls(np.concatenate([p.greater for p in parts]), np.concatenate([p.ties for p in parts]))
+
     def __len__(self) -> int:
         return len(self.greater)
 

@@ -25,7 +25,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from encoder.config import InterestEncoderConfig
 from encoder.data import Dataset, Example, History
-from encoder.features import EventTypeVocabulary
+from encoder.features import EventTypeVocabulary, ages_from_newest, left_pad
 from encoder.metrics import RankCounts, summarize
 from encoder.model import InterestEncoder, score_all
 
@@ -62,21 +62,16 @@ class SequenceBatch:
 
 
 def pad_histories(histories: Sequence[History], vocabulary: EventTypeVocabulary, max_len: int) -> SequenceBatch:
-    """The newest ``max_len`` events of each history, left-padded; catalogue row r becomes index r + 1."""
-    length = max(1, min(max_len, max(len(h) for h in histories)))
-    items = np.zeros((len(histories), length), dtype=np.int64)
-    types = np.zeros((len(histories), length), dtype=np.int64)
-    ages = np.zeros((len(histories), length), dtype=np.float32)
-    for row, history in enumerate(histories):
-        n = min(len(history), length)
-        if n == 0:
-            continue
-        ts = history.ts_ms[-n:]
-        items[row, -n:] = history.items[-n:] + 1
-        types[row, -n:] = vocabulary.ids(list(history.types[-n:]))
-        ages[row, -n:] = (ts[-1] - ts).astype(np.float64) / 1000.0
+    """The newest ``max_len`` events of each history, left-padded like the stream's windows
+    (``assemble_inputs``) but with model item indices: catalogue row r becomes index r + 1."""
+    newest = [h.tail(max_len) for h in histories]
+    length = max(1, max(len(h) for h in newest))
+    items = left_pad([h.items + 1 for h in newest], length, np.int64)
     return SequenceBatch(
-        torch.from_numpy(items), torch.from_numpy(types), torch.from_numpy(ages), torch.from_numpy(items > 0)
+        torch.from_numpy(items),
+        torch.from_numpy(left_pad([vocabulary.ids(list(h.types)) for h in newest], length, np.int64)),
+        torch.from_numpy(left_pad([ages_from_newest(h.ts_ms) for h in newest], length, np.float32)),
+        torch.from_numpy(items > 0),
     )
 
 
@@ -85,18 +80,19 @@ class CatalogueTensors:
 
     def __init__(self, dataset: Dataset, text_vectors: np.ndarray | None, device: torch.device) -> None:
         self.index = torch.arange(1, dataset.n_items + 1, device=device)
-        self.text = None if text_vectors is None else torch.from_numpy(text_vectors).to(device)
-        # Row 0 (padding / unseen) reads a zero text vector.
-        self.text_with_pad = (
-            None if self.text is None else torch.cat([torch.zeros_like(self.text[:1]), self.text], dim=0)
+        # Indexed by model item index: row 0 (padding / unseen) reads a zero text vector.
+        self.text_by_index = (
+            None
+            if text_vectors is None
+            else torch.from_numpy(np.concatenate([np.zeros_like(text_vectors[:1]), text_vectors])).to(device)
         )
 
     def all_items(self, model: InterestEncoder) -> torch.Tensor:  # [n_items, d]
-        return model.items(self.index, self.text)
+        return model.items(self.index, None if self.text_by_index is None else self.text_by_index[1:])
 
     def inputs(self, model: InterestEncoder, items: torch.Tensor, id_dropout: float) -> torch.Tensor:
         """Item vectors for a batch of indices; with id dropout some items lose their id (as if unseen)."""
-        text = None if self.text_with_pad is None else self.text_with_pad[items]
+        text = None if self.text_by_index is None else self.text_by_index[items]
         index = items
         if id_dropout and model.training:
             index = items.masked_fill(torch.rand(items.shape, device=items.device) < id_dropout, 0)
@@ -116,17 +112,15 @@ def rank_examples(
     was_training = model.training
     model.eval()
     item_vectors = catalogue.all_items(model)
-    greater, ties = [], []
+    parts = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = pad_histories([e.history for e in chunk], vocabulary, model.cfg.max_len).to(device)
         users = model(catalogue.inputs(model, batch.items, 0.0), batch.types, batch.ages_s, batch.mask)
         scores = score_all(users, item_vectors).cpu().numpy()
-        counts = RankCounts.from_scores(scores, [e.target for e in chunk], [e.history.items for e in chunk])
-        greater.append(counts.greater)
-        ties.append(counts.ties)
+        parts.append(RankCounts.from_scores(scores, [e.target for e in chunk], [e.history.items for e in chunk]))
     model.train(was_training)
-    return RankCounts(np.concatenate(greater), np.concatenate(ties))
+    return RankCounts.concatenate(parts)
 
 
 def next_item_loss(
@@ -151,7 +145,7 @@ class TrainingSequences:
         usable = [h for h in histories if len(h) >= 2]
         if not usable:
             raise ValueError("training needs sequences with at least 2 events")
-        tails = [History(h.items[-max_len - 1 :], h.types[-max_len - 1 :], h.ts_ms[-max_len - 1 :]) for h in usable]
+        tails = [h.tail(max_len + 1) for h in usable]
         self.inputs = [h.head(len(h) - 1) for h in tails]
         self.targets = [h.items[1:] for h in tails]
         self.vocabulary = vocabulary
@@ -175,10 +169,8 @@ class TrainingSequences:
 
     def batch(self, rows: Sequence[int]) -> tuple[SequenceBatch, torch.Tensor]:
         batch = pad_histories([self.inputs[r] for r in rows], self.vocabulary, self.max_len)
-        targets = np.full(tuple(batch.items.shape), -1, dtype=np.int64)
-        for out, r in enumerate(rows):
-            n = len(self.targets[r])
-            targets[out, -n:] = self.targets[r]
+        # Shifted by one so that padding reads -1 (no target).
+        targets = left_pad([self.targets[r] + 1 for r in rows], batch.items.shape[1], np.int64) - 1
         return batch, torch.from_numpy(targets)
 
 
