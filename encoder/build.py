@@ -74,7 +74,7 @@ def workload_dataset(workload: Workload, histories: list[list[GeneratedEvent]]) 
     return leave_one_out("generated workload", item_ids, converted, [item.text() for item in workload.catalog], True)
 
 
-def stream_encoder_config(n_items: int, text_dim: int, **overrides: Any) -> InterestEncoderConfig:
+def stream_encoder_config(n_items: int, text_dim: int = TEXT_DIM, **overrides: Any) -> InterestEncoderConfig:
     """The stream's model: ids and text (so items published later are placed by their text alone)."""
     defaults: dict[str, Any] = {"event_types": EVENT_TYPES, "n_items": n_items, "text_dim": text_dim, "id_dropout": 0.3}
     try:
@@ -95,7 +95,7 @@ def ensure_interest_encoder(
 ) -> Path:
     """Train on the generated workload and export, unless a bundle trained on the same data exists."""
     workload = Workload(workload_config)
-    cfg = stream_encoder_config(len(workload.catalog), TEXT_DIM, **(overrides or {}))  # bad flags fail first
+    cfg = stream_encoder_config(len(workload.catalog), **(overrides or {}))  # bad flags fail first
     embedder = OnnxTextEmbedder(ensure_text_encoder(models, progress), provider="cpu")
     if embedder.dim != TEXT_DIM:
         raise ModelError(f"the text encoder makes {embedder.dim}-d vectors, expected {TEXT_DIM}")
@@ -109,10 +109,13 @@ def ensure_interest_encoder(
                 return bundle
         except ModelError:
             pass
-    progress(f"embedding {len(workload.catalog):,} catalogue items for training…")
     dataset = workload_dataset(workload, histories)
-    assert dataset.item_texts is not None
-    train_and_export(dataset, cfg, bundle, embedder.embed_batch(dataset.item_texts), print_, progress)
+    text_vectors = None
+    if cfg.text_dim:
+        progress(f"embedding {len(workload.catalog):,} catalogue items for training…")
+        assert dataset.item_texts is not None
+        text_vectors = embedder.embed_batch(dataset.item_texts)
+    train_and_export(dataset, cfg, bundle, text_vectors, print_, progress)
     return bundle
 
 

@@ -61,6 +61,7 @@ def register_agents(
         use_partitioner=True,
     )
     # One thread per agent: model and store calls run off the loop, and in order.
+    stage = events.metrics.stage
     event_worker = ThreadPoolExecutor(1, thread_name_prefix="rtrec-events")
     catalog_worker = ThreadPoolExecutor(1, thread_name_prefix="rtrec-catalog")
 
@@ -73,13 +74,16 @@ def register_agents(
         loop = asyncio.get_running_loop()
         async for batch in _batches(stream, settings):
             messages = _incoming(batch)
-            stored = {user: windows.get(user.encode("utf-8")) for user in events.users_in(messages)}
+            with stage("state"):
+                stored = {user: windows.get(user.encode("utf-8")) for user in events.users_in(messages)}
             outcome = await loop.run_in_executor(event_worker, events.process, messages, stored)
-            for user_id, window in outcome.windows.items():
-                windows[user_id.encode("utf-8")] = window.to_bytes()
-            for rec in outcome.recommendations:
-                await recommendations_topic.send(key=rec.user_id.encode("utf-8"), value=encode_recommendation(rec))
-            await dead_letter(outcome.dead_letters)
+            with stage("state"):
+                for user_id, window in outcome.windows.items():
+                    windows[user_id.encode("utf-8")] = window.to_bytes()
+            with stage("produce"):
+                for rec in outcome.recommendations:
+                    await recommendations_topic.send(key=rec.user_id.encode("utf-8"), value=encode_recommendation(rec))
+                await dead_letter(outcome.dead_letters)
             log.debug("events batch: %s", outcome.counts)
 
     @app.agent(items_topic, name="rtrec.catalog")

@@ -8,7 +8,7 @@ is a module-level global, so a test can wire the app with its own parts.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import faust
 
@@ -16,11 +16,13 @@ from encoder.config import INTEREST_BUNDLE, TEXT_BUNDLE
 from encoder.runtime import OnnxInterestEncoder, OnnxItemEncoder, OnnxTextEmbedder
 from streams.agents import register_agents
 from streams.errors import ModelError
+from streams.metrics import WorkerMetrics
 from streams.ports import InterestEncoderRuntime, ItemEncoderRuntime, TextEmbedder, VectorStore
 from streams.process import CatalogBatchProcessor, EventBatchProcessor, WindowLimits
 from streams.recommend import Recommender, now_ms
 from streams.records import Limits
 from streams.settings import Settings
+from streams.store_edge import EdgeVectorStore
 from streams.store_qdrant import QdrantVectorStore
 
 
@@ -31,6 +33,7 @@ class Components:
     item_encoder: ItemEncoderRuntime
     store: VectorStore
     clock: Callable[[], int] = now_ms
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
 
 
 def load_components(settings: Settings) -> Components:
@@ -42,7 +45,15 @@ def load_components(settings: Settings) -> Components:
         raise ModelError(
             f"the interest encoder reads {items.text_dim}-dim text vectors; the text encoder gives {text.dim}"
         )
-    return Components(text, interest, items, QdrantVectorStore.from_settings(settings))
+    return Components(text, interest, items, open_vector_store(settings))
+
+
+def open_vector_store(settings: Settings) -> VectorStore:
+    """The Qdrant server at ``qdrant_url``, else embedded Qdrant (Qdrant Edge) in ``qdrant_path``."""
+    if settings.qdrant_url:
+        key = settings.qdrant_api_key.reveal() if settings.qdrant_api_key else None
+        return QdrantVectorStore.connect(settings.qdrant_url, key)
+    return EdgeVectorStore(settings.qdrant_local_path)
 
 
 def limits_from(settings: Settings) -> Limits:
@@ -66,6 +77,7 @@ def build_app(settings: Settings, components: Components) -> faust.App:
         users_collection=settings.users_collection,
         top_k=settings.top_k,
         clock=components.clock,
+        metrics=components.metrics,
     )
     events = EventBatchProcessor(
         recommender,
@@ -80,7 +92,9 @@ def build_app(settings: Settings, components: Components) -> faust.App:
         items_collection=settings.items_collection,
         limits=limits,
         clock=components.clock,
+        metrics=components.metrics,
     )
+    settings.faust_data_path.parent.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
     app = faust.App(
         settings.app_id,
         broker=[f"kafka://{server}" for server in settings.bootstrap_servers.split(",")],
@@ -95,4 +109,7 @@ def build_app(settings: Settings, components: Components) -> faust.App:
         producer_max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
     )
     register_agents(app, settings, events, catalog)
+    components.metrics.model.labels(components.interest_encoder.version, components.interest_encoder.provider).set(1)
+    if settings.metrics_port:
+        components.metrics.serve(settings.metrics_port)
     return app

@@ -213,6 +213,23 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if len(tally.covered) >= tally.sent - tally.bad_sent else 1
 
 
+def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.bench import BenchOptions, run_bench
+
+    options = BenchOptions(
+        items=args.items,
+        users=args.users,
+        events=args.events,
+        baseline_events=args.baseline_events,
+        rate=args.rate,
+        rate_seconds=args.rate_seconds,
+        workers=args.workers,
+        seed=args.seed,
+    )
+    run_bench(settings, options, _say)
+    return 0
+
+
 # ------------------------------------------------------------------ parser
 
 
@@ -268,6 +285,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("worker", help="run a stream worker (scale out: one per core, same app id)").set_defaults(
         run=cmd_worker
     )
+
+    bench = sub.add_parser(
+        "bench",
+        help="throughput and latency of the live pipeline next to a naive baseline (one event per batch)",
+        description="Partitions, window length, batch limits and the store (embedded, or --qdrant-url) are the "
+        "settings given before `bench`, e.g. `rtrec --topic-partitions 8 --batch-max 512 bench --workers 2`.",
+    )
+    bench.add_argument("--items", type=int, default=100_000, help="catalogue size")
+    bench.add_argument("--users", type=int, default=1_000, help="distinct users (each gets a full window first)")
+    bench.add_argument("--events", type=int, default=20_000, help="events of the max-rate throughput phase")
+    bench.add_argument("--baseline-events", type=int, default=1_000, help="events of the naive baseline phase")
+    bench.add_argument("--rate", type=float, default=1_000.0, help="events/s of the latency phase (0: skip it)")
+    bench.add_argument("--rate-seconds", type=float, default=20.0, help="length of the latency phase")
+    bench.add_argument("--workers", type=int, default=1, help="worker processes (one per core)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the generated events")
+    bench.set_defaults(run=cmd_bench)
 
     demo = sub.add_parser("demo", help="broker + topics + models + worker + live stream, with a summary")
     demo.add_argument("--events", type=int, default=3000, help="events to stream")

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from streams.errors import InvalidRecord
+from streams.metrics import WorkerMetrics
 from streams.ports import ItemEncoderRuntime, TextEmbedder, VectorPoint, VectorStore
 from streams.recommend import Recommender, RefreshRequest, now_ms
 from streams.records import (
@@ -77,12 +78,18 @@ class EventBatchProcessor:
     """validate → drop unknown items → dedup and window update → one refresh per touched user."""
 
     def __init__(
-        self, recommender: Recommender, windows: WindowLimits, limits: Limits, clock: Callable[[], int] = now_ms
+        self,
+        recommender: Recommender,
+        windows: WindowLimits,
+        limits: Limits,
+        clock: Callable[[], int] = now_ms,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.recommender = recommender
         self.window_limits = windows
         self.limits = limits
         self.clock = clock
+        self.metrics = metrics or recommender.metrics
 
     def users_in(self, messages: Sequence[IncomingMessage]) -> set[str]:
         """The users whose stored windows ``process`` will need (keys that decode as UTF-8)."""
@@ -97,18 +104,22 @@ class EventBatchProcessor:
 
     def process(self, messages: Sequence[IncomingMessage], stored: Mapping[str, bytes | None]) -> EventBatchOutcome:
         outcome = EventBatchOutcome()
+        stage = self.metrics.stage
         now = self.clock()
         valid: list[tuple[IncomingMessage, Event]] = []
-        for message in messages:
-            try:
-                valid.append((message, decode_event(message.value, message.key, self.limits, now_ms=now)))
-            except InvalidRecord as exc:
-                outcome.dead_letters.append(dead_letter(message, exc.reason, self.clock))
+        with stage("decode"):
+            for message in messages:
+                try:
+                    valid.append((message, decode_event(message.value, message.key, self.limits, now_ms=now)))
+                except InvalidRecord as exc:
+                    outcome.dead_letters.append(dead_letter(message, exc.reason, self.clock))
 
-        windows = {user: self._load(user, stored.get(user)) for user in {event.user_id for _, event in valid}}
-        # One fetch for the new events' items and everything already in the windows.
-        needed = {event.item_id for _, event in valid} | {e.item_id for w in windows.values() for e in w.entries}
-        vectors = self.recommender.item_vectors(sorted(needed))
+        with stage("state"):
+            windows = {user: self._load(user, stored.get(user)) for user in {event.user_id for _, event in valid}}
+        with stage("lookup"):
+            # One fetch for the new events' items and everything already in the windows.
+            needed = {event.item_id for _, event in valid} | {e.item_id for w in windows.values() for e in w.entries}
+            vectors = self.recommender.item_vectors(sorted(needed))
         by_user: dict[str, list[Event]] = {}
         for message, event in valid:
             if event.item_id not in vectors:
@@ -120,15 +131,16 @@ class EventBatchProcessor:
 
         requests = []
         added = duplicates = too_old = 0
-        for user_id, events in by_user.items():
-            window = windows[user_id]
-            for event in events:
-                result = window.add(event)
-                added += result is AddOutcome.ADDED
-                duplicates += result is AddOutcome.DUPLICATE
-                too_old += result is AddOutcome.TOO_OLD
-            outcome.windows[user_id] = window
-            requests.append(RefreshRequest(user_id, window, events[-1], tuple(e.event_id for e in events)))
+        with stage("state"):
+            for user_id, events in by_user.items():
+                window = windows[user_id]
+                for event in events:
+                    result = window.add(event)
+                    added += result is AddOutcome.ADDED
+                    duplicates += result is AddOutcome.DUPLICATE
+                    too_old += result is AddOutcome.TOO_OLD
+                outcome.windows[user_id] = window
+                requests.append(RefreshRequest(user_id, window, events[-1], tuple(e.event_id for e in events)))
 
         outcome.recommendations = self.recommender.refresh_batch(requests, vectors)
         outcome.counts = {
@@ -139,7 +151,14 @@ class EventBatchProcessor:
             "dead_lettered": len(outcome.dead_letters),
             "recommendations": len(outcome.recommendations),
         }
+        self._count(outcome.counts)
         return outcome
+
+    def _count(self, counts: Mapping[str, int]) -> None:
+        self.metrics.batch_events.observe(counts["events"])
+        for outcome in ("added", "duplicates", "too_old", "dead_lettered"):
+            self.metrics.events.labels(outcome.removesuffix("s")).inc(counts[outcome])
+        self.metrics.recommendations.inc(counts["recommendations"])
 
     def _load(self, user_id: str, raw: bytes | None) -> UserWindow:
         try:
@@ -170,7 +189,9 @@ class CatalogBatchProcessor:
         items_collection: str,
         limits: Limits,
         clock: Callable[[], int] = now_ms,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or WorkerMetrics()
         self.embedder = embedder
         self.item_encoder = item_encoder
         self.store = store
@@ -209,6 +230,9 @@ class CatalogBatchProcessor:
             )
             outcome.upserted = [item.item_id for item in upserts]
         self.store.delete(self.items_collection, outcome.deleted)
+        for name, changes in (("upserted", outcome.upserted), ("deleted", outcome.deleted)):
+            self.metrics.catalog.labels(name).inc(len(changes))
+        self.metrics.catalog.labels("dead_lettered").inc(len(outcome.dead_letters))
         return outcome
 
     def _tombstone_id(self, key: bytes | None) -> str:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from encoder.features import WindowArrays, assemble_inputs
-from streams.ports import InterestEncoderRuntime, SearchQuery, VectorPoint, VectorStore
+from streams.metrics import WorkerMetrics
+from streams.ports import InterestEncoderRuntime, SearchHit, SearchQuery, VectorPoint, VectorStore
 from streams.records import Event, Recommendation, RecommendedItem
 from streams.state import UserWindow, WindowEntry
 
@@ -51,7 +52,9 @@ class Recommender:
         users_collection: str,
         top_k: int,
         clock: Callable[[], int] = now_ms,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or WorkerMetrics()
         self.encoder = encoder
         self.store = store
         self.items_collection = items_collection
@@ -74,31 +77,44 @@ class Recommender:
                 usable.append((request, entries))
         if not usable:
             return []
-        vocabulary = self.encoder.vocabulary
-        windows = [
-            WindowArrays(
-                item_vectors=np.stack([vectors[e.item_id] for e in entries]),
-                type_ids=vocabulary.ids([e.type for e in entries]),
-                ts_ms=np.array([e.ts for e in entries], dtype=np.int64),
-            )
-            for _, entries in usable
-        ]
-        user_vectors = self.encoder.encode_batch(assemble_inputs(windows, self.encoder.dim, self.encoder.max_len))
+        stage = self.metrics.stage
+        with stage("encode"):
+            vocabulary = self.encoder.vocabulary
+            windows = [
+                WindowArrays(
+                    item_vectors=np.stack([vectors[e.item_id] for e in entries]),
+                    type_ids=vocabulary.ids([e.type for e in entries]),
+                    ts_ms=np.array([e.ts for e in entries], dtype=np.int64),
+                )
+                for _, entries in usable
+            ]
+            user_vectors = self.encoder.encode_batch(assemble_inputs(windows, self.encoder.dim, self.encoder.max_len))
         emitted = self.clock()
-        self.store.upsert(
-            self.users_collection,
-            [
-                VectorPoint(r.user_id, v, {"user_id": r.user_id, "model": self.encoder.version, "ts": emitted})
-                for (r, _), v in zip(usable, user_vectors, strict=True)
-            ],
-        )
-        hits = self.store.search_batch(
-            self.items_collection,
-            [
-                SearchQuery(vector=v, limit=self.top_k, exclude_ids=r.window.item_ids)
-                for (r, _), v in zip(usable, user_vectors, strict=True)
-            ],
-        )
+        with stage("upsert"):
+            self.store.upsert(
+                self.users_collection,
+                [
+                    VectorPoint(r.user_id, v, {"user_id": r.user_id, "model": self.encoder.version, "ts": emitted})
+                    for (r, _), v in zip(usable, user_vectors, strict=True)
+                ],
+            )
+        with stage("search"):
+            hits = self.store.search_batch(
+                self.items_collection,
+                [
+                    SearchQuery(vector=v, limit=self.top_k, exclude_ids=r.window.item_ids)
+                    for (r, _), v in zip(usable, user_vectors, strict=True)
+                ],
+            )
+        with stage("rerank"):
+            return self._recommendations(usable, windows, hits)
+
+    def _recommendations(
+        self,
+        usable: Sequence[tuple[RefreshRequest, list[WindowEntry]]],
+        windows: Sequence[WindowArrays],
+        hits: Sequence[Sequence[SearchHit]],
+    ) -> list[Recommendation]:
         candidate_vectors = self.item_vectors(sorted({hit.id for candidates in hits for hit in candidates}))
         recommendations = []
         for (request, entries), window, candidates in zip(usable, windows, hits, strict=True):

@@ -83,6 +83,8 @@ class Settings:
     max_text_chars: int = 20_000
     max_future_skew_s: int = 24 * 3600
     log_level: str = "info"
+    # Prometheus /metrics of the worker on this port (0: off; one port per worker process).
+    metrics_port: int = 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -116,6 +118,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"{ENV_PREFIX}METRICS_PORT must be a TCP port (0: off), got {self.metrics_port}")
         if self.window_horizon_s <= 0:
             raise ConfigError(f"{ENV_PREFIX}WINDOW_HORIZON_S must be > 0, got {self.window_horizon_s}")
         if self.batch_within_s <= 0:

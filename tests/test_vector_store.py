@@ -15,17 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from streams.app import open_vector_store
 from streams.errors import VectorStoreError
-from streams.ports import SearchQuery, VectorPoint
+from streams.ports import SearchQuery, VectorPoint, VectorStore
 from streams.settings import Settings
-from streams.store_qdrant import QdrantVectorStore
+from streams.store_edge import EdgeVectorStore
 
 DIM = 8
 
 
 @dataclass
 class StoreUnderTest:
-    store: QdrantVectorStore
+    store: VectorStore
     name: str  # a collection of DIM-d vectors, fresh for each test
 
 
@@ -38,7 +39,7 @@ def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnd
         settings = Settings(qdrant_url=url, items_collection=f"items-{uuid.uuid4().hex[:8]}")
     else:
         settings = Settings(home=tmp_path, items_collection=f"items-{uuid.uuid4().hex[:8]}")
-    opened = QdrantVectorStore.from_settings(settings)
+    opened = open_vector_store(settings)
     opened.ensure_collection(settings.items_collection, DIM)
     yield StoreUnderTest(opened, settings.items_collection)
     opened.close()
@@ -95,3 +96,23 @@ def test_exclusions_larger_than_the_first_fetch_still_fill_the_list(subject: Sto
 def test_a_collection_of_another_dimension_is_refused(subject: StoreUnderTest) -> None:
     with pytest.raises(VectorStoreError, match=f"holds {DIM}-d vectors ranked by Dot; the model makes 16-d"):
         subject.store.ensure_collection(subject.name, 16)
+
+
+def test_embedded_store_keeps_its_points_across_reopen_and_refuses_another_model(tmp_path: Path) -> None:
+    store = EdgeVectorStore(tmp_path)
+    store.ensure_collection("items", DIM)
+    store.upsert("items", _points(30))
+    with pytest.raises(VectorStoreError, match="is unavailable"):  # one process owns a folder at a time
+        EdgeVectorStore(tmp_path).ensure_collection("items", DIM)
+    store.close()
+
+    reopened = EdgeVectorStore(tmp_path)
+    reopened.ensure_collection("items", DIM)
+    before = reopened.search_batch("items", [SearchQuery(_unit(2), limit=5)])[0]
+    assert before[0].id == "item-2"
+    reopened.build_index("items")
+    assert reopened.search_batch("items", [SearchQuery(_unit(2), limit=5)])[0] == before
+    reopened.close()
+
+    with pytest.raises(VectorStoreError, match=f"holds {DIM}-d vectors; the model makes 16-d vectors ranked by Dot"):
+        EdgeVectorStore(tmp_path).ensure_collection("items", 16)

@@ -1,0 +1,488 @@
+"""`rtrec bench`: throughput and latency of the live pipeline, next to a naive baseline.
+
+Everything real: the local Kafka broker, worker processes (`rtrec worker`), a
+producer process, and an independent consumer of the output topic that matches
+every recommendation to the events it accounts for. One run, in order:
+
+1. warm-up: every user sends ``window`` events, so later events meet full windows;
+2. throughput: ``events`` events as fast as the producer can send them;
+3. latency: events at a fixed ``rate`` for ``rate_seconds``;
+4. baseline: the same workers restarted with micro-batches of one event (one encoder
+   call, one upsert, one search, one send per event) on the same warm state,
+   ``baseline_events`` events as fast as possible.
+
+Latency is event time (stamped by the producer when it sends) to arrival on the
+output topic. Worker CPU and peak RSS come from /proc; the time split by stage
+from the workers' Prometheus metrics, as seconds of worker time per event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import socket
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from infra.kafka_local import LocalKafka, LocalKafkaConfig
+from infra.topics import ensure_pipeline_topics
+from streams.errors import RtrecError
+from streams.kafka_io import make_consumer, make_producer
+from streams.metrics import STAGES
+from streams.records import Event, decode_recommendation, encode_event, encode_item
+from streams.settings import Settings
+from streams.worker_process import WorkerProcess
+from streams.workload import EVENT_TYPE_WEIGHTS, Workload, WorkloadConfig
+
+# The bench model: the stream's architecture (ids only: the event path never reads text,
+# and 100k items need no text embedding), trained briefly: its speed, not its quality, is measured.
+BENCH_ENCODER = {"text_dim": 0, "id_dropout": 0.0, "loss": "sampled", "epochs": 2, "patience": 1}
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    items: int = 100_000
+    users: int = 1_000
+    events: int = 20_000
+    baseline_events: int = 1_000
+    rate: float = 1_000.0
+    rate_seconds: float = 20.0
+    workers: int = 1
+    seed: int = 0
+    timeout_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        for name in ("items", "users", "events", "baseline_events", "workers"):
+            if getattr(self, name) < 1:
+                raise RtrecError(f"bench: --{name.replace('_', '-')} must be >= 1")
+        if self.rate < 0 or self.rate_seconds <= 0:
+            raise RtrecError("bench: --rate must be >= 0 (0 skips the latency phase) and --rate-seconds > 0")
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    mode: str  # "micro-batched" or "naive"
+    workers: int
+    events: int
+    seconds: float
+    latencies_ms: np.ndarray = field(repr=False)
+    cpu_percent: float
+    peak_rss_mb: float
+    stage_us: dict[str, float]  # worker seconds per event in each stage, in microseconds
+    mean_batch: float
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if len(self.latencies_ms) else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "phase": self.name,
+            "mode": self.mode,
+            "workers": self.workers,
+            "events": self.events,
+            "seconds": round(self.seconds, 2),
+            "events_per_s": round(self.events_per_s, 1),
+            "latency_ms": {f"p{q}": round(self.percentile(q), 1) for q in (50, 95, 99)},
+            "cpu_percent": round(self.cpu_percent, 1),
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "mean_batch": round(self.mean_batch, 1),
+            "stage_us_per_event": {k: round(v, 1) for k, v in self.stage_us.items()},
+        }
+
+
+# ------------------------------------------------------------------ the producer process
+
+
+def _produce(
+    bootstrap: str, topic: str, phase: str, users: Sequence[str], items: int, rate: float, seed: int, sent: Any
+) -> None:
+    """Send one event per entry of ``users`` (at ``rate`` per second; 0: as fast as possible).
+
+    Runs in its own process so that sending competes with neither the worker nor the
+    reader for a Python interpreter. Event ids are ``<phase>:<sequence>``; the send
+    times go back through ``sent`` for the latency join.
+    """
+    settings = Settings(kafka_bootstrap=bootstrap)
+    producer = make_producer(settings, linger_ms=2, acks=1)
+    rng = np.random.default_rng(seed)
+    # Skewed popularity: a few items get most events, as in any shop.
+    item_index = (items * rng.random(len(users)) ** 3).astype(np.int64)
+    types = rng.choice(list(EVENT_TYPE_WEIGHTS), size=len(users), p=list(EVENT_TYPE_WEIGHTS.values()))
+    stamps = np.zeros(len(users), dtype=np.int64)
+    started = time.monotonic()
+    for i, user in enumerate(users):
+        if rate > 0:
+            ahead = i / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+        ts = time.time_ns() // 1_000_000
+        stamps[i] = ts
+        event = Event(f"{phase}:{i}", user, f"item-{item_index[i]:06d}", str(types[i]), ts)
+        producer.send(topic, key=user.encode("utf-8"), value=encode_event(event))
+    producer.flush()
+    producer.close()
+    sent.send(stamps)
+
+
+# ------------------------------------------------------------------ the output reader
+
+
+class OutputReader:
+    """Reads the recommendations topic from its start and notes when each event is answered."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._consumer = make_consumer(settings, [settings.recommendations_topic])
+        self._answered: dict[str, dict[int, float]] = {}  # phase → sequence → arrival (epoch ms)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for records in self._consumer.poll(timeout_ms=100).values():
+                arrived = time.time_ns() / 1e6
+                with self._lock:
+                    for record in records:
+                        for event_id in decode_recommendation(record.value).event_ids:
+                            phase, _, seq = event_id.partition(":")
+                            self._answered.setdefault(phase, {}).setdefault(int(seq), arrived)
+
+    def answered(self, phase: str) -> dict[int, float]:
+        with self._lock:
+            return dict(self._answered.get(phase, {}))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._consumer.close()
+
+
+# ------------------------------------------------------------------ worker probes
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """The stage sums and the batch counters of one worker's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(("rtrec_stage_seconds_sum", "rtrec_batch_events_sum", "rtrec_batch_events_count")):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Probe:
+    cpu: float
+    metrics: dict[str, float]
+
+
+class Workers:
+    """Worker processes sharing one app id; each has its own embedded store and metrics port."""
+
+    def __init__(self, settings: list[Settings], log_dir: Path) -> None:
+        self.settings = settings
+        self.processes = [WorkerProcess(s, log_dir / f"worker-{i}.log") for i, s in enumerate(settings)]
+
+    def wait_ready(self, timeout_s: float) -> None:
+        for process in self.processes:
+            process.wait_ready(timeout_s)
+
+    def probe(self) -> list[Probe]:
+        for process in self.processes:
+            process.check_alive()
+        return [
+            Probe(_cpu_seconds(p.process.pid), _scrape(s.metrics_port))
+            for p, s in zip(self.processes, self.settings, strict=True)
+        ]
+
+    def peak_rss_mb(self) -> float:
+        return max(_peak_rss_mb(p.process.pid) for p in self.processes)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.stop()
+
+
+# ------------------------------------------------------------------ the run
+
+
+class Bench:
+    def __init__(self, settings: Settings, options: BenchOptions, say: Callable[[str], None]) -> None:
+        self.options = options
+        self.say = say
+        run = uuid.uuid4().hex[:8]
+        self.run_dir = settings.home / "bench" / run
+        self.settings = settings.with_overrides(
+            app_id=f"rtrec-bench-{run}",
+            events_topic=f"bench-{run}.events",
+            items_topic=f"bench-{run}.items",
+            recommendations_topic=f"bench-{run}.recommendations",
+            deadletter_topic=f"bench-{run}.deadletter",
+            control_topic=f"bench-{run}.control",
+            items_collection=f"bench-{run}-items",
+            users_collection=f"bench-{run}-users",
+            model_dir=str(settings.home / "bench-models" / f"{options.items}-items"),
+        )
+        self.user_ids = [f"bench-user-{i:07d}" for i in range(options.users)]
+
+    def worker_settings(self, batch_max: int) -> list[Settings]:
+        return [
+            self.settings.with_overrides(
+                home=self.run_dir / f"worker-{i}",
+                qdrant_path=str(self.run_dir / f"qdrant-{i}"),
+                metrics_port=_free_port(),
+                batch_max=batch_max,
+            )
+            for i in range(self.options.workers)
+        ]
+
+    def prepare(self) -> None:
+        from encoder.build import ensure_interest_encoder
+
+        for topic, what in ensure_pipeline_topics(self.settings).items():
+            self.say(f"topic {topic}: {what}")
+        workload = WorkloadConfig(n_items=self.options.items, n_users=min(self.options.users, 2_000))
+        ensure_interest_encoder(
+            self.settings.models_path,
+            workload,
+            BENCH_ENCODER,
+            n_users=workload.n_users,
+            events_per_user=self.settings.window_size + 10,
+            progress=self.say,
+        )
+        records = [(item.item_id, encode_item(item)) for item in Workload(workload).catalog]
+        stores = self.worker_settings(self.settings.batch_max)
+        for settings in stores[:1] if self.settings.qdrant_url else stores:  # a server is shared, embedded stores not
+            load_catalog(settings, records, self.say)
+
+    def phase(self, workers: Workers, name: str, mode: str, users: Sequence[str], rate: float) -> PhaseResult:
+        receiver, sender = multiprocessing.get_context("spawn").Pipe(duplex=False)
+        before = workers.probe()
+        producer = multiprocessing.get_context("spawn").Process(
+            target=_produce,
+            args=(
+                self.settings.bootstrap_servers,
+                self.settings.events_topic,
+                name,
+                list(users),
+                self.options.items,
+                rate,
+                self.options.seed + len(name),
+                sender,
+            ),
+            daemon=True,
+        )
+        started = time.monotonic()
+        producer.start()
+        stamps = np.asarray(receiver.recv())
+        producer.join()
+        deadline = started + self.options.timeout_s
+        answered = self.reader.answered(name)
+        for _ in self._until(deadline):
+            answered = self.reader.answered(name)
+            if len(answered) >= len(users):
+                break
+            workers.probe()  # fails fast if a worker died
+        else:
+            raise RtrecError(f"bench phase {name}: {len(users) - len(answered)} events unanswered after the timeout")
+        after = workers.probe()
+        arrivals = np.array([answered[i] for i in range(len(users))])
+        seconds = (arrivals.max() - stamps.min()) / 1000
+        worker_cpu = sum(a.cpu - b.cpu for a, b in zip(after, before, strict=True))
+        stage_us = {
+            stage: 1e6
+            * sum(
+                a.metrics.get(f'rtrec_stage_seconds_sum{{stage="{stage}"}}', 0.0)
+                - b.metrics.get(f'rtrec_stage_seconds_sum{{stage="{stage}"}}', 0.0)
+                for a, b in zip(after, before, strict=True)
+            )
+            / len(users)
+            for stage in STAGES
+        }
+        batches = sum(
+            a.metrics.get("rtrec_batch_events_count", 0.0) - b.metrics.get("rtrec_batch_events_count", 0.0)
+            for a, b in zip(after, before, strict=True)
+        )
+        result = PhaseResult(
+            name=name,
+            mode=mode,
+            workers=len(workers.processes),
+            events=len(users),
+            seconds=seconds,
+            latencies_ms=arrivals - stamps,
+            cpu_percent=100 * worker_cpu / seconds,
+            peak_rss_mb=workers.peak_rss_mb(),
+            stage_us=stage_us,
+            mean_batch=len(users) / batches if batches else float("nan"),
+        )
+        self.say(
+            f"  {name}: {result.events:,} events in {seconds:.1f} s = {result.events_per_s:,.0f} events/s, "
+            f"p99 {result.percentile(99):.0f} ms"
+        )
+        return result
+
+    @staticmethod
+    def _until(deadline: float) -> Iterator[None]:
+        while time.monotonic() < deadline:
+            yield
+            time.sleep(0.2)
+
+    def random_users(self, n: int, salt: int) -> list[str]:
+        rng = np.random.default_rng(self.options.seed + salt)
+        return [self.user_ids[i] for i in rng.integers(0, len(self.user_ids), n)]
+
+    def run(self) -> list[PhaseResult]:
+        options = self.options
+        self.prepare()
+        self.reader = OutputReader(self.settings)
+        results = []
+        try:
+            workers = Workers(self.worker_settings(self.settings.batch_max), self.run_dir)
+            window = self.settings.window_size
+            try:
+                workers.wait_ready(options.timeout_s)
+                self.say(f"warm-up: {window} events for each of {options.users:,} users…")
+                warm = [user for _ in range(window) for user in self.user_ids]
+                results.append(self.phase(workers, "warmup", "micro-batched", warm, 0))
+                results.append(
+                    self.phase(workers, "throughput", "micro-batched", self.random_users(options.events, 1), 0)
+                )
+                if options.rate > 0:
+                    n = int(options.rate * options.rate_seconds)
+                    results.append(
+                        self.phase(workers, "latency", "micro-batched", self.random_users(n, 2), options.rate)
+                    )
+            finally:
+                workers.stop()
+            naive = Workers(self.worker_settings(1), self.run_dir)
+            try:
+                naive.wait_ready(options.timeout_s)
+                users = self.random_users(options.baseline_events, 3)
+                results.append(self.phase(naive, "baseline", "naive", users, 0))
+            finally:
+                naive.stop()
+        finally:
+            self.reader.close()
+        (self.run_dir / "results.json").write_text(
+            json.dumps(
+                {
+                    "options": dataclasses.asdict(options),
+                    "settings": {k: v for k, v in self.settings.describe().items() if "KEY" not in k},
+                    "phases": [r.summary() for r in results],
+                },
+                indent=2,
+            )
+        )
+        return results
+
+
+def load_catalog(settings: Settings, items: Sequence[tuple[str, bytes]], say: Callable[[str], None]) -> None:
+    """Bulk-load encoded catalogue records into ``settings``' store and index them."""
+    from streams.app import limits_from, load_components
+    from streams.process import CatalogBatchProcessor, IncomingMessage
+
+    components = load_components(settings)
+    store = components.store
+    store.ensure_collection(settings.items_collection, components.item_encoder.dim)
+    catalog = CatalogBatchProcessor(
+        components.text_embedder,
+        components.item_encoder,
+        store,
+        items_collection=settings.items_collection,
+        limits=limits_from(settings),
+    )
+    chunk = 2_000
+    for start in range(0, len(items), chunk):
+        messages = [
+            IncomingMessage(key.encode("utf-8"), value, "bulk", 0, start + i)
+            for i, (key, value) in enumerate(items[start : start + chunk])
+        ]
+        outcome = catalog.process(messages)
+        if outcome.dead_letters:
+            raise RtrecError(f"catalogue record rejected: {outcome.dead_letters[0].error}")
+        say(f"  catalogue into {settings.qdrant_local_path}: {min(start + chunk, len(items)):,}/{len(items):,}")
+    store.build_index(settings.items_collection)
+    store.close()
+
+
+def format_table(results: Sequence[PhaseResult]) -> str:
+    header = (
+        "| phase | mode | workers | events | events/s | p50 ms | p95 ms | p99 ms | mean batch | worker CPU % "
+        "| peak RSS MB |"
+    )
+    rows = [header, "|" + "---|" * 11]
+    for r in results:
+        rows.append(
+            f"| {r.name} | {r.mode} | {r.workers} | {r.events:,} | {r.events_per_s:,.0f} | {r.percentile(50):.0f} | "
+            f"{r.percentile(95):.0f} | {r.percentile(99):.0f} | {r.mean_batch:.1f} | {r.cpu_percent:.0f} | "
+            f"{r.peak_rss_mb:.0f} |"
+        )
+    rows += ["", "worker time per event by stage (µs):", ""]
+    rows.append("| phase | " + " | ".join(STAGES) + " | total |")
+    rows.append("|" + "---|" * (len(STAGES) + 2))
+    for r in results:
+        cells = " | ".join(f"{r.stage_us[s]:.0f}" for s in STAGES)
+        rows.append(f"| {r.name} | {cells} | {sum(r.stage_us.values()):.0f} |")
+    batched = next((r for r in results if r.name == "throughput"), None)
+    baseline = next((r for r in results if r.mode == "naive"), None)
+    if batched and baseline and baseline.events_per_s > 0:
+        rows += [
+            "",
+            f"speed-up of micro-batching over the naive baseline, same run: "
+            f"{batched.events_per_s / baseline.events_per_s:.1f}× events/s",
+        ]
+    return "\n".join(rows)
+
+
+def run_bench(settings: Settings, options: BenchOptions, say: Callable[[str], None] = print) -> list[PhaseResult]:
+    broker = None
+    if settings.uses_local_kafka:
+        broker = LocalKafka(LocalKafkaConfig(data_dir=settings.kafka_data_path, port=settings.local_kafka_port), say)
+        started_here = broker.running_pid() is None
+        broker.start()
+    try:
+        bench = Bench(settings, options, say)
+        results = bench.run()
+        say("")
+        say(format_table(results))
+        say(f"\n(results: {bench.run_dir / 'results.json'})")
+        return results
+    finally:
+        if broker is not None and started_here:
+            broker.stop()

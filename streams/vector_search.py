@@ -1,0 +1,56 @@
+"""What both Qdrant adapters share: point ids, the payload they rank with, and the
+over-fetch that keeps unavailable items out of a list without a payload filter.
+
+Availability is checked on the hits rather than in the search filter because a
+filter that mixes excluded ids with a payload condition is slow in the Qdrant
+engine (measured: tens of queries/s at 100k points, against thousands for the
+id exclusion alone); unavailable items are few, so one over-fetch nearly always
+suffices.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+
+from streams.ports import SearchHit, SearchQuery
+
+ID_NAMESPACE = uuid.UUID("6f1d9a8e-2b7c-4d0e-9a51-3c8f0e2d7b64")
+EXTERNAL_ID = "ext_id"
+RANKING_FIELDS = [EXTERNAL_ID, "available"]  # all a ranking reads from a hit's payload
+OVERFETCH = 8  # extra hits per query, for unavailable items among the nearest
+
+
+def point_id(external_id: str) -> str:
+    """Qdrant ids are ints or UUIDs: external string ids map to deterministic UUIDs."""
+    return str(uuid.uuid5(ID_NAMESPACE, external_id))
+
+
+def unavailable(hit: SearchHit) -> bool:
+    return hit.payload.get("available") is False
+
+
+def rank_without_unavailable(
+    queries: Sequence[SearchQuery],
+    fetch: Callable[[Sequence[tuple[SearchQuery, int]]], list[list[SearchHit]]],
+) -> list[list[SearchHit]]:
+    """``fetch`` runs (query, limit) pairs as one batch, honouring each query's excluded ids.
+
+    Queries left short by unavailable hits are fetched again, twice as deep, until
+    full or until the collection has no more to give.
+    """
+    limits = [q.limit + (OVERFETCH if q.only_available else 0) for q in queries]
+    results: list[list[SearchHit]] = [[] for _ in queries]
+    pending = list(range(len(queries)))
+    while pending:
+        fetched = fetch([(queries[i], limits[i]) for i in pending])
+        still_short = []
+        for i, hits in zip(pending, fetched, strict=True):
+            query = queries[i]
+            kept = [h for h in hits if not (query.only_available and unavailable(h))]
+            results[i] = kept[: query.limit]
+            if len(kept) < query.limit and len(hits) == limits[i]:
+                limits[i] *= 2
+                still_short.append(i)
+        pending = still_short
+    return results
