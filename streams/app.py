@@ -16,6 +16,7 @@ from encoder.config import INTEREST_BUNDLE, TEXT_BUNDLE
 from encoder.runtime import OnnxInterestEncoder, OnnxItemEncoder, OnnxTextEmbedder
 from streams.agents import register_agents
 from streams.errors import ModelError
+from streams.item_vectors import ItemVectorCache
 from streams.metrics import WorkerMetrics
 from streams.ports import InterestEncoderRuntime, ItemEncoderRuntime, TextEmbedder, VectorStore
 from streams.process import CatalogBatchProcessor, EventBatchProcessor, WindowLimits
@@ -38,8 +39,9 @@ class Components:
 
 def load_components(settings: Settings) -> Components:
     models = settings.models_path
-    interest = OnnxInterestEncoder(models / INTEREST_BUNDLE, settings.encoder_provider)
-    items = OnnxItemEncoder(models / INTEREST_BUNDLE, settings.encoder_provider)
+    threads = settings.encoder_threads
+    interest = OnnxInterestEncoder(models / INTEREST_BUNDLE, settings.encoder_provider, intra_op_threads=threads)
+    items = OnnxItemEncoder(models / INTEREST_BUNDLE, settings.encoder_provider, intra_op_threads=threads)
     text = OnnxTextEmbedder(models / TEXT_BUNDLE, settings.encoder_provider)
     if items.reads_text and items.text_dim != text.dim:
         raise ModelError(
@@ -70,10 +72,13 @@ def build_app(settings: Settings, components: Components) -> faust.App:
     store.ensure_collection(settings.items_collection, components.item_encoder.dim)
     store.ensure_collection(settings.users_collection, components.interest_encoder.dim)
     limits = limits_from(settings)
+    item_cache = ItemVectorCache(
+        store, settings.items_collection, capacity=settings.item_cache_size, ttl_s=settings.item_cache_ttl_s
+    )
     recommender = Recommender(
         components.interest_encoder,
         store,
-        items_collection=settings.items_collection,
+        item_cache,
         users_collection=settings.users_collection,
         top_k=settings.top_k,
         clock=components.clock,
@@ -91,6 +96,7 @@ def build_app(settings: Settings, components: Components) -> faust.App:
         store,
         items_collection=settings.items_collection,
         limits=limits,
+        item_cache=item_cache,
         clock=components.clock,
         metrics=components.metrics,
     )

@@ -436,7 +436,10 @@ def load_catalog(settings: Settings, items: Sequence[tuple[str, bytes]], say: Ca
         outcome = catalog.process(messages)
         if outcome.dead_letters:
             raise RtrecError(f"catalogue record rejected: {outcome.dead_letters[0].error}")
-        say(f"  catalogue into {settings.qdrant_local_path}: {min(start + chunk, len(items)):,}/{len(items):,}")
+        done = min(start + chunk, len(items))
+        if done == len(items) or done // chunk % 10 == 0:
+            say(f"  catalogue into {settings.qdrant_local_path}: {done:,}/{len(items):,}")
+    say("  indexing the catalogue (HNSW)…")
     store.build_index(settings.items_collection)
     store.close()
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from streams.errors import InvalidRecord
+from streams.item_vectors import ItemVectorCache
 from streams.metrics import WorkerMetrics
 from streams.ports import ItemEncoderRuntime, TextEmbedder, VectorPoint, VectorStore
 from streams.recommend import Recommender, RefreshRequest, now_ms
@@ -188,6 +189,7 @@ class CatalogBatchProcessor:
         *,
         items_collection: str,
         limits: Limits,
+        item_cache: ItemVectorCache | None = None,
         clock: Callable[[], int] = now_ms,
         metrics: WorkerMetrics | None = None,
     ) -> None:
@@ -196,6 +198,7 @@ class CatalogBatchProcessor:
         self.item_encoder = item_encoder
         self.store = store
         self.items_collection = items_collection
+        self.item_cache = item_cache  # kept in step with what this worker writes
         self.limits = limits
         self.clock = clock
 
@@ -228,8 +231,12 @@ class CatalogBatchProcessor:
                     for item, vector in zip(upserts, vectors, strict=True)
                 ],
             )
-            outcome.upserted = [item.item_id for item in upserts]
+            if self.item_cache is not None:
+                self.item_cache.put(dict(zip(ids, vectors, strict=True)))
+            outcome.upserted = ids
         self.store.delete(self.items_collection, outcome.deleted)
+        if self.item_cache is not None:
+            self.item_cache.discard(outcome.deleted)
         for name, changes in (("upserted", outcome.upserted), ("deleted", outcome.deleted)):
             self.metrics.catalog.labels(name).inc(len(changes))
         self.metrics.catalog.labels("dead_lettered").inc(len(outcome.dead_letters))

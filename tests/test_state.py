@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -74,6 +75,18 @@ def test_storage_round_trip_and_corrupt_bytes() -> None:
     assert trimmed.item_ids == ["i2", "i3"]
     with pytest.raises(InvalidRecord, match="corrupt stored window"):
         UserWindow.from_bytes(b"\x92\x01", 5, HOUR, 10)
+    with pytest.raises(InvalidRecord, match="unsupported window format version 9"):
+        UserWindow.from_bytes(msgpack.packb({"v": 9, "entries": [], "seen": b""}), 5, HOUR, 10)
+
+
+def test_windows_stored_in_format_1_are_still_read() -> None:
+    """Format 1 kept the remembered event ids as strings; changelogs written by it must still restore."""
+    entries = [[10 * n, f"e{n}", f"i{n}", "view", None] for n in range(3)]
+    stored_v1 = msgpack.packb({"v": 1, "entries": entries, "seen": ["e0", "e1", "e2", "e-evicted"]})
+    restored = UserWindow.from_bytes(stored_v1, 5, 100 * HOUR, 10)
+    assert restored.item_ids == ["i0", "i1", "i2"]
+    assert restored.add(Event("e-evicted", "u", "i9", "view", 40)) is AddOutcome.DUPLICATE
+    assert msgpack.unpackb(restored.to_bytes())["v"] == 2
 
 
 @settings(max_examples=200, deadline=None)
