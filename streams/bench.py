@@ -293,6 +293,8 @@ class Bench:
 
     def phase(self, workers: Workers, name: str, mode: str, users: Sequence[str], rate: float) -> PhaseResult:
         receiver, sender = multiprocessing.get_context("spawn").Pipe(duplex=False)
+        # Events a stopped worker had not committed are replayed by the next: that work is not this phase's.
+        workers.processes[0].wait_caught_up(self.settings.events_topic, self.options.timeout_s)
         before = workers.probe()
         producer = multiprocessing.get_context("spawn").Process(
             target=_produce,
