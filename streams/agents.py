@@ -78,8 +78,8 @@ def register_agents(
                 stored = {user: windows.get(user.encode("utf-8")) for user in events.users_in(messages)}
             outcome = await loop.run_in_executor(event_worker, events.process, messages, stored)
             with stage("state"):
-                for user_id, window in outcome.windows.items():
-                    windows[user_id.encode("utf-8")] = window.to_bytes()
+                for user_id, stored_window in outcome.windows.items():
+                    windows[user_id.encode("utf-8")] = stored_window
             with stage("produce"):
                 for rec in outcome.recommendations:
                     await recommendations_topic.send(key=rec.user_id.encode("utf-8"), value=encode_recommendation(rec))

@@ -9,6 +9,7 @@ are processed as usual.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -69,7 +70,7 @@ def dead_letter(message: IncomingMessage, reason: str, clock: Callable[[], int])
 
 @dataclass
 class EventBatchOutcome:
-    windows: dict[str, UserWindow] = field(default_factory=dict)
+    windows: dict[str, bytes] = field(default_factory=dict)  # what to store, per touched user
     recommendations: list[Recommendation] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
@@ -85,12 +86,18 @@ class EventBatchProcessor:
         limits: Limits,
         clock: Callable[[], int] = now_ms,
         metrics: WorkerMetrics | None = None,
+        restored_capacity: int = 100_000,
     ) -> None:
         self.recommender = recommender
         self.window_limits = windows
         self.limits = limits
         self.clock = clock
         self.metrics = metrics or recommender.metrics
+        # Windows as restored objects, next to the stored bytes they were made from. A hit needs the
+        # table to still hold exactly those bytes, so a window another worker wrote (after a
+        # rebalance) is never served stale; restoring one costs ~90 µs, a hit nothing.
+        self._restored: OrderedDict[str, tuple[bytes, UserWindow]] = OrderedDict()
+        self.restored_capacity = restored_capacity
 
     def users_in(self, messages: Sequence[IncomingMessage]) -> set[str]:
         """The users whose stored windows ``process`` will need (keys that decode as UTF-8)."""
@@ -140,7 +147,9 @@ class EventBatchProcessor:
                     added += result is AddOutcome.ADDED
                     duplicates += result is AddOutcome.DUPLICATE
                     too_old += result is AddOutcome.TOO_OLD
-                outcome.windows[user_id] = window
+                stored_now = window.to_bytes()
+                outcome.windows[user_id] = stored_now
+                self._keep(user_id, stored_now, window)
                 requests.append(RefreshRequest(user_id, window, events[-1], tuple(e.event_id for e in events)))
 
         outcome.recommendations = self.recommender.refresh_batch(requests, vectors)
@@ -162,12 +171,21 @@ class EventBatchProcessor:
         self.metrics.recommendations.inc(counts["recommendations"])
 
     def _load(self, user_id: str, raw: bytes | None) -> UserWindow:
+        # Taken out of the cache: if this batch fails half-way, no half-updated window is kept.
+        kept = self._restored.pop(user_id, None)
+        if kept is not None and raw is not None and kept[0] == raw:
+            return kept[1]
         try:
             return self.window_limits.load(raw)
         except InvalidRecord as exc:
             # A corrupt stored window must not wedge the user's partition: start afresh, loudly.
             log.error("stored window of user %r is unreadable (%s); starting a new window", user_id, exc.reason)
             return self.window_limits.new_window()
+
+    def _keep(self, user_id: str, stored: bytes, window: UserWindow) -> None:
+        self._restored[user_id] = (stored, window)
+        if len(self._restored) > self.restored_capacity:
+            self._restored.popitem(last=False)
 
 
 @dataclass

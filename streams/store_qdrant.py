@@ -1,6 +1,6 @@
 """A Qdrant server behind the ``VectorStore`` interface (the production store).
 
-External string ids map to deterministic UUIDs, with the original id kept in the
+External string ids map to 64-bit point ids, with the original id kept in the
 payload under ``ext_id`` (``streams.vector_search``, shared with the embedded
 store). Collections rank by dot product, as the model scores.
 """

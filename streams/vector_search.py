@@ -11,24 +11,26 @@ suffices.
 from __future__ import annotations
 
 import functools
-import uuid
+import hashlib
 from collections.abc import Callable, Sequence
 
 from streams.ports import SearchHit, SearchQuery
 
-ID_NAMESPACE = uuid.UUID("6f1d9a8e-2b7c-4d0e-9a51-3c8f0e2d7b64")
 EXTERNAL_ID = "ext_id"
 RANKING_FIELDS = [EXTERNAL_ID, "available"]  # all a ranking reads from a hit's payload
 OVERFETCH = 8  # extra hits per query, for unavailable items among the nearest
 
 
 @functools.lru_cache(maxsize=1 << 20)
-def point_id(external_id: str) -> str:
-    """Qdrant ids are ints or UUIDs: external string ids map to deterministic UUIDs.
+def point_id(external_id: str) -> int:
+    """Qdrant ids are unsigned 64-bit ints or UUIDs: external string ids map to 64 bits of their hash.
 
-    Cached: a search excludes the ~50 items of a window, and uuid5 costs ~5 µs each.
+    Ints, not UUIDs: excluding a window's ~50 items from a search costs ~60 µs with int
+    ids against ~180-490 µs with UUID strings (measured at 100k items), and the search
+    itself is faster too. Two ids of a catalogue of n items share a point with odds of
+    n²/2⁶⁵ (3e-8 at a million items). Cached: every batch excludes the same popular items.
     """
-    return str(uuid.uuid5(ID_NAMESPACE, external_id))
+    return int.from_bytes(hashlib.blake2b(external_id.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 def unavailable(hit: SearchHit) -> bool:

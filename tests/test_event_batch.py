@@ -1,0 +1,63 @@
+"""The event micro-batch step with the real ONNX encoders and embedded Qdrant (no broker needed):
+restored windows are reused only while the table still holds the bytes they came from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from streams.app import limits_from, load_components
+from streams.item_vectors import ItemVectorCache
+from streams.process import CatalogBatchProcessor, EventBatchProcessor, IncomingMessage, WindowLimits
+from streams.recommend import Recommender
+from streams.records import Event, encode_event, encode_item
+from streams.settings import Settings
+from streams.state import UserWindow
+from streams.workload import Workload
+from tests.harness import TEST_WORKLOAD
+
+HORIZON_MS = 10**12
+
+
+def _processor(tmp_path: Path, models_dir: Path) -> EventBatchProcessor:
+    settings = Settings(home=tmp_path, model_dir=str(models_dir))
+    parts = load_components(settings)
+    parts.store.ensure_collection(settings.items_collection, parts.item_encoder.dim)
+    parts.store.ensure_collection(settings.users_collection, parts.interest_encoder.dim)
+    cache = ItemVectorCache(parts.store, settings.items_collection, capacity=1000, ttl_s=60)
+    catalog = CatalogBatchProcessor(
+        parts.text_embedder, parts.item_encoder, parts.store, items_collection=settings.items_collection,
+        limits=limits_from(settings), item_cache=cache,
+    )  # fmt: skip
+    items = Workload(TEST_WORKLOAD).catalog[:20]
+    catalog.process([IncomingMessage(i.item_id.encode(), encode_item(i), "items", 0, n) for n, i in enumerate(items)])
+    recommender = Recommender(
+        parts.interest_encoder, parts.store, cache, users_collection=settings.users_collection, top_k=5
+    )
+    return EventBatchProcessor(recommender, WindowLimits(10, HORIZON_MS, 100), limits_from(settings))
+
+
+def _messages(*events: Event) -> list[IncomingMessage]:
+    return [IncomingMessage(e.user_id.encode(), encode_event(e), "events", 0, n) for n, e in enumerate(events)]
+
+
+def _event(n: int, item: int) -> Event:
+    return Event(f"e{n}", "u1", f"item-{item:06d}", "view", 1_700_000_000_000 + n)
+
+
+def test_a_window_is_reused_only_while_the_table_holds_its_bytes(tmp_path: Path, models_dir: Path) -> None:
+    processor = _processor(tmp_path, models_dir)
+    first = processor.process(_messages(_event(1, 1), _event(2, 2)), {})
+    stored = first.windows["u1"]
+    assert [r.trigger_event_id for r in first.recommendations] == ["e2"]
+
+    second = processor.process(_messages(_event(3, 3)), {"u1": stored})  # the restored object is reused
+    window = UserWindow.from_bytes(second.windows["u1"], 10, HORIZON_MS, 100)
+    assert window.item_ids == ["item-000001", "item-000002", "item-000003"]
+
+    # Another worker owned the user meanwhile (a rebalance) and wrote its own window: that one counts.
+    elsewhere = UserWindow(10, HORIZON_MS, 100)
+    elsewhere.add(_event(7, 7))
+    third = processor.process(_messages(_event(8, 8)), {"u1": elsewhere.to_bytes()})
+    window = UserWindow.from_bytes(third.windows["u1"], 10, HORIZON_MS, 100)
+    assert window.item_ids == ["item-000007", "item-000008"]
+    assert processor.process(_messages(_event(8, 8)), {"u1": third.windows["u1"]}).counts["duplicates"] == 1
