@@ -54,8 +54,8 @@ def open_vector_store(settings: Settings) -> VectorStore:
     """The Qdrant server at ``qdrant_url``, else embedded Qdrant (Qdrant Edge) in ``qdrant_path``."""
     if settings.qdrant_url:
         key = settings.qdrant_api_key.reveal() if settings.qdrant_api_key else None
-        return QdrantVectorStore.connect(settings.qdrant_url, key)
-    return EdgeVectorStore(settings.qdrant_local_path)
+        return QdrantVectorStore.connect(settings.qdrant_url, key, search_ef=settings.search_ef)
+    return EdgeVectorStore(settings.qdrant_local_path, search_ef=settings.search_ef)
 
 
 def limits_from(settings: Settings) -> Limits:

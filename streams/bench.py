@@ -260,6 +260,7 @@ class Bench:
             model_dir=str(settings.home / "bench-models" / f"{options.items}-items"),
         )
         self.user_ids = [f"bench-user-{i:07d}" for i in range(options.users)]
+        self.recall = float("nan")  # of the store's search against an exact ranking, measured after the phases
 
     def worker_settings(self, batch_max: int) -> list[Settings]:
         return [
@@ -401,17 +402,46 @@ class Bench:
                 naive.stop()
         finally:
             self.reader.close()
+        recall = search_recall(self.worker_settings(1)[0], self.user_ids[:200], self.options.items)
         (self.run_dir / "results.json").write_text(
             json.dumps(
                 {
                     "options": dataclasses.asdict(options),
                     "settings": {k: v for k, v in self.settings.describe().items() if "KEY" not in k},
                     "phases": [r.summary() for r in results],
+                    "search_recall@10": round(recall, 4),
                 },
                 indent=2,
             )
         )
+        self.recall = recall
         return results
+
+
+def search_recall(settings: Settings, user_ids: Sequence[str], n_items: int, k: int = 10) -> float:
+    """How many of the exact top-k items (by dot product over the whole catalogue) the store's search finds."""
+    from streams.app import load_components
+    from streams.ports import SearchQuery
+
+    components = load_components(settings)
+    store = components.store
+    store.ensure_collection(settings.items_collection, components.item_encoder.dim)
+    store.ensure_collection(settings.users_collection, components.interest_encoder.dim)
+    try:
+        users = store.fetch_vectors(settings.users_collection, user_ids)
+        item_ids = [f"item-{i:06d}" for i in range(n_items)]
+        items = store.fetch_vectors(settings.items_collection, item_ids)
+        ids = list(items)
+        matrix = np.stack([items[i] for i in ids])
+        queries = list(users.values())
+        exact = np.argsort(-(np.stack(queries) @ matrix.T), axis=1)[:, :k]
+        found = store.search_batch(
+            settings.items_collection, [SearchQuery(q, k, only_available=False) for q in queries]
+        )
+        hits = [len({ids[j] for j in row} & {h.id for h in got}) for row, got in zip(exact, found, strict=True)]
+        return float(np.sum(hits)) / (k * len(queries))
+    finally:
+        store.close()
 
 
 def load_catalog(settings: Settings, items: Sequence[tuple[str, bytes]], say: Callable[[str], None]) -> None:
@@ -486,6 +516,7 @@ def run_bench(settings: Settings, options: BenchOptions, say: Callable[[str], No
         results = bench.run()
         say("")
         say(format_table(results))
+        say(f"recall@10 of the store's search against an exact ranking (200 user vectors): {bench.recall:.3f}")
         say(f"\n(results: {bench.run_dir / 'results.json'})")
         return results
     finally:

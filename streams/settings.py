@@ -65,6 +65,8 @@ class Settings:
     qdrant_api_key: Secret | None = None
     qdrant_path: str = ""
     items_collection: str = "items"
+    # HNSW candidates per search (0: Qdrant's default); lower is faster, check recall with `rtrec bench`.
+    search_ef: int = 0
     users_collection: str = "users"
     # Models. Empty dir means <home>/models.
     model_dir: str = ""
@@ -131,6 +133,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
+        if self.search_ef < 0:
+            raise ConfigError(f"{ENV_PREFIX}SEARCH_EF must be >= 0, got {self.search_ef}")
         if self.encoder_threads < 0:
             raise ConfigError(f"{ENV_PREFIX}ENCODER_THREADS must be >= 0, got {self.encoder_threads}")
         if not 0 <= self.metrics_port <= 65535:

@@ -37,8 +37,9 @@ INDEX_WHEN_UNINDEXED = 20_000
 
 
 class EdgeVectorStore:
-    def __init__(self, path: Path, *, search_threads: int = 1) -> None:
+    def __init__(self, path: Path, *, search_threads: int = 1, search_ef: int = 0) -> None:
         self._path = path
+        self._search_params = edge.SearchParams(hnsw_ef=search_ef) if search_ef else None
         self._search_threads = search_threads  # one worker process per core: no thread pool per search
         self._shards: dict[str, edge.EdgeShard] = {}
         self._dims: dict[str, int] = {}
@@ -134,15 +135,13 @@ class EdgeVectorStore:
                             query=edge.Query.Nearest(_floats(q.vector)),
                             filter=_excluding(q.exclude_ids),
                             with_payload=RANKING_FIELDS,
+                            params=self._search_params,
                         )
                         for q, limit in batch
                     ]
                 )
             )
-            return [
-                [SearchHit(str((p.payload or {}).get(EXTERNAL_ID, p.id)), float(p.score), p.payload or {}) for p in r]
-                for r in responses
-            ]
+            return [[_hit(p) for p in r] for r in responses]
 
         return rank_without_unavailable(queries, fetch)
 
@@ -152,6 +151,11 @@ class EdgeVectorStore:
                 shard.flush()
                 shard.close()
             self._shards.clear()
+
+
+def _hit(point: edge.ScoredPoint) -> SearchHit:
+    payload = point.payload or {}  # each access to .payload converts it from Rust again
+    return SearchHit(str(payload.get(EXTERNAL_ID, point.id)), float(point.score), payload)
 
 
 def _floats(vector: np.ndarray) -> list[float]:

@@ -21,13 +21,14 @@ DISTANCE = models.Distance.DOT
 
 
 class QdrantVectorStore:
-    def __init__(self, client: QdrantClient, *, prefix: str = "") -> None:
+    def __init__(self, client: QdrantClient, *, prefix: str = "", search_ef: int = 0) -> None:
         self._client = client
+        self._search_params = models.SearchParams(hnsw_ef=search_ef) if search_ef else None
         self._prefix = prefix  # lets several pipelines (or tests) share one Qdrant
 
     @classmethod
-    def connect(cls, url: str, api_key: str | None = None) -> QdrantVectorStore:
-        return cls(QdrantClient(url=url, api_key=api_key, timeout=30))
+    def connect(cls, url: str, api_key: str | None = None, search_ef: int = 0) -> QdrantVectorStore:
+        return cls(QdrantClient(url=url, api_key=api_key, timeout=30), search_ef=search_ef)
 
     def _name(self, collection: str) -> str:
         return self._prefix + collection
@@ -92,6 +93,7 @@ class QdrantVectorStore:
                         filter=_excluding(q.exclude_ids),
                         with_payload=RANKING_FIELDS,
                         with_vector=False,
+                        params=self._search_params,
                     )
                     for q, limit in batch
                 ],
