@@ -17,11 +17,16 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from streams.errors import BrokerError
+
+if TYPE_CHECKING:
+    from streams.settings import Settings
 
 KAFKA_VERSION = "4.1.1"
 LOG4J_VERSION = "2.24.3"
@@ -303,3 +308,20 @@ class LocalKafka:
         self._pid_file.unlink(missing_ok=True)
         self._process = None
         return True
+
+
+@contextmanager
+def local_broker_for(settings: Settings, say: Callable[[str], None], keep: bool = False) -> Iterator[None]:
+    """The local broker running for the body when ``settings`` point at it (no RTREC_KAFKA_BOOTSTRAP);
+    stopped afterwards if it was started here and ``keep`` is false."""
+    if not settings.uses_local_kafka:
+        yield
+        return
+    broker = LocalKafka(LocalKafkaConfig(data_dir=settings.kafka_data_path, port=settings.local_kafka_port), say)
+    started_here = broker.running_pid() is None
+    broker.start()
+    try:
+        yield
+    finally:
+        if started_here and not keep:
+            broker.stop()

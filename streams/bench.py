@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from infra.kafka_local import LocalKafka, LocalKafkaConfig
+from infra.kafka_local import local_broker_for
 from infra.topics import ensure_pipeline_topics
 from streams.errors import RtrecError
 from streams.kafka_io import make_consumer, make_producer
@@ -506,19 +506,11 @@ def format_table(results: Sequence[PhaseResult]) -> str:
 
 
 def run_bench(settings: Settings, options: BenchOptions, say: Callable[[str], None] = print) -> list[PhaseResult]:
-    broker = None
-    if settings.uses_local_kafka:
-        broker = LocalKafka(LocalKafkaConfig(data_dir=settings.kafka_data_path, port=settings.local_kafka_port), say)
-        started_here = broker.running_pid() is None
-        broker.start()
-    try:
+    with local_broker_for(settings, say):
         bench = Bench(settings, options, say)
         results = bench.run()
-        say("")
-        say(format_table(results))
-        say(f"recall@10 of the store's search against an exact ranking (200 user vectors): {bench.recall:.3f}")
-        say(f"\n(results: {bench.run_dir / 'results.json'})")
-        return results
-    finally:
-        if broker is not None and started_here:
-            broker.stop()
+    say("")
+    say(format_table(results))
+    say(f"recall@10 of the store's search against an exact ranking (200 user vectors): {bench.recall:.3f}")
+    say(f"\n(results: {bench.run_dir / 'results.json'})")
+    return results

@@ -19,7 +19,7 @@ import msgpack
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer
 
-from infra.kafka_local import LocalKafka, LocalKafkaConfig
+from infra.kafka_local import local_broker_for
 from infra.topics import ensure_pipeline_topics
 from streams.kafka_io import iterate, make_consumer, make_producer, publish_items
 from streams.recommend import now_ms
@@ -62,15 +62,13 @@ DEMO_ENCODER = {"epochs": 40, "patience": 5}  # the generated workload is learnt
 
 
 def run_demo(settings: Settings, options: DemoOptions, say: Callable[[str], None] = print) -> Tally:
+    with local_broker_for(settings, say, keep=options.keep_broker):
+        return _run_demo(settings, options, say)
+
+
+def _run_demo(settings: Settings, options: DemoOptions, say: Callable[[str], None]) -> Tally:
     from encoder.build import ensure_interest_encoder
 
-    broker = None
-    if settings.uses_local_kafka:
-        broker = LocalKafka(LocalKafkaConfig(data_dir=settings.kafka_data_path, port=settings.local_kafka_port), say)
-        started_here = broker.running_pid() is None
-        broker.start()
-    else:
-        started_here = False
     worker = None
     try:
         for topic, what in ensure_pipeline_topics(settings).items():
@@ -114,8 +112,6 @@ def run_demo(settings: Settings, options: DemoOptions, say: Callable[[str], None
     finally:
         if worker is not None:
             worker.stop()
-        if broker is not None and started_here and not options.keep_broker:
-            broker.stop()
 
 
 def _stream_events(
