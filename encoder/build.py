@@ -17,7 +17,7 @@ from encoder.config import INTEREST_BUNDLE, TEXT_BUNDLE, TEXT_DIM, BundleManifes
 from encoder.data import Dataset, History, leave_one_out
 from encoder.runtime import OnnxTextEmbedder
 from streams.errors import ConfigError, ModelError
-from streams.records import EVENT_TYPES
+from streams.records import EVENT_TYPES, Event
 from streams.workload import GeneratedEvent, Workload, WorkloadConfig
 
 
@@ -48,6 +48,30 @@ def fingerprint(*parts: object) -> str:
 def workload_histories(workload: Workload, n_users: int, events_per_user: int) -> list[list[GeneratedEvent]]:
     """Histories of users the live stream never sees (their indices start after the live ones)."""
     return workload.histories(n_users, events_per_user, first_user=10_000_000)
+
+
+def catalogue_walks(workload: Workload, length: int) -> list[list[GeneratedEvent]]:
+    """Histories that walk the whole catalogue in order, so that an id-only model learns every id.
+
+    Walks overlap by the two items leave-one-out holds out of each history, so every
+    item also occurs in some training part; the last walk wraps around to the start.
+    """
+    ids = [item.item_id for item in workload.catalog]
+    step = max(length - 2, 1)
+    start_ms = workload.config.start_ms
+    walks = []
+    for start in range(0, len(ids), step):
+        walk = [ids[(start + j) % len(ids)] for j in range(length)]
+        walks.append(
+            [
+                GeneratedEvent(
+                    Event(f"walk-{start}-{j}", f"walk-{start}", item_id, "view", start_ms + j * 60_000),
+                    workload.category_of[item_id],
+                )
+                for j, item_id in enumerate(walk)
+            ]
+        )
+    return walks
 
 
 def content_hash(workload: Workload, histories: list[list[GeneratedEvent]]) -> str:
@@ -90,16 +114,22 @@ def ensure_interest_encoder(
     *,
     n_users: int = 600,
     events_per_user: int = 60,
+    cover_catalogue: bool = False,
     force: bool = False,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> Path:
-    """Train on the generated workload and export, unless a bundle trained on the same data exists."""
+    """Train on the generated workload and export, unless a bundle trained on the same data exists.
+
+    ``cover_catalogue`` adds walks over every item, for an id-only model that must know them all.
+    """
     workload = Workload(workload_config)
     cfg = stream_encoder_config(len(workload.catalog), **(overrides or {}))  # bad flags fail first
     embedder = OnnxTextEmbedder(ensure_text_encoder(models, progress), provider="cpu")
     if embedder.dim != TEXT_DIM:
         raise ModelError(f"the text encoder makes {embedder.dim}-d vectors, expected {TEXT_DIM}")
     histories = workload_histories(workload, n_users, events_per_user)
+    if cover_catalogue:
+        histories += catalogue_walks(workload, events_per_user)
     print_ = fingerprint(cfg, embedder.version, content_hash(workload, histories))
     bundle = models / INTEREST_BUNDLE
     if not force:
@@ -143,9 +173,11 @@ def train_and_export(
     from encoder.train import train_interest_encoder
 
     result = train_interest_encoder(dataset, cfg, text_vectors, progress, device)
+    # Ids the model never learned are left out (blank lines), so they are served as unseen: by text.
+    learned = dataset.trained_items()
     manifest = export_interest_encoder(
         result.model,
-        dataset.item_ids,
+        [item_id if known else "" for item_id, known in zip(dataset.item_ids, learned, strict=True)],
         bundle,
         training={
             **dataset.describe(),

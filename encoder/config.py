@@ -33,7 +33,7 @@ ITEM_INDEX_INPUT = ("item_index", ("int64", ("items",)))
 ITEM_TEXT_INPUT = ("text_vectors", ("float32", ("items", "text_dim")))
 ITEM_OUTPUT = "item_vector"  # float32 [items, dim]
 ITEM_TOWER_FILE = "item_tower.onnx"
-ITEM_IDS_FILE = "item_ids.txt"  # one id a line; line i is item index i + 1
+ITEM_IDS_FILE = "item_ids.txt"  # one id a line; line i is item index i + 1; blank: an id never learned
 
 # The ONNX contract of the text encoder (mean pooling and L2 normalisation are in the graph).
 TEXT_INPUTS = {

@@ -123,7 +123,8 @@ class OnnxItemEncoder:
         self.version = self.manifest.version
         self.text_dim = self.config.text_dim
         ids = (bundle / ITEM_IDS_FILE).read_text().splitlines()
-        self._index = {item_id: i + 1 for i, item_id in enumerate(ids)} if self.config.n_items else {}
+        # A blank line is an id the model never learned: such items are placed as unseen (by text).
+        self._index = {item_id: i + 1 for i, item_id in enumerate(ids) if item_id} if self.config.n_items else {}
         self._session = make_session(bundle / ITEM_TOWER_FILE, provider, intra_op_threads)
 
     @property

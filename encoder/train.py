@@ -76,10 +76,15 @@ def pad_histories(histories: Sequence[History], vocabulary: EventTypeVocabulary,
 
 
 class CatalogueTensors:
-    """What the item tower reads for every catalogue item: indices 1..n and text vectors."""
+    """What the item tower reads for every catalogue item: indices 1..n and text vectors.
+
+    An item no training sequence contains reads index 0, as an unseen item does when served:
+    its id embedding would only ever be pushed down as a negative, so it is placed by its text.
+    """
 
     def __init__(self, dataset: Dataset, text_vectors: np.ndarray | None, device: torch.device) -> None:
-        self.index = torch.arange(1, dataset.n_items + 1, device=device)
+        learned = torch.from_numpy(dataset.trained_items()).to(device)
+        self.index = torch.arange(1, dataset.n_items + 1, device=device) * learned
         # Indexed by model item index: row 0 (padding / unseen) reads a zero text vector.
         self.text_by_index = (
             None

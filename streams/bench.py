@@ -285,6 +285,7 @@ class Bench:
             BENCH_ENCODER,
             n_users=workload.n_users,
             events_per_user=self.settings.window_size + 10,
+            cover_catalogue=True,  # an id-only model places no item it never learned
             progress=self.say,
         )
         records = [(item.item_id, encode_item(item)) for item in Workload(workload).catalog]

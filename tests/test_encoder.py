@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from encoder.config import INTEREST_BUNDLE, TEXT_BUNDLE, InterestEncoderConfig
+from encoder.build import catalogue_walks, train_and_export, workload_dataset, workload_histories
+from encoder.config import INTEREST_BUNDLE, ITEM_IDS_FILE, TEXT_BUNDLE, InterestEncoderConfig
 from encoder.data import Dataset, History, leave_one_out
 from encoder.export import PARITY_TOLERANCE, export_interest_encoder, random_inputs, to_tensors
 from encoder.features import EventTypeVocabulary, WindowArrays, assemble_inputs
@@ -22,6 +23,7 @@ from encoder.runtime import OnnxInterestEncoder, OnnxItemEncoder, OnnxTextEmbedd
 from encoder.train import CatalogueTensors, TrainingResult, rank_examples, train_interest_encoder
 from streams.errors import ModelError
 from streams.records import EVENT_TYPES
+from streams.workload import Workload, WorkloadConfig
 
 TINY = InterestEncoderConfig(
     event_types=EVENT_TYPES, n_items=40, text_dim=16, d_model=16, n_heads=2, max_len=12, epochs=15, patience=15,
@@ -219,3 +221,33 @@ def test_a_failed_export_leaves_the_previous_bundle_in_place(tmp_path: Path) -> 
         raise ModelError("parity check failed")
     assert (bundle / "model.onnx").read_text() == "v1"
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no staging folder left behind
+
+
+def test_items_never_in_training_are_exported_and_scored_as_unseen(tmp_path: Path) -> None:
+    """An item only ever seen as a held-out target has no learned id: training and serving place it by text."""
+    data, text = _clustered_data()
+    cold = data.item_ids.index("i39")
+    histories = {
+        str(u): History(np.append(h.items[h.items != cold], cold), ["view"] * (len(h.items[h.items != cold]) + 1),
+                        np.arange(len(h.items[h.items != cold]) + 1, dtype=np.int64) * 60_000)
+        for u, h in enumerate(data.train[:40])
+    }  # fmt: skip
+    dataset = leave_one_out("cold", data.item_ids, histories, data.item_texts, True)
+    assert not dataset.trained_items()[cold]
+    catalogue = CatalogueTensors(dataset, text, torch.device("cpu"))
+    assert int(catalogue.index[cold]) == 0 and int(catalogue.index[cold - 1]) == cold
+
+    train_and_export(dataset, dataclasses.replace(TINY, epochs=1), tmp_path / "bundle", text, "t", lambda _m: None)
+    lines = (tmp_path / "bundle" / ITEM_IDS_FILE).read_text().splitlines()
+    assert lines[cold] == "" and lines[cold - 1] == "i38"
+    items = OnnxItemEncoder(tmp_path / "bundle", provider="cpu")
+    assert items.knows("i38") and not items.knows("i39")
+    np.testing.assert_allclose(
+        items.encode_batch(["i39"], text[[cold]]), items.encode_batch(["brand-new"], text[[cold]]), atol=1e-6
+    )
+
+
+def test_catalogue_walks_leave_no_item_cold() -> None:
+    workload = Workload(WorkloadConfig(n_items=50, n_users=5, seed=3))
+    histories = workload_histories(workload, 3, 6) + catalogue_walks(workload, 6)
+    assert workload_dataset(workload, histories).trained_items().all()
