@@ -27,7 +27,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,12 +189,12 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 def _scrape(port: int) -> dict[str, float]:
-    """The stage sums and the batch counters of one worker's /metrics."""
+    """The stage sums and the batch count of one worker's /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
     values: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith(("rtrec_stage_seconds_sum", "rtrec_batch_events_sum", "rtrec_batch_events_count")):
+        if line.startswith(("rtrec_stage_seconds_sum", "rtrec_batch_events_count")):
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
     return values
@@ -223,9 +223,12 @@ class Workers:
         for process in self.processes:
             process.wait_ready(timeout_s)
 
-    def probe(self) -> list[Probe]:
+    def check_alive(self) -> None:
         for process in self.processes:
             process.check_alive()
+
+    def probe(self) -> list[Probe]:
+        self.check_alive()
         return [
             Probe(_cpu_seconds(p.process.pid), _scrape(s.metrics_port))
             for p, s in zip(self.processes, self.settings, strict=True)
@@ -294,11 +297,12 @@ class Bench:
             load_catalog(settings, records, self.say)
 
     def phase(self, workers: Workers, name: str, mode: str, users: Sequence[str], rate: float) -> PhaseResult:
-        receiver, sender = multiprocessing.get_context("spawn").Pipe(duplex=False)
+        spawn = multiprocessing.get_context("spawn")
+        receiver, sender = spawn.Pipe(duplex=False)
         # Events a stopped worker had not committed are replayed by the next: that work is not this phase's.
         workers.processes[0].wait_caught_up(self.settings.events_topic, self.options.timeout_s)
         before = workers.probe()
-        producer = multiprocessing.get_context("spawn").Process(
+        producer = spawn.Process(
             target=_produce,
             args=(
                 self.settings.bootstrap_servers,
@@ -312,37 +316,31 @@ class Bench:
             ),
             daemon=True,
         )
-        started = time.monotonic()
+        deadline = time.monotonic() + self.options.timeout_s
         producer.start()
         stamps = np.asarray(receiver.recv())
         producer.join()
-        deadline = started + self.options.timeout_s
         answered = self.reader.answered(name)
-        for _ in self._until(deadline):
+        while len(answered) < len(users):
+            if time.monotonic() > deadline:
+                missing = len(users) - len(answered)
+                raise RtrecError(f"bench phase {name}: {missing} events unanswered after the timeout")
+            workers.check_alive()  # fails fast if a worker died
+            time.sleep(0.2)
             answered = self.reader.answered(name)
-            if len(answered) >= len(users):
-                break
-            workers.probe()  # fails fast if a worker died
-        else:
-            raise RtrecError(f"bench phase {name}: {len(users) - len(answered)} events unanswered after the timeout")
         after = workers.probe()
         arrivals = np.array([answered[i] for i in range(len(users))])
         seconds = (arrivals.max() - stamps.min()) / 1000
-        worker_cpu = sum(a.cpu - b.cpu for a, b in zip(after, before, strict=True))
-        stage_us = {
-            stage: 1e6
-            * sum(
-                a.metrics.get(f'rtrec_stage_seconds_sum{{stage="{stage}"}}', 0.0)
-                - b.metrics.get(f'rtrec_stage_seconds_sum{{stage="{stage}"}}', 0.0)
-                for a, b in zip(after, before, strict=True)
+
+        def grown(metric: str) -> float:
+            """How much ``metric`` grew during the phase, summed over the workers."""
+            return sum(
+                a.metrics.get(metric, 0.0) - b.metrics.get(metric, 0.0) for a, b in zip(after, before, strict=True)
             )
-            / len(users)
-            for stage in STAGES
-        }
-        batches = sum(
-            a.metrics.get("rtrec_batch_events_count", 0.0) - b.metrics.get("rtrec_batch_events_count", 0.0)
-            for a, b in zip(after, before, strict=True)
-        )
+
+        worker_cpu = sum(a.cpu - b.cpu for a, b in zip(after, before, strict=True))
+        stage_us = {stage: 1e6 * grown(f'rtrec_stage_seconds_sum{{stage="{stage}"}}') / len(users) for stage in STAGES}
+        batches = grown("rtrec_batch_events_count")
         result = PhaseResult(
             name=name,
             mode=mode,
@@ -360,12 +358,6 @@ class Bench:
             f"p99 {result.percentile(99):.0f} ms"
         )
         return result
-
-    @staticmethod
-    def _until(deadline: float) -> Iterator[None]:
-        while time.monotonic() < deadline:
-            yield
-            time.sleep(0.2)
 
     def random_users(self, n: int, salt: int) -> list[str]:
         rng = np.random.default_rng(self.options.seed + salt)
