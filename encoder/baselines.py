@@ -1,4 +1,5 @@
-"""Simple baselines, fitted on the same training sequences and scored by the same code as the model.
+"""Simple baselines, fitted on the same training sequences and scored by the same code as the model
+(with ``refit``, like a refit model, on the training sequences extended by the validation targets).
 
 - popularity: how often each item occurs in training.
 - recency-weighted popularity: each occurrence weighs 0.5 ** (age / half-life); the age is
@@ -33,9 +34,9 @@ class Scorer(Protocol):
 class Popularity:
     name = "popularity"
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset, refit: bool = False) -> None:
         counts = np.zeros(dataset.n_items)
-        for history in dataset.train:
+        for history in dataset.training_sequences(refit):
             np.add.at(counts, history.items, 1.0)
         self.counts = counts
 
@@ -46,10 +47,13 @@ class Popularity:
 class RecentPopularity(Popularity):
     name = "recency-weighted popularity"
 
-    def __init__(self, dataset: Dataset, half_life_days: float = 30.0, half_life_steps: float = 10.0) -> None:
+    def __init__(
+        self, dataset: Dataset, refit: bool = False, half_life_days: float = 30.0, half_life_steps: float = 10.0
+    ) -> None:
         counts = np.zeros(dataset.n_items)
-        newest = max((int(h.ts_ms[-1]) for h in dataset.train if len(h)), default=0)
-        for history in dataset.train:
+        sequences = dataset.training_sequences(refit)
+        newest = max((int(h.ts_ms[-1]) for h in sequences if len(h)), default=0)
+        for history in sequences:
             if dataset.has_time:
                 age = (newest - history.ts_ms).astype(np.float64) / (half_life_days * DAY_MS)
             else:
@@ -61,9 +65,9 @@ class RecentPopularity(Popularity):
 class ItemCooccurrence:
     name = "item co-occurrence (item-kNN)"
 
-    def __init__(self, dataset: Dataset, span: int = 3, newest: int = 5) -> None:
+    def __init__(self, dataset: Dataset, refit: bool = False, span: int = 3, newest: int = 5) -> None:
         rows, cols, weights = [], [], []
-        for history in dataset.train:
+        for history in dataset.training_sequences(refit):
             items = history.items
             for step in range(1, span + 1):
                 if len(items) > step:
@@ -93,5 +97,5 @@ class ItemCooccurrence:
         return out
 
 
-def baselines(dataset: Dataset) -> list[Scorer]:
-    return [Popularity(dataset), RecentPopularity(dataset), ItemCooccurrence(dataset)]
+def baselines(dataset: Dataset, refit: bool = False) -> list[Scorer]:
+    return [Popularity(dataset, refit), RecentPopularity(dataset, refit), ItemCooccurrence(dataset, refit)]

@@ -15,7 +15,7 @@ import numpy as np
 
 from encoder.config import INTEREST_BUNDLE, TEXT_BUNDLE, TEXT_DIM, BundleManifest, InterestEncoderConfig
 from encoder.data import Dataset, History, leave_one_out
-from encoder.runtime import OnnxTextEmbedder
+from encoder.runtime import OnnxTextEmbedder, cuda_available
 from streams.errors import ConfigError, ModelError
 from streams.records import EVENT_TYPES, Event
 from streams.workload import GeneratedEvent, Workload, WorkloadConfig
@@ -145,7 +145,8 @@ def ensure_interest_encoder(
         progress(f"embedding {len(workload.catalog):,} catalogue items for training…")
         assert dataset.item_texts is not None
         text_vectors = embedder.embed_batch(dataset.item_texts)
-    train_and_export(dataset, cfg, bundle, text_vectors, print_, progress)
+    # A GPU worker runs the float16 user tower (RTREC_ENCODER_PRECISION=auto), so export it where one is.
+    train_and_export(dataset, cfg, bundle, text_vectors, print_, progress, fp16=cuda_available())
     return bundle
 
 
@@ -168,13 +169,14 @@ def train_and_export(
     fingerprint_: str,
     progress: Callable[[str], None],
     device: str | None = None,
+    fp16: bool = False,
 ) -> BundleManifest:
     from encoder.export import export_interest_encoder
     from encoder.train import train_interest_encoder
 
     result = train_interest_encoder(dataset, cfg, text_vectors, progress, device)
     # Ids the model never learned are left out (blank lines), so they are served as unseen: by text.
-    learned = dataset.trained_items()
+    learned = dataset.trained_items(cfg.refit)
     manifest = export_interest_encoder(
         result.model,
         [item_id if known else "" for item_id, known in zip(dataset.item_ids, learned, strict=True)],
@@ -189,6 +191,7 @@ def train_and_export(
             "history": result.history,
         },
         metrics=result.metrics,
+        fp16=fp16,
     )
     progress(
         f"interest encoder {manifest.version}: validation NDCG@10 {result.metrics['val_ndcg@10']:.4f} "

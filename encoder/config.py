@@ -46,6 +46,8 @@ TEXT_OUTPUT = "sentence_embedding"  # float32 [batch, 384]; "embedding" collides
 OPSET = 18
 BUNDLE_MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
+MODEL_FP16_FILE = "model.fp16.onnx"  # the user tower computing in half precision, for CUDA (same contract)
+PRECISIONS = ("auto", "fp32", "fp16")  # auto: fp16 on CUDA when the bundle has it, else fp32
 TOKENIZER_FILE = "tokenizer.json"
 TEXT_BUNDLE = "text-encoder"  # folder names inside the models directory
 INTEREST_BUNDLE = "interest-encoder"
@@ -75,6 +77,8 @@ class InterestEncoderConfig:
     patience: int = 10  # epochs without a better validation NDCG@10 before stopping
     eval_every: int = 1
     valid_users: int = 4096  # validation users scored each epoch (a seeded sample when there are more)
+    # After early stopping, train afresh on training + validation targets for the best epoch count.
+    refit: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -52,6 +52,11 @@ class Dataset:
     item_texts: list[str] | None = None
     has_time: bool = False
     notes: list[str] = field(default_factory=list)
+    # The training sequences extended by their validation targets: everything before the test
+    # targets. A model refit on them (``--refit``) learns each user's newest transitions too.
+    train_and_valid: list[History] = field(default_factory=list)
+    # Named subsets of the test users (a bool mask over ``test``), each also reported on its own.
+    test_groups: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def n_items(self) -> int:
@@ -72,10 +77,16 @@ class Dataset:
             "time": self.has_time,
         }
 
-    def trained_items(self) -> np.ndarray:
+    def training_sequences(self, refit: bool) -> list[History]:
+        """What a model trains on: the training part, or with ``refit`` also the validation targets."""
+        if refit and not self.train_and_valid:
+            raise ValueError(f"{self.name} has no training + validation sequences to refit on")
+        return self.train_and_valid if refit else self.train
+
+    def trained_items(self, refit: bool = False) -> np.ndarray:
         """Rows that occur in some training sequence; the others are cold for the model."""
         seen = np.zeros(self.n_items, dtype=bool)
-        for history in self.train:
+        for history in self.training_sequences(refit):
             seen[history.items] = True
         return seen
 
@@ -92,14 +103,17 @@ def leave_one_out(
     Users with fewer than three events cannot be split that way; their events still train the model.
     """
     train: list[History] = []
+    train_and_valid: list[History] = []
     valid: list[Example] = []
     test: list[Example] = []
     for user, history in histories.items():
         n = len(history)
         if n >= 3:
             train.append(history.head(n - 2))
+            train_and_valid.append(history.head(n - 1))
             valid.append(Example(user, history.head(n - 2), int(history.items[n - 2])))
             test.append(Example(user, history.head(n - 1), int(history.items[n - 1])))
         elif n:
             train.append(history)
-    return Dataset(name, item_ids, train, valid, test, item_texts, has_time)
+            train_and_valid.append(history)
+    return Dataset(name, item_ids, train, valid, test, item_texts, has_time, train_and_valid=train_and_valid)

@@ -154,10 +154,14 @@ def load_sasrec(path: Path) -> Dataset:
             valid.append(Example(str(user + 1), history, valid_row))
             history = order_only([*history.items.tolist(), valid_row])
         test.append(Example(str(user + 1), history, catalogue.row(test_targets[user][0])))
-    dataset = Dataset(path.name, catalogue.ids, train, valid, test)
+    # Each test history is the user's training line, extended by the validation target where there is one.
+    dataset = Dataset(path.name, catalogue.ids, train, valid, test, train_and_valid=[e.history for e in test])
+    complete = {e.user for e in valid}
+    dataset.test_groups["complete"] = np.array([str(user + 1) in complete for user in range(len(test))])
     dataset.notes.append(
         "ML-1M (gSASRec preparation): apart from the 512 validation users, each user's history lacks the "
-        "item just before the test target, so the task is slightly harder than full leave-one-out."
+        "item just before the test target, so the task is harder than full leave-one-out. The 'complete' "
+        "columns score only those 512 users, whose test histories are complete: the published protocol."
     )
     return dataset
 
@@ -204,7 +208,15 @@ def load_unisrec(path: Path) -> Dataset:
         return out
 
     valid, test = examples("valid"), examples("test")
-    dataset = Dataset(stem, item_ids, [e.history for e in valid], valid, test, [texts[i] for i in item_ids])
+    dataset = Dataset(
+        stem,
+        item_ids,
+        [e.history for e in valid],
+        valid,
+        test,
+        [texts[i] for i in item_ids],
+        train_and_valid=[e.history for e in test],
+    )
     dataset.notes.append(f"{stem}: items only seen as a validation or test target are cold (text only).")
     return dataset
 

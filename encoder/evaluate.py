@@ -45,12 +45,17 @@ class BundleScorer:
         self.users = OnnxInterestEncoder(bundle, provider="cpu")
         items = OnnxItemEncoder(bundle, provider="cpu")
         self.name = f"interest encoder ({self.users.version})"
-        text = None
         if items.reads_text:
             if dataset.item_texts is None or text_embedder is None:
                 raise ValueError("this model reads item text, but the data set has none")
-            text = text_embedder.embed_batch(dataset.item_texts)
-        self.item_vectors = items.encode_batch(dataset.item_ids, text)
+            self.item_vectors = items.encode_batch(dataset.item_ids, text_embedder.embed_batch(dataset.item_texts))
+        else:
+            # An id-only model cannot place an item it never learned: such an item scores 0 for everyone.
+            known = np.array([items.knows(i) for i in dataset.item_ids], dtype=bool)
+            self.item_vectors = np.zeros((dataset.n_items, items.dim), dtype=np.float32)
+            self.item_vectors[known] = items.encode_batch(
+                [i for i, k in zip(dataset.item_ids, known, strict=True) if k]
+            )
 
     def scores(self, histories: Sequence[History]) -> np.ndarray:
         vocabulary = self.users.vocabulary
@@ -115,11 +120,13 @@ def evaluate(
 ) -> Evaluation:
     progress(f"evaluating on {dataset.name}: {len(dataset.test):,} test users, {dataset.n_items:,} items")
     model = BundleScorer(bundle, dataset, text_embedder)
-    scorers: list[Scorer] = [model, *baselines(dataset)]
+    # A refit model also learned the validation targets; the baselines then count them too.
+    refit = bool(model.users.manifest.config.get("refit", False))
+    scorers: list[Scorer] = [model, *baselines(dataset, refit)]
     results = [score_method(s, dataset.test, progress) for s in scorers]
-    trained = dataset.trained_items()
+    trained = dataset.trained_items(refit)
     popularity = np.zeros(dataset.n_items, dtype=np.int64)
-    for history in dataset.train:
+    for history in dataset.training_sequences(refit):
         np.add.at(popularity, history.items, 1)
     targets = np.array([e.target for e in dataset.test])
     lengths = np.array([len(e.history) for e in dataset.test])
@@ -131,6 +138,9 @@ def evaluate(
         if cold.any():
             result.metrics[f"cold_hr@{K}"] = summarize(result.counts.subset(cold))[f"hr@{K}"]
             result.metrics["cold_users"] = float(cold.sum())
+        for group, keep in dataset.test_groups.items():
+            of_group = summarize(result.counts.subset(keep))
+            result.metrics |= {f"{group} {m}": of_group[m] for m in GROUP_METRICS}
     breakdowns = {
         "history length": {r.name: bucketed(r, lengths, LENGTH_BUCKETS) for r in results},
         "target popularity (training occurrences)": {
@@ -141,12 +151,18 @@ def evaluate(
 
 
 COLUMNS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr", "coverage@10", "diversity@10", "cold_hr@10")
+GROUP_METRICS = ("hr@10", "ndcg@10", "users")
+
+
+def group_columns(dataset: Dataset) -> list[str]:
+    return [f"{group} {m}" for group in dataset.test_groups for m in GROUP_METRICS if m != "users"]
 
 
 def write_report(evaluation: Evaluation, folder: Path, command: str) -> Path:
     """report.md with the tables and plots, and results.json with every number."""
     folder.mkdir(parents=True, exist_ok=True)
     columns = [c for c in COLUMNS if any(c in r.metrics for r in evaluation.results)]
+    columns += group_columns(evaluation.dataset)
     lines = [
         f"# Evaluation on {evaluation.dataset.name}",
         "",
@@ -174,6 +190,8 @@ def write_report(evaluation: Evaluation, folder: Path, command: str) -> Path:
     lines += [f"Note: {n}" for n in evaluation.dataset.notes]
     if "cold_hr@10" in columns:
         lines.append("cold_hr@10: Recall@10 over users whose test item never occurs in training.")
+    for group, keep in evaluation.dataset.test_groups.items():
+        lines.append(f"{group}: the {int(keep.sum()):,} test users of the group '{group}' alone.")
     lines.append("diversity@10: mean pairwise cosine distance of the top 10, measured with the model's item vectors.")
     for title, per_method in evaluation.breakdowns.items():
         lines += ["", f"## NDCG@10 by {title}", "", "| bucket | users | " + " | ".join(per_method) + " |"]

@@ -9,6 +9,7 @@ padded rows and a lone user included.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from encoder.config import (
     ITEM_TEXT_INPUT,
     ITEM_TOWER_FILE,
     MODEL_FILE,
+    MODEL_FP16_FILE,
     OPSET,
     BundleManifest,
     InterestEncoderConfig,
@@ -37,6 +39,9 @@ from encoder.model import InterestEncoder, ItemTower
 from streams.errors import ModelError
 
 PARITY_TOLERANCE = 1e-4  # max abs difference between torch and ONNX Runtime outputs (scores are unnormalised)
+# Half precision keeps ~3 significant digits: its user vectors may differ from the float32 torch
+# model's by this share of the largest output value.
+FP16_RELATIVE_TOLERANCE = 5e-3
 PARITY_SHAPES = ((1, 1), (1, 50), (3, 7), (7, 50), (16, 23))  # (batch, longest window)
 DYNAMIC_AXES = {"batch", "length", "items", "tokens"}
 
@@ -70,24 +75,67 @@ def item_tower_inputs(cfg: InterestEncoderConfig) -> dict[str, tuple[str, tuple[
     return dict([ITEM_INDEX_INPUT, ITEM_TEXT_INPUT] if cfg.text_dim else [ITEM_INDEX_INPUT])
 
 
-def check_user_parity(model: InterestEncoder, onnx_path: Path) -> float:
+class HalfPrecision(nn.Module):
+    """The user tower computing in float16 behind the float32 contract: inputs are cast on the way
+    in (ages only after the gap feature is taken) and the user vector on the way out."""
+
+    def __init__(self, model: InterestEncoder) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).half()
+
+    def forward(
+        self, item_vectors: torch.Tensor, event_types: torch.Tensor, ages_s: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        return self.model(item_vectors.half(), event_types, ages_s, mask).float()
+
+
+def check_user_parity(model: InterestEncoder, onnx_path: Path, provider: str = "cpu") -> tuple[float, float]:
+    """The largest absolute difference from the float32 torch model, and the largest output value."""
     from encoder.runtime import make_session
 
-    session = make_session(onnx_path, "cpu")
-    worst = 0.0
+    session = make_session(onnx_path, provider)
+    worst, scale = 0.0, 0.0
     for seed, (batch, length) in enumerate(PARITY_SHAPES):
         inputs = random_inputs(model.cfg, batch, min(length, model.cfg.max_len), seed)
         with torch.no_grad():
             expected = model(*to_tensors(inputs)).numpy()
         got = session.run([INTEREST_OUTPUT], inputs.as_feed())[0]
-        worst = max(worst, float(np.abs(expected - got).max()))
+        worst, scale = max(worst, float(np.abs(expected - got).max())), max(scale, float(np.abs(expected).max()))
         # A user alone must get the same vector as inside a padded batch.
         real = int(inputs.mask[0].sum())
         alone = EncoderInputs(
             *(a[:1, -real:] for a in (inputs.item_vectors, inputs.event_types, inputs.ages_s, inputs.mask))
         )
         worst = max(worst, float(np.abs(session.run([INTEREST_OUTPUT], alone.as_feed())[0] - expected[:1]).max()))
-    return worst
+    return worst, scale
+
+
+def export_half_precision(model: InterestEncoder, folder: Path) -> dict[str, Any]:
+    """``model.fp16.onnx`` beside the float32 user tower, checked against the float32 torch model
+    on CUDA when ONNX Runtime has it (where it is meant to run), else on CPU."""
+    from encoder.runtime import cuda_available
+
+    path = folder / MODEL_FP16_FILE
+    export_onnx(
+        HalfPrecision(model).eval(),
+        to_tensors(random_inputs(model.cfg, 2, 5, 123)),
+        path,
+        INTEREST_INPUTS,
+        INTEREST_OUTPUT,
+    )
+    provider = "cuda" if cuda_available() else "cpu"
+    diff, scale = check_user_parity(model, path, provider)
+    if diff > FP16_RELATIVE_TOLERANCE * scale:
+        raise ModelError(
+            f"the float16 user tower differs from torch by {diff:.2e}, over {FP16_RELATIVE_TOLERANCE:.0e} of the "
+            f"largest output ({scale:.2f})"
+        )
+    return {
+        "max_abs_diff": diff,
+        "max_abs_output": scale,
+        "relative_tolerance": FP16_RELATIVE_TOLERANCE,
+        "on": provider,
+    }
 
 
 def check_item_parity(tower: ItemTower, onnx_path: Path) -> float:
@@ -131,7 +179,9 @@ def export_interest_encoder(
     bundle: Path,
     training: dict[str, Any],
     metrics: dict[str, Any],
+    fp16: bool = False,
 ) -> BundleManifest:
+    """``fp16`` adds ``model.fp16.onnx``, the user tower a CUDA worker runs by default."""
     model = model.cpu().eval()
     cfg = model.cfg
     if cfg.n_items not in (0, len(item_ids)):
@@ -145,7 +195,7 @@ def export_interest_encoder(
         export_onnx(model.items, sample_items, staging / ITEM_TOWER_FILE, item_inputs, ITEM_OUTPUT)
         (staging / ITEM_IDS_FILE).write_text("".join(f"{i}\n" for i in item_ids))
         user_parity, item_parity = (
-            check_user_parity(model, staging / MODEL_FILE),
+            check_user_parity(model, staging / MODEL_FILE)[0],
             check_item_parity(model.items, staging / ITEM_TOWER_FILE),
         )
         for name, diff in (("user", user_parity), ("item", item_parity)):
@@ -153,6 +203,7 @@ def export_interest_encoder(
                 raise ModelError(
                     f"{name} tower ONNX output differs from torch by {diff:.2e} (> {PARITY_TOLERANCE:.0e})"
                 )
+        half = export_half_precision(model, staging) if fp16 else None
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         manifest = BundleManifest(
             kind="interest-encoder",
@@ -168,6 +219,7 @@ def export_interest_encoder(
                 "max_abs_diff": user_parity,
                 "tolerance": PARITY_TOLERANCE,
                 "shapes": [list(s) for s in PARITY_SHAPES],
+                **({"fp16": half} if half else {}),
             },
             item_tower={
                 "inputs": {k: list(v) for k, v in item_inputs.items()},

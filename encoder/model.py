@@ -138,7 +138,8 @@ class InterestEncoder(nn.Module):
         x = (
             item_vectors * math.sqrt(self.cfg.d_model)
             + self.type_emb(event_types)
-            + self.gap_proj(gap_features[..., None])
+            # Ages stay float32 (in half precision they overflow after 18 hours); only the feature is cast.
+            + self.gap_proj(gap_features[..., None].to(item_vectors.dtype))
             + self.position_emb(positions)
         )
         x = self.dropout(x) * mask[..., None].to(x.dtype)

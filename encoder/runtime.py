@@ -23,6 +23,8 @@ from encoder.config import (
     ITEM_TEXT_INPUT,
     ITEM_TOWER_FILE,
     MODEL_FILE,
+    MODEL_FP16_FILE,
+    PRECISIONS,
     TEXT_OUTPUT,
     TOKENIZER_FILE,
     BundleManifest,
@@ -38,6 +40,10 @@ TEXT_MAX_TOKENS = 256
 
 def gpu_driver_present() -> bool:
     return Path("/proc/driver/nvidia/version").exists()
+
+
+def cuda_available() -> bool:
+    return gpu_driver_present() and CUDA in ort.get_available_providers()
 
 
 def make_session(model_path: Path, provider: str = "auto", intra_op_threads: int = 0) -> ort.InferenceSession:
@@ -93,14 +99,25 @@ class OnnxTextEmbedder:
 class OnnxInterestEncoder:
     """The exported interest encoder: windows (as ``EncoderInputs``) → user vectors."""
 
-    def __init__(self, bundle: Path, provider: str = "auto", intra_op_threads: int = 0) -> None:
+    def __init__(
+        self, bundle: Path, provider: str = "auto", intra_op_threads: int = 0, precision: str = "auto"
+    ) -> None:
         self.manifest = BundleManifest.read(bundle, "interest-encoder")
         self.config = InterestEncoderConfig.from_dict(self.manifest.config)
         self.vocabulary = EventTypeVocabulary(self.config.event_types)
         self.dim = self.manifest.dim
         self.version = self.manifest.version
         self.max_len = self.config.max_len
-        self._session = make_session(bundle / MODEL_FILE, provider, intra_op_threads)
+        if precision not in PRECISIONS:
+            raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        has_fp16 = MODEL_FP16_FILE in self.manifest.files
+        if precision == "fp16" and not has_fp16:
+            raise ModelError(f"{bundle} has no float16 user tower ({MODEL_FP16_FILE}); export it with --fp16")
+        on_cuda = provider == "cuda" or (provider == "auto" and cuda_available())
+        # Half precision pays on a GPU's tensor cores; on a CPU it only adds casts.
+        self.precision = "fp16" if precision == "fp16" or (precision == "auto" and on_cuda and has_fp16) else "fp32"
+        model_file = MODEL_FP16_FILE if self.precision == "fp16" else MODEL_FILE
+        self._session = make_session(bundle / model_file, provider, intra_op_threads)
         self.provider = self._session.get_providers()[0]
 
     def encode_batch(self, inputs: EncoderInputs) -> np.ndarray:

@@ -82,8 +82,10 @@ class CatalogueTensors:
     its id embedding would only ever be pushed down as a negative, so it is placed by its text.
     """
 
-    def __init__(self, dataset: Dataset, text_vectors: np.ndarray | None, device: torch.device) -> None:
-        learned = torch.from_numpy(dataset.trained_items()).to(device)
+    def __init__(
+        self, dataset: Dataset, text_vectors: np.ndarray | None, device: torch.device, refit: bool = False
+    ) -> None:
+        learned = torch.from_numpy(dataset.trained_items(refit)).to(device)
         self.index = torch.arange(1, dataset.n_items + 1, device=device) * learned
         # Indexed by model item index: row 0 (padding / unseen) reads a zero text vector.
         self.text_by_index = (
@@ -179,6 +181,39 @@ class TrainingSequences:
         return batch, torch.from_numpy(targets)
 
 
+def train_epoch(
+    model: InterestEncoder,
+    optimizer: torch.optim.Optimizer,
+    sequences: TrainingSequences,
+    catalogue: CatalogueTensors,
+    shuffler: random.Random,
+    device: torch.device,
+) -> float:
+    """One pass over the training sequences; the mean loss."""
+    cfg = model.cfg
+    model.train()
+    total = 0.0
+    batches = sequences.epoch_batches(cfg.batch_size, shuffler)
+    for rows in batches:
+        batch, targets = sequences.batch(rows)
+        batch, targets = batch.to(device), targets.to(device)
+        hidden = model.hidden_states(
+            catalogue.inputs(model, batch.items, cfg.id_dropout), batch.types, batch.ages_s, batch.mask
+        )
+        loss = next_item_loss(hidden, targets, catalogue.all_items(model), cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+    return total / len(batches)
+
+
+def fresh_model(cfg: InterestEncoderConfig, device: torch.device) -> tuple[InterestEncoder, torch.optim.Optimizer]:
+    seed_everything(cfg.seed)
+    model = InterestEncoder(cfg).to(device)
+    return model, torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
 def train_interest_encoder(
     dataset: Dataset,
     cfg: InterestEncoderConfig,
@@ -190,10 +225,9 @@ def train_interest_encoder(
         raise ValueError("text vectors must be given exactly when the config has text_dim > 0")
     if cfg.n_items not in (0, dataset.n_items):
         raise ValueError(f"config has {cfg.n_items} item ids, the data set {dataset.n_items}")
-    seed_everything(cfg.seed)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     started = time.perf_counter()
-    model = InterestEncoder(cfg).to(dev)
+    model, optimizer = fresh_model(cfg, dev)
     vocabulary = EventTypeVocabulary(cfg.event_types)
     catalogue = CatalogueTensors(dataset, text_vectors, dev)
     sequences = TrainingSequences(dataset.train, vocabulary, cfg.max_len)
@@ -203,34 +237,17 @@ def train_interest_encoder(
         valid = shuffler.sample(valid, cfg.valid_users)
     if not valid:
         raise ValueError("training needs validation examples (users with at least 3 events)")
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     steps = math.ceil(len(sequences) / cfg.batch_size)
     progress(
         f"training on {dev}: {len(sequences):,} sequences, {dataset.n_items:,} items, "
         f"{cfg.loss} softmax, up to {cfg.epochs} epochs × {steps} steps; validating on {len(valid):,} users"
     )
     best_state, best_score, stale, log = copy.deepcopy(model.state_dict()), -1.0, 0, []
-    model.train()
     epoch = 0
     for epoch in range(1, cfg.epochs + 1):
-        epoch_loss, epoch_start = 0.0, time.perf_counter()
-        batches = sequences.epoch_batches(cfg.batch_size, shuffler)
-        for rows in batches:
-            batch, targets = sequences.batch(rows)
-            batch, targets = batch.to(dev), targets.to(dev)
-            hidden = model.hidden_states(
-                catalogue.inputs(model, batch.items, cfg.id_dropout), batch.types, batch.ages_s, batch.mask
-            )
-            loss = next_item_loss(hidden, targets, catalogue.all_items(model), cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            epoch_loss += loss.item()
-        row = {
-            "epoch": float(epoch),
-            "train_loss": epoch_loss / len(batches),
-            "seconds": time.perf_counter() - epoch_start,
-        }
+        epoch_start = time.perf_counter()
+        row = {"epoch": float(epoch), "train_loss": train_epoch(model, optimizer, sequences, catalogue, shuffler, dev)}
+        row["seconds"] = time.perf_counter() - epoch_start
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             row.update(summarize(rank_examples(model, catalogue, valid, vocabulary, dev), prefix="val_"))
             improved = row["val_ndcg@10"] > best_score
@@ -246,8 +263,35 @@ def train_interest_encoder(
         if stale >= cfg.patience:
             progress(f"early stop: validation NDCG@10 has not improved for {cfg.patience} evaluations")
             break
-    model.load_state_dict(best_state)
-    model.eval()
     best = max((r for r in log if "val_ndcg@10" in r), key=lambda r: r["val_ndcg@10"])
     metrics = {k: v for k, v in best.items() if k.startswith("val_")} | {"best_epoch": best["epoch"]}
+    if cfg.refit:
+        model = refit(dataset, cfg, text_vectors, int(best["epoch"]), dev, progress)
+    else:
+        model.load_state_dict(best_state)
+    model.eval()
     return TrainingResult(model.cpu(), log, metrics, time.perf_counter() - started, str(dev), epoch)
+
+
+def refit(
+    dataset: Dataset,
+    cfg: InterestEncoderConfig,
+    text_vectors: np.ndarray | None,
+    epochs: int,
+    device: torch.device,
+    progress: Progress,
+) -> InterestEncoder:
+    """The final model: trained afresh, with the same seed, on training + validation targets for
+    the epoch count validation chose. Validation users can no longer score it (it saw their targets)."""
+    model, optimizer = fresh_model(cfg, device)
+    catalogue = CatalogueTensors(dataset, text_vectors, device, refit=True)
+    sequences = TrainingSequences(
+        dataset.training_sequences(refit=True), EventTypeVocabulary(cfg.event_types), cfg.max_len
+    )
+    shuffler = random.Random(cfg.seed)
+    progress(f"refit on training + validation targets: {len(sequences):,} sequences, {epochs} epochs")
+    for epoch in range(1, epochs + 1):
+        loss = train_epoch(model, optimizer, sequences, catalogue, shuffler, device)
+        if epoch % 10 == 0 or epoch == epochs:
+            progress(f"refit epoch {epoch}/{epochs}  loss {loss:.4f}")
+    return model

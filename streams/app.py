@@ -40,7 +40,12 @@ class Components:
 def load_components(settings: Settings) -> Components:
     models = settings.models_path
     threads = settings.encoder_threads
-    interest = OnnxInterestEncoder(models / INTEREST_BUNDLE, settings.encoder_provider, intra_op_threads=threads)
+    interest = OnnxInterestEncoder(
+        models / INTEREST_BUNDLE,
+        settings.encoder_provider,
+        intra_op_threads=threads,
+        precision=settings.encoder_precision,
+    )
     items = OnnxItemEncoder(models / INTEREST_BUNDLE, settings.encoder_provider, intra_op_threads=threads)
     text = OnnxTextEmbedder(models / TEXT_BUNDLE, settings.encoder_provider)
     if items.reads_text and items.text_dim != text.dim:

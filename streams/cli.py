@@ -99,6 +99,8 @@ MODEL_FLAGS = {  # flag → (config field, type, help); unset flags keep the con
     "negatives": (int, "negatives per batch for the sampled loss"),
     "id_dropout": (float, "share of items trained without their id, so the text path stands alone"),
     "valid_users": (int, "validation users scored each epoch"),
+    "weight_decay": (float, "Adam weight decay"),
+    "refit": (bool, "after early stopping, train afresh on training + validation targets for the best epoch count"),
     "seed": (int, "random seed"),
 }
 
@@ -157,7 +159,7 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
         _say(f"embedding the text of {dataset.n_items:,} items…")
         text_vectors = embedder.embed_batch(dataset.item_texts)
     bundle = args.out or settings.models_path / f"interest-encoder-{dataset.name}"
-    train_and_export(dataset, cfg, bundle, text_vectors, fingerprint(cfg, dataset.describe()), _say)
+    train_and_export(dataset, cfg, bundle, text_vectors, fingerprint(cfg, dataset.describe()), _say, fp16=args.fp16)
     print(f"interest encoder bundle: {bundle}")
     return 0
 
@@ -181,6 +183,11 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
             f"{r.name:<{width}}  {m['hr@10']:9.4f}  {m['ndcg@10']:7.4f}  {m['hr@20']:9.4f}  {m['ndcg@20']:7.4f}  "
             f"{m['mrr']:6.4f}"
         )
+    for group in evaluation.dataset.test_groups:
+        print(f"{group} users only:")
+        for r in evaluation.results:
+            m = r.metrics
+            print(f"{r.name:<{width}}  {m[group + ' hr@10']:9.4f}  {m[group + ' ndcg@10']:7.4f}")
     print(f"report: {report}")
     return 0
 
@@ -211,6 +218,20 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     )
     tally = run_demo(settings, options, _say)
     return 0 if len(tally.covered) >= tally.sent - tally.bad_sent else 1
+
+
+def cmd_bench_encoder(settings: Settings, args: argparse.Namespace) -> int:
+    from encoder.speed import format_table, run_encoder_bench
+
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        raise ConfigError(f"bench-encoder: --batches must be comma-separated integers, got {args.batches!r}") from None
+    if not batches or min(batches) < 1 or args.length < 1 or args.seconds <= 0:
+        raise ConfigError("bench-encoder: batches and --length must be >= 1, --seconds > 0")
+    rows = run_encoder_bench(args.bundle, batches, args.length, args.seconds, settings.encoder_threads, _say)
+    print(format_table(rows, args.length))
+    return 0
 
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
@@ -270,8 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train-users", type=int, default=300, help="generated users to train on")
     train.add_argument("--events-per-user", type=int, default=40, help="history length of each training user")
     train.add_argument("--force", action="store_true", help="retrain even if an identical bundle exists")
+    train.add_argument("--fp16", action="store_true", help="also export the float16 user tower (for CUDA workers)")
     for name, (kind, text) in MODEL_FLAGS.items():
-        train.add_argument(_flag(name), type=kind, default=None, help=text)
+        if kind is bool:
+            train.add_argument(_flag(name), action="store_const", const=True, default=None, help=text)
+        else:
+            train.add_argument(_flag(name), type=kind, default=None, help=text)
     train.set_defaults(run=cmd_train)
 
     evaluate = sub.add_parser(
@@ -301,6 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=1, help="worker processes (one per core)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the generated events")
     bench.set_defaults(run=cmd_bench)
+
+    bench_encoder = sub.add_parser(
+        "bench-encoder",
+        help="user vectors/s of the interest encoder on CPU, and on CUDA in float32 and float16 where present",
+        description="Threads per call are the global --encoder-threads setting.",
+    )
+    bench_encoder.add_argument("--bundle", type=Path, help="an exported bundle (default: untrained, stream-shaped)")
+    bench_encoder.add_argument("--batches", default="1,64,256,1024", help="comma-separated windows per call")
+    bench_encoder.add_argument("--length", type=int, default=50, help="events per window")
+    bench_encoder.add_argument("--seconds", type=float, default=2.0, help="timed seconds per row")
+    bench_encoder.set_defaults(run=cmd_bench_encoder)
 
     demo = sub.add_parser("demo", help="broker + topics + models + worker + live stream, with a summary")
     demo.add_argument("--events", type=int, default=3000, help="events to stream")

@@ -71,6 +71,8 @@ class Settings:
     # Models. Empty dir means <home>/models.
     model_dir: str = ""
     encoder_provider: str = "auto"
+    # auto: the bundle's float16 user tower on CUDA when it has one, else float32.
+    encoder_precision: str = "auto"
     # ONNX Runtime threads per encoder call (0: one per core; 1 when running one worker per core).
     encoder_threads: int = 0
     # The user window and the recommendation list.
@@ -145,6 +147,10 @@ class Settings:
             raise ConfigError(f"{ENV_PREFIX}ITEM_CACHE_TTL_S must be >= 0, got {self.item_cache_ttl_s}")
         if self.batch_within_s <= 0:
             raise ConfigError(f"{ENV_PREFIX}BATCH_WITHIN_S must be > 0, got {self.batch_within_s}")
+        if self.encoder_precision not in ("auto", "fp32", "fp16"):
+            raise ConfigError(
+                f"{ENV_PREFIX}ENCODER_PRECISION must be auto, fp32 or fp16, got {self.encoder_precision!r}"
+            )
         if self.encoder_provider not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"{ENV_PREFIX}ENCODER_PROVIDER must be auto, cpu or cuda, got {self.encoder_provider!r}")
         if not self.table_store.startswith(("memory://", "rocksdb://", "rocksdict://")):

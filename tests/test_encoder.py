@@ -15,12 +15,19 @@ import torch
 from encoder.build import catalogue_walks, train_and_export, workload_dataset, workload_histories
 from encoder.config import INTEREST_BUNDLE, ITEM_IDS_FILE, TEXT_BUNDLE, InterestEncoderConfig
 from encoder.data import Dataset, History, leave_one_out
-from encoder.export import PARITY_TOLERANCE, export_interest_encoder, random_inputs, to_tensors
+from encoder.export import (
+    FP16_RELATIVE_TOLERANCE,
+    PARITY_TOLERANCE,
+    export_interest_encoder,
+    random_inputs,
+    to_tensors,
+)
 from encoder.features import EventTypeVocabulary, WindowArrays, assemble_inputs
 from encoder.metrics import summarize
 from encoder.model import InterestEncoder
 from encoder.runtime import OnnxInterestEncoder, OnnxItemEncoder, OnnxTextEmbedder
 from encoder.train import CatalogueTensors, TrainingResult, rank_examples, train_interest_encoder
+from streams.cli import main
 from streams.errors import ModelError
 from streams.records import EVENT_TYPES
 from streams.workload import Workload, WorkloadConfig
@@ -145,6 +152,37 @@ def test_both_towers_onnx_match_torch(tmp_path: Path, trained: tuple[Dataset, np
         known = tower(torch.tensor([4]), torch.from_numpy(text[[3]])).numpy()
         text_only = tower(torch.tensor([0]), torch.from_numpy(text[[3]])).numpy()
     np.testing.assert_allclose(got, np.concatenate([known, text_only]), atol=PARITY_TOLERANCE, rtol=0)
+
+
+def test_float16_user_tower_matches_float32_and_is_chosen_only_where_it_pays(
+    tmp_path: Path, trained: tuple[Dataset, np.ndarray, TrainingResult], capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, _, result = trained
+    bundle = tmp_path / "bundle"
+    manifest = export_interest_encoder(result.model, data.item_ids, bundle, {"fingerprint": "t"}, {}, fp16=True)
+    half = manifest.parity["fp16"]
+    assert 0 < half["max_abs_diff"] <= FP16_RELATIVE_TOLERANCE * half["max_abs_output"]
+    assert "model.fp16.onnx" in manifest.files
+    automatic = OnnxInterestEncoder(bundle, provider="cpu")
+    forced = OnnxInterestEncoder(bundle, provider="cpu", precision="fp16")
+    assert (automatic.precision, forced.precision) == ("fp32", "fp16")  # on a CPU, auto keeps float32
+    # Ages of up to a day (beyond float16's range in seconds) must not overflow.
+    inputs = random_inputs(TINY, 9, 12, seed=5)
+    assert inputs.ages_s.max() > 65_504
+    np.testing.assert_allclose(
+        forced.encode_batch(inputs),
+        automatic.encode_batch(inputs),
+        atol=FP16_RELATIVE_TOLERANCE * half["max_abs_output"],
+    )
+    # The encoder benchmark measures what this machine has: here, CPU float32.
+    assert main(["bench-encoder", "--bundle", str(bundle), "--batches", "1,4", "--seconds", "0.01"]) == 0
+    table = capsys.readouterr().out
+    assert "user vectors/s" in table and "CPU      fp32" in table
+    assert main(["bench-encoder", "--batches", "1,x"]) == 2
+    plain = tmp_path / "plain"
+    export_interest_encoder(result.model, data.item_ids, plain, {"fingerprint": "t"}, {})
+    with pytest.raises(ModelError, match="no float16 user tower"):
+        OnnxInterestEncoder(plain, provider="cpu", precision="fp16")
 
 
 def test_id_only_bundle_refuses_items_it_never_learned(tmp_path: Path) -> None:

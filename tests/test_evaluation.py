@@ -15,6 +15,7 @@ import pytest
 from encoder.baselines import ItemCooccurrence, Popularity, RecentPopularity
 from encoder.data import History, leave_one_out
 from encoder.datasets import load_dataset
+from encoder.evaluate import BundleScorer
 from encoder.metrics import RankCounts, coverage, intra_list_diversity, summarize, top_k
 from streams.cli import main
 from streams.errors import DataError
@@ -92,6 +93,9 @@ def test_s3rec_loader_and_leave_one_out(tmp_path: Path) -> None:
     assert [len(h) for h in data.train] == [2, 1, 2]  # u3 is too short to split: all of it trains
     assert [(e.user, e.target) for e in data.test] == [("u1", 3), ("u2", 4)]
     assert [e.history.items.tolist() for e in data.valid] == [[0, 1], [1]]
+    # A refit trains on everything before the test targets.
+    assert [h.items.tolist() for h in data.training_sequences(refit=True)] == [[0, 1, 2], [1, 2], [0, 4]]
+    assert data.trained_items(refit=True).tolist() == [True, True, True, False, True]
     file.write_text("u1 10 11\nu1 12 13\n")
     with pytest.raises(DataError, match=re.escape("Tiny.txt:2: user u1 appears twice")):
         load_dataset(file, "s3rec")
@@ -111,6 +115,11 @@ def test_sasrec_loader_uses_the_validation_users_full_history(tmp_path: Path) ->
     assert [ids[i] for i in data.test[0].history.items] == ["1", "2", "3", "6", "7"]
     assert ids[data.test[0].target] == "9" and ids[data.valid[0].target] == "7"
     assert [ids[i] for i in data.test[1].history.items] == ["4", "5"]
+    assert data.test_groups["complete"].tolist() == [True, False]  # only user 1's history is complete
+    assert [[ids[i] for i in h.items] for h in data.training_sequences(refit=True)] == [
+        ["1", "2", "3", "6", "7"],
+        ["4", "5"],
+    ]
     (tmp_path / "val/input.txt").write_text("1 2 9 9\n")
     with pytest.raises(DataError, match="matches no single training line"):
         load_dataset(tmp_path, "sasrec")
@@ -125,6 +134,7 @@ def test_unisrec_loader_reads_text_and_marks_cold_items(tmp_path: Path) -> None:
     data = load_dataset(tmp_path, "unisrec")
     assert data.item_texts == ["glue. tools.", "tape.", "saw."]
     assert data.trained_items().tolist() == [True, False, False]
+    assert data.trained_items(refit=True).tolist() == [True, True, False]
     (tmp_path / "X.test.inter").write_text(header + "0\t0 1\t7\n")
     with pytest.raises(DataError, match=re.escape("X.test.inter:2: item index outside")):
         load_dataset(tmp_path, "unisrec")
@@ -220,6 +230,36 @@ def test_train_export_evaluate_beats_popularity_by_far(tmp_path: Path, capsys: p
     for plot in ("training.png", "by-length.png", "by-popularity.png"):
         assert (report / plot).stat().st_size > 1000
     assert "report:" in capsys.readouterr().out
+
+
+def test_refit_trains_on_validation_targets_and_baselines_follow(tmp_path: Path) -> None:
+    data = tmp_path / "events.csv"
+    _sequential_csv(data, users=120)
+    bundle, report = tmp_path / "bundle", tmp_path / "report"
+    flags = ["--d-model", "16", "--epochs", "3", "--patience", "1", "--max-len", "10", "--no-text"]
+    assert main(["train", "--data", str(data), "--out", str(bundle), "--refit", *flags]) == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["config"]["refit"] is True
+    assert main(["evaluate", "--data", str(data), "--bundle", str(bundle), "--report", str(report)]) == 0
+    results = json.loads((report / "results.json").read_text())
+    dataset = load_dataset(data, "generic")
+    # The baselines were fitted on what the refit model saw: the validation targets count.
+    refit_popularity = Popularity(dataset, refit=True)
+    plain_popularity = Popularity(dataset)
+    assert refit_popularity.counts.sum() == plain_popularity.counts.sum() + len(dataset.valid)
+    assert "popularity" in {m["method"] for m in results["methods"]}
+
+
+def test_id_only_model_scores_items_it_never_learned_as_zero(tmp_path: Path) -> None:
+    file = tmp_path / "Tiny.txt"
+    # Items 13 and 14 are only ever a validation or test target: an id-only model never learns them.
+    file.write_text("".join(f"u{u} 10 11 12 {13 + u % 2} {14 - u % 2}\n" for u in range(6)))
+    bundle = tmp_path / "bundle"
+    flags = ["--d-model", "8", "--n-heads", "1", "--epochs", "1", "--max-len", "5"]
+    assert main(["train", "--data", str(file), "--format", "s3rec", "--out", str(bundle), *flags]) == 0
+    scorer = BundleScorer(bundle, load_dataset(file, "s3rec"), None)
+    assert np.abs(scorer.item_vectors[:3]).sum(axis=1).min() > 0
+    assert not scorer.item_vectors[3:].any()
 
 
 def test_cli_data_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
