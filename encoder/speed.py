@@ -71,39 +71,6 @@ def variants(bundle: Path) -> list[tuple[str, str]]:
     return found
 
 
-def measure(
-    bundle: Path,
-    batches: Sequence[int],
-    length: int,
-    seconds: float,
-    threads: int,
-    progress: Callable[[str], None] = lambda _msg: None,
-) -> list[SpeedRow]:
-    rows: list[SpeedRow] = []
-    baseline: dict[int, float] = {}
-    for provider, precision in variants(bundle):
-        encoder = OnnxInterestEncoder(bundle, provider, intra_op_threads=threads, precision=precision)
-        for batch in batches:
-            inputs = full_windows(encoder.config, batch, min(length, encoder.max_len))
-            times = time_calls(encoder, inputs, seconds)
-            per_s = batch * len(times) / sum(times)
-            baseline.setdefault(batch, per_s)  # the first variant is CPU float32
-            quantiles = statistics.quantiles(times, n=100)
-            rows.append(
-                SpeedRow(
-                    encoder.provider.removesuffix("ExecutionProvider"),
-                    encoder.precision,
-                    batch,
-                    per_s,
-                    1000 * statistics.median(times),
-                    1000 * quantiles[98],
-                    per_s / baseline[batch],
-                )
-            )
-            progress(f"  {rows[-1].provider} {precision} batch {batch}: {per_s:,.0f} user vectors/s")
-    return rows
-
-
 def untrained_stream_bundle(folder: Path, max_len: int) -> Path:
     """An untrained id-only model of the stream's architecture, exported with its float16 tower."""
     from encoder.build import stream_encoder_config
@@ -128,7 +95,28 @@ def run_encoder_bench(
         if bundle is None:
             progress("exporting an untrained model of the stream's architecture (weights do not change the cost)…")
             bundle = untrained_stream_bundle(Path(scratch), length)
-        return measure(bundle, batches, length, seconds, threads, progress)
+        rows: list[SpeedRow] = []
+        baseline: dict[int, float] = {}
+        for provider, precision in variants(bundle):
+            encoder = OnnxInterestEncoder(bundle, provider, intra_op_threads=threads, precision=precision)
+            for batch in batches:
+                inputs = full_windows(encoder.config, batch, min(length, encoder.max_len))
+                times = time_calls(encoder, inputs, seconds)
+                per_s = batch * len(times) / sum(times)
+                baseline.setdefault(batch, per_s)  # the first variant is CPU float32
+                rows.append(
+                    SpeedRow(
+                        encoder.provider.removesuffix("ExecutionProvider"),
+                        encoder.precision,
+                        batch,
+                        per_s,
+                        1000 * statistics.median(times),
+                        1000 * statistics.quantiles(times, n=100)[98],
+                        per_s / baseline[batch],
+                    )
+                )
+                progress(f"  {rows[-1].provider} {precision} batch {batch}: {per_s:,.0f} user vectors/s")
+        return rows
 
 
 def format_table(rows: Sequence[SpeedRow], length: int) -> str:
