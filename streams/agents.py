@@ -23,9 +23,9 @@ from streams.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def _raw_topic(app: faust.App, name: str) -> faust.TopicT:
+def _raw_topic(app: faust.App, *names: str) -> faust.TopicT:
     """Bytes in, bytes out: validation is ours (streams.records), not a Faust codec's."""
-    return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
 
 def _incoming(events: Sequence[Any]) -> list[IncomingMessage]:
@@ -46,7 +46,9 @@ def register_agents(
     events: EventBatchProcessor,
     catalog: CatalogBatchProcessor,
 ) -> None:
-    events_topic = _raw_topic(app, settings.events_topic)
+    # Control commands are keyed and partitioned like the events, and read by the same agent, so a
+    # forget-user is ordered with the user's events and touches the window no other code is writing.
+    events_topic = _raw_topic(app, settings.events_topic, settings.control_topic)
     items_topic = _raw_topic(app, settings.items_topic)
     recommendations_topic = _raw_topic(app, settings.recommendations_topic)
     deadletter_topic = _raw_topic(app, settings.deadletter_topic)
@@ -80,6 +82,8 @@ def register_agents(
             with stage("state"):
                 for user_id, stored_window in outcome.windows.items():
                     windows[user_id.encode("utf-8")] = stored_window
+                for user_id in outcome.forgotten:
+                    windows.pop(user_id.encode("utf-8"), None)  # a tombstone in the changelog
             with stage("produce"):
                 for rec in outcome.recommendations:
                     await recommendations_topic.send(key=rec.user_id.encode("utf-8"), value=encode_recommendation(rec))

@@ -94,6 +94,7 @@ def build_app(settings: Settings, components: Components) -> faust.App:
         WindowLimits(settings.window_size, settings.window_horizon_s * 1000, settings.dedup_capacity),
         limits,
         components.clock,
+        control_topic=settings.control_topic,
     )
     catalog = CatalogBatchProcessor(
         components.text_embedder,

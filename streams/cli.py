@@ -85,6 +85,24 @@ def cmd_topics(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
+    import time
+
+    from streams.kafka_io import make_producer, publish_forget_users
+
+    for user_id in args.user_ids:
+        if not user_id or len(user_id) > settings.max_id_chars:
+            raise ConfigError(f"forget: user ids must have 1 to {settings.max_id_chars} characters")
+    producer = make_producer(settings)
+    try:
+        publish_forget_users(producer, settings.control_topic, args.user_ids, int(time.time() * 1000))
+        producer.flush()
+    finally:
+        producer.close()
+    print(f"forget-user sent to {settings.control_topic} for {len(args.user_ids)} user(s)")
+    return 0
+
+
 MODEL_FLAGS = {  # flag → (config field, type, help); unset flags keep the config's defaults
     "d_model": (int, "width of the towers"),
     "n_layers": (int, "transformer blocks"),
@@ -306,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--bundle", type=Path, required=True, help="the exported interest-encoder bundle")
     evaluate.add_argument("--report", type=Path, default=Path("report"), help="folder for report.md, plots, JSON")
     evaluate.set_defaults(run=cmd_evaluate)
+
+    forget = sub.add_parser(
+        "forget",
+        help="forget users: their windows, vectors and cached state are deleted; later events start afresh",
+    )
+    forget.add_argument("user_ids", nargs="+", metavar="USER_ID")
+    forget.set_defaults(run=cmd_forget)
 
     sub.add_parser("worker", help="run a stream worker (scale out: one per core, same app id)").set_defaults(
         run=cmd_worker

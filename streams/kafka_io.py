@@ -10,7 +10,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
 from streams.errors import BrokerError
-from streams.records import Event, Item, encode_event, encode_item
+from streams.records import ControlCommand, Event, Item, encode_control, encode_event, encode_item
 from streams.settings import Settings
 
 
@@ -62,6 +62,13 @@ def _partitions(consumer: KafkaConsumer, topic: str, timeout_s: float = 15.0) ->
 def publish_events(producer: KafkaProducer, topic: str, events: Sequence[Event]) -> None:
     for event in events:
         producer.send(topic, key=event.user_id.encode("utf-8"), value=encode_event(event))
+
+
+def publish_forget_users(producer: KafkaProducer, topic: str, user_ids: Sequence[str], ts_ms: int) -> None:
+    """Forget-user commands, keyed by user like the events so that each reaches the user's worker."""
+    for user_id in user_ids:
+        command = ControlCommand(command="forget_user", user_id=user_id, ts=ts_ms)
+        producer.send(topic, key=user_id.encode("utf-8"), value=encode_control(command))
 
 
 def publish_items(producer: KafkaProducer, topic: str, items: Sequence[Item]) -> None:

@@ -24,7 +24,8 @@ class WorkerMetrics:
         self.registry = CollectorRegistry()
         self.events = Counter(
             "rtrec_events", "Events read, by outcome", ["outcome"], registry=self.registry
-        )  # outcome: added, duplicate, too_old, dead_lettered
+        )  # outcome: added, duplicate, too_old, dead_lettered, erased (by a forget-user command)
+        self.forgotten_users = Counter("rtrec_forgotten_users", "Forget-user commands applied", registry=self.registry)
         self.recommendations = Counter("rtrec_recommendations", "Recommendation lists emitted", registry=self.registry)
         self.catalog = Counter(
             "rtrec_catalog_changes", "Catalogue changes, by outcome", ["outcome"], registry=self.registry

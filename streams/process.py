@@ -19,11 +19,13 @@ from streams.metrics import WorkerMetrics
 from streams.ports import ItemEncoderRuntime, TextEmbedder, VectorPoint, VectorStore
 from streams.recommend import Recommender, RefreshRequest, now_ms
 from streams.records import (
+    ControlCommand,
     DeadLetter,
     Event,
     Item,
     Limits,
     Recommendation,
+    decode_control,
     decode_event,
     decode_item,
 )
@@ -71,13 +73,20 @@ def dead_letter(message: IncomingMessage, reason: str, clock: Callable[[], int])
 @dataclass
 class EventBatchOutcome:
     windows: dict[str, bytes] = field(default_factory=dict)  # what to store, per touched user
+    forgotten: set[str] = field(default_factory=set)  # users whose stored window is to be deleted
     recommendations: list[Recommendation] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
 
 
 class EventBatchProcessor:
-    """validate → drop unknown items → dedup and window update → one refresh per touched user."""
+    """validate → drop unknown items → dedup and window update → one refresh per touched user.
+
+    Control commands arrive in the same micro-batches (the control topic is keyed and
+    partitioned like the events), so a forget-user is ordered with the user's events without
+    locks: the user's earlier events in the batch and stored window are dropped, their vector
+    is deleted, and events after the command start a fresh window.
+    """
 
     def __init__(
         self,
@@ -87,8 +96,10 @@ class EventBatchProcessor:
         clock: Callable[[], int] = now_ms,
         metrics: WorkerMetrics | None = None,
         restored_capacity: int = 100_000,
+        control_topic: str = "rec.control",
     ) -> None:
         self.recommender = recommender
+        self.control_topic = control_topic
         self.window_limits = windows
         self.limits = limits
         self.clock = clock
@@ -115,15 +126,26 @@ class EventBatchProcessor:
         stage = self.metrics.stage
         now = self.clock()
         valid: list[tuple[IncomingMessage, Event]] = []
+        forgotten: set[str] = set()
+        erased = 0
         with stage("decode"):
             for message in messages:
                 try:
-                    valid.append((message, decode_event(message.value, message.key, self.limits, now_ms=now)))
+                    if message.topic == self.control_topic:
+                        command = decode_control(message.value, message.key, self.limits)
+                        erased += self._apply(command, valid, forgotten)
+                    else:
+                        valid.append((message, decode_event(message.value, message.key, self.limits, now_ms=now)))
                 except InvalidRecord as exc:
                     outcome.dead_letters.append(dead_letter(message, exc.reason, self.clock))
+        self.recommender.forget(sorted(forgotten))
 
         with stage("state"):
-            windows = {user: self._load(user, stored.get(user)) for user in {event.user_id for _, event in valid}}
+            windows = {
+                user: self.window_limits.new_window() if user in forgotten else self._load(user, stored.get(user))
+                for user in {event.user_id for _, event in valid}
+            }
+            outcome.forgotten = forgotten - windows.keys()
         with stage("lookup"):
             # One fetch for the new events' items and everything already in the windows.
             needed = {event.item_id for _, event in valid} | {e.item_id for w in windows.values() for e in w.entries}
@@ -160,13 +182,29 @@ class EventBatchProcessor:
             "too_old": too_old,
             "dead_lettered": len(outcome.dead_letters),
             "recommendations": len(outcome.recommendations),
+            "forgotten_users": len(forgotten),
+            "erased": erased,
         }
         self._count(outcome.counts)
         return outcome
 
+    def _apply(self, command: ControlCommand, earlier: list[tuple[IncomingMessage, Event]], forgotten: set[str]) -> int:
+        """Apply a control command to the batch so far; how many of its events it erased."""
+        # forget_user is the only command (decode_control refuses others).
+        user = command.user_id
+        forgotten.add(user)
+        self._restored.pop(user, None)
+        kept = [(m, e) for m, e in earlier if e.user_id != user]
+        erased = len(earlier) - len(kept)
+        earlier[:] = kept
+        # The id stays out of the log: a record of whom was forgotten would defeat the forgetting.
+        log.info("forgot a user (%d events of this batch erased with the stored window)", erased)
+        return erased
+
     def _count(self, counts: Mapping[str, int]) -> None:
         self.metrics.batch_events.observe(counts["events"])
-        for outcome in ("added", "duplicates", "too_old", "dead_lettered"):
+        self.metrics.forgotten_users.inc(counts["forgotten_users"])
+        for outcome in ("added", "duplicates", "too_old", "dead_lettered", "erased"):
             self.metrics.events.labels(outcome.removesuffix("s")).inc(counts[outcome])
         self.metrics.recommendations.inc(counts["recommendations"])
 

@@ -67,6 +67,12 @@ class Recommender:
     def item_vectors(self, item_ids: Sequence[str]) -> dict[str, np.ndarray]:
         return self.items.get(item_ids)
 
+    def forget(self, user_ids: Sequence[str]) -> None:
+        """Delete the users' vectors from the store (a later refresh writes a fresh one)."""
+        if user_ids:
+            with self.metrics.stage("upsert"):
+                self.store.delete(self.users_collection, list(user_ids))
+
     def refresh_batch(
         self, requests: Sequence[RefreshRequest], vectors: Mapping[str, np.ndarray]
     ) -> list[Recommendation]:

@@ -9,7 +9,7 @@ from streams.app import limits_from, load_components
 from streams.item_vectors import ItemVectorCache
 from streams.process import CatalogBatchProcessor, EventBatchProcessor, IncomingMessage, WindowLimits
 from streams.recommend import Recommender
-from streams.records import Event, encode_event, encode_item
+from streams.records import ControlCommand, Event, encode_control, encode_event, encode_item
 from streams.settings import Settings
 from streams.state import UserWindow
 from streams.workload import Workload
@@ -61,3 +61,31 @@ def test_a_window_is_reused_only_while_the_table_holds_its_bytes(tmp_path: Path,
     window = UserWindow.from_bytes(third.windows["u1"], 10, HORIZON_MS, 100)
     assert window.item_ids == ["item-000007", "item-000008"]
     assert processor.process(_messages(_event(8, 8)), {"u1": third.windows["u1"]}).counts["duplicates"] == 1
+
+
+def _forget(user: str, offset: int) -> IncomingMessage:
+    command = ControlCommand("forget_user", user, 1_700_000_000_000)
+    return IncomingMessage(user.encode(), encode_control(command), "rec.control", 0, offset)
+
+
+def test_forget_user_erases_what_came_before_it_and_starts_afresh(tmp_path: Path, models_dir: Path) -> None:
+    processor = _processor(tmp_path, models_dir)
+    store, users = processor.recommender.store, processor.recommender.users_collection
+    first = processor.process(_messages(_event(1, 1), _event(2, 2)), {})
+    assert store.fetch_vectors(users, ["u1"])
+    # In one batch: an event, the command, then another event. Only the last one survives.
+    second = processor.process(
+        [*_messages(_event(3, 3)), _forget("u1", 10), *_messages(_event(4, 4))], {"u1": first.windows["u1"]}
+    )
+    window = UserWindow.from_bytes(second.windows["u1"], 10, HORIZON_MS, 100)
+    assert window.item_ids == ["item-000004"] and not second.forgotten
+    assert second.counts["erased"] == 1 and [r.trigger_event_id for r in second.recommendations] == ["e4"]
+    # A command alone: the stored window is to be deleted and the user's vector is gone.
+    third = processor.process([_forget("u1", 11)], {"u1": second.windows["u1"]})
+    assert third.forgotten == {"u1"} and not third.windows and not third.recommendations
+    assert not store.fetch_vectors(users, ["u1"])
+    # A malformed command is dead-lettered with its reason; the batch goes on.
+    bad = IncomingMessage(b"u2", b"\x81\xa1v\x01", "rec.control", 0, 12)
+    fourth = processor.process([bad, *_messages(_event(5, 5))], {})
+    assert [d.error for d in fourth.dead_letters] == ["field 'command': unknown command 'None' (known: forget_user)"]
+    assert fourth.recommendations

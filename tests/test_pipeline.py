@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import msgpack
 import pytest
 
 from infra.kafka_local import LocalKafka
+from streams.cli import main
+from streams.kafka_io import iterate, make_consumer
 from streams.recommend import now_ms
 from streams.records import Event, Recommendation, encode_event, encode_item
 from streams.state import UserWindow
@@ -210,3 +213,50 @@ def test_a_restarted_worker_resumes_with_the_windows_from_the_changelog(pipeline
     control = dataclasses.replace(after, user_id="control-user-702", event_id=f"{after.event_id}-control")
     pipeline.send_events([control])
     assert {i.item_id for i in _recommendations_for(pipeline, [control])[-1].items} & set(likely)
+
+
+def _latest_table_values(pipeline: Pipeline, keys: set[bytes]) -> dict[bytes, bytes | None]:
+    """The newest changelog record of each key of the window table, read from the broker."""
+    changelog = f"{pipeline.settings.app_id}-user-windows-changelog"
+    consumer = make_consumer(pipeline.settings, [changelog])
+    try:
+        ends = consumer.end_offsets(list(consumer.assignment()))
+        latest: dict[bytes, bytes | None] = {}
+        deadline = time.monotonic() + 30
+        while any(consumer.position(tp) < end for tp, end in ends.items()) and time.monotonic() < deadline:
+            for _topic, key, value in iterate(consumer, timeout_s=0.5):
+                if key in keys:
+                    latest[key] = value
+        return latest
+    finally:
+        consumer.close()
+
+
+def test_a_forgotten_user_leaves_no_window_and_starts_afresh(pipeline: Pipeline) -> None:
+    probe = _scripted(pipeline, 720, [("gaming", 12)])
+    pipeline.send_events(probe)
+    likely = [i.item_id for i in _recommendations_for(pipeline, probe)[-1].items]
+    template = _scripted(pipeline, 721, [("gaming", 40)])
+    returning = [dataclasses.replace(e, item_id=item) for e, item in zip(template, likely, strict=False)]
+    gone = _scripted(pipeline, 722, [("running", 5)])
+    pipeline.send_events(returning + gone)
+    _recommendations_for(pipeline, returning + gone)
+
+    settings = pipeline.settings
+    flags = ["--kafka-bootstrap", settings.kafka_bootstrap, "--control-topic", settings.control_topic]
+    assert main([*flags, "forget", returning[0].user_id, gone[0].user_id]) == 0
+    after = next(e for e in template[len(likely) :] if e.item_id not in pipeline.deleted | set(likely))
+    fresh = dataclasses.replace(after, user_id="fresh-user-723", event_id=f"{after.event_id}-fresh")
+    pipeline.send_events([after, fresh])
+    recs = _recommendations_for(pipeline, [after, fresh])
+    by_user = {r.user_id: [i.item_id for i in r.items] for r in recs}
+    # The forgotten user's window holds only the new event: their list is a newcomer's.
+    assert by_user[after.user_id] == by_user[fresh.user_id]
+    assert set(by_user[after.user_id]) & set(likely)
+
+    pipeline.wait_caught_up(settings.events_topic)
+    pipeline.wait_caught_up(settings.control_topic)
+    latest = _latest_table_values(pipeline, {after.user_id.encode(), gone[0].user_id.encode()})
+    assert latest[gone[0].user_id.encode()] is None  # a tombstone: nothing of the user is kept
+    window = UserWindow.from_bytes(latest[after.user_id.encode()], 50, 10**12, 500)  # type: ignore[arg-type]
+    assert window.item_ids == [after.item_id]
