@@ -192,14 +192,21 @@ def test_invalid_catalog_changes_are_dead_lettered(pipeline: Pipeline) -> None:
     assert any("tombstone (null value) needs the item_id as its key" in e for e in errors), errors
 
 
-def test_a_restarted_worker_resumes_with_the_windows_from_the_changelog(pipeline: Pipeline) -> None:
-    # Items a gaming user is recommended: what a fresh window would surface again.
-    probe = _scripted(pipeline, 700, [("gaming", 12)])
+def _user_who_saw_what_newcomers_get(pipeline: Pipeline, user_index: int) -> tuple[list[str], list[Event]]:
+    """Items a gaming newcomer is recommended (what a fresh window surfaces), and the events of
+    user ``user_index`` (40 gaming events), whose first ones are exactly those items."""
+    probe = _scripted(pipeline, user_index - 1, [("gaming", 12)])
     pipeline.send_events(probe)
     likely = [i.item_id for i in _recommendations_for(pipeline, probe)[-1].items]
-    # Another user interacts with exactly those items, then the worker restarts.
-    template = _scripted(pipeline, 701, [("gaming", 40)])
-    before = [dataclasses.replace(e, item_id=item) for e, item in zip(template, likely, strict=False)]
+    template = _scripted(pipeline, user_index, [("gaming", 40)])
+    seen = [dataclasses.replace(e, item_id=item) for e, item in zip(template, likely, strict=False)]
+    return likely, seen + template[len(seen) :]
+
+
+def test_a_restarted_worker_resumes_with_the_windows_from_the_changelog(pipeline: Pipeline) -> None:
+    likely, template = _user_who_saw_what_newcomers_get(pipeline, 701)
+    # The user interacts with exactly those items, then the worker restarts.
+    before = template[: len(likely)]
     pipeline.send_events(before)
     _recommendations_for(pipeline, before)
     pipeline.restart_worker()
@@ -233,11 +240,8 @@ def _latest_table_values(pipeline: Pipeline, keys: set[bytes]) -> dict[bytes, by
 
 
 def test_a_forgotten_user_leaves_no_window_and_starts_afresh(pipeline: Pipeline) -> None:
-    probe = _scripted(pipeline, 720, [("gaming", 12)])
-    pipeline.send_events(probe)
-    likely = [i.item_id for i in _recommendations_for(pipeline, probe)[-1].items]
-    template = _scripted(pipeline, 721, [("gaming", 40)])
-    returning = [dataclasses.replace(e, item_id=item) for e, item in zip(template, likely, strict=False)]
+    likely, template = _user_who_saw_what_newcomers_get(pipeline, 721)
+    returning = template[: len(likely)]
     gone = _scripted(pipeline, 722, [("running", 5)])
     pipeline.send_events(returning + gone)
     _recommendations_for(pipeline, returning + gone)
