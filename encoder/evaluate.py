@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from encoder.baselines import Scorer, baselines
+from encoder.baselines import Popularity, Scorer, baselines
 from encoder.data import Dataset, Example, History
 from encoder.features import WindowArrays, assemble_inputs
 from encoder.metrics import RankCounts, coverage, intra_list_diversity, per_example, summarize, top_k
@@ -124,13 +124,10 @@ def evaluate(
     refit = bool(model.users.manifest.config.get("refit", False))
     scorers: list[Scorer] = [model, *baselines(dataset, refit)]
     results = [score_method(s, dataset.test, progress) for s in scorers]
-    trained = dataset.trained_items(refit)
-    popularity = np.zeros(dataset.n_items, dtype=np.int64)
-    for history in dataset.training_sequences(refit):
-        np.add.at(popularity, history.items, 1)
+    popularity = Popularity(dataset, refit).counts  # training occurrences of each item
     targets = np.array([e.target for e in dataset.test])
     lengths = np.array([len(e.history) for e in dataset.test])
-    cold = ~trained[targets]
+    cold = popularity[targets] == 0
     for result in results:
         result.metrics = summarize(result.counts)
         result.metrics[f"coverage@{K}"] = coverage(result.lists, dataset.n_items)

@@ -46,10 +46,14 @@ def cuda_available() -> bool:
     return gpu_driver_present() and CUDA in ort.get_available_providers()
 
 
+def wants_cuda(provider: str) -> bool:
+    """Whether a session for ``provider`` (auto|cpu|cuda) is meant to run on CUDA."""
+    return provider == "cuda" or (provider == "auto" and cuda_available())
+
+
 def make_session(model_path: Path, provider: str = "auto", intra_op_threads: int = 0) -> ort.InferenceSession:
     """An inference session on CUDA when wanted and possible, else CPU; ``provider`` is auto|cpu|cuda."""
-    want_cuda = provider == "cuda" or (provider == "auto" and gpu_driver_present())
-    providers = [CUDA, CPU] if want_cuda and CUDA in ort.get_available_providers() else [CPU]
+    providers = [CUDA, CPU] if wants_cuda(provider) and CUDA in ort.get_available_providers() else [CPU]
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.log_severity_level = 3
@@ -113,9 +117,9 @@ class OnnxInterestEncoder:
         has_fp16 = MODEL_FP16_FILE in self.manifest.files
         if precision == "fp16" and not has_fp16:
             raise ModelError(f"{bundle} has no float16 user tower ({MODEL_FP16_FILE}); export it with --fp16")
-        on_cuda = provider == "cuda" or (provider == "auto" and cuda_available())
         # Half precision pays on a GPU's tensor cores; on a CPU it only adds casts.
-        self.precision = "fp16" if precision == "fp16" or (precision == "auto" and on_cuda and has_fp16) else "fp32"
+        auto_fp16 = precision == "auto" and has_fp16 and wants_cuda(provider)
+        self.precision = "fp16" if precision == "fp16" or auto_fp16 else "fp32"
         model_file = MODEL_FP16_FILE if self.precision == "fp16" else MODEL_FILE
         self._session = make_session(bundle / model_file, provider, intra_op_threads)
         self.provider = self._session.get_providers()[0]

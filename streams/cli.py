@@ -88,14 +88,15 @@ def cmd_topics(settings: Settings, _args: argparse.Namespace) -> int:
 def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
     import time
 
-    from streams.kafka_io import make_producer, publish_forget_users
+    from streams.app import limits_from
+    from streams.kafka_io import forget_user_records, make_producer
 
-    for user_id in args.user_ids:
-        if not user_id or len(user_id) > settings.max_id_chars:
-            raise ConfigError(f"forget: user ids must have 1 to {settings.max_id_chars} characters")
+    # Checked before anything is sent: none is sent unless the worker would apply all.
+    records = forget_user_records(args.user_ids, int(time.time() * 1000), limits_from(settings))
     producer = make_producer(settings)
     try:
-        publish_forget_users(producer, settings.control_topic, args.user_ids, int(time.time() * 1000))
+        for key, value in records:
+            producer.send(settings.control_topic, key=key, value=value)
         producer.flush()
     finally:
         producer.close()

@@ -10,7 +10,16 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
 from streams.errors import BrokerError
-from streams.records import ControlCommand, Event, Item, encode_control, encode_event, encode_item
+from streams.records import (
+    ControlCommand,
+    Event,
+    Item,
+    Limits,
+    decode_control,
+    encode_control,
+    encode_event,
+    encode_item,
+)
 from streams.settings import Settings
 
 
@@ -64,11 +73,16 @@ def publish_events(producer: KafkaProducer, topic: str, events: Sequence[Event])
         producer.send(topic, key=event.user_id.encode("utf-8"), value=encode_event(event))
 
 
-def publish_forget_users(producer: KafkaProducer, topic: str, user_ids: Sequence[str], ts_ms: int) -> None:
-    """Forget-user commands, keyed by user like the events so that each reaches the user's worker."""
+def forget_user_records(user_ids: Sequence[str], ts_ms: int, limits: Limits) -> list[tuple[bytes, bytes]]:
+    """(key, value) of a forget-user command per user, keyed by user like the events so that each
+    reaches the user's worker; each checked by the worker's own decoder (InvalidRecord names the problem)."""
+    records = []
     for user_id in user_ids:
-        command = ControlCommand(command="forget_user", user_id=user_id, ts=ts_ms)
-        producer.send(topic, key=user_id.encode("utf-8"), value=encode_control(command))
+        key = user_id.encode("utf-8")
+        value = encode_control(ControlCommand(command="forget_user", user_id=user_id, ts=ts_ms))
+        decode_control(value, key, limits)
+        records.append((key, value))
+    return records
 
 
 def publish_items(producer: KafkaProducer, topic: str, items: Sequence[Item]) -> None:

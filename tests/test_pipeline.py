@@ -248,6 +248,7 @@ def test_a_forgotten_user_leaves_no_window_and_starts_afresh(pipeline: Pipeline)
 
     settings = pipeline.settings
     flags = ["--kafka-bootstrap", settings.kafka_bootstrap, "--control-topic", settings.control_topic]
+    assert main([*flags, "forget", returning[0].user_id, " "]) == 2  # refused as the worker would: nothing sent
     assert main([*flags, "forget", returning[0].user_id, gone[0].user_id]) == 0
     after = next(e for e in template[len(likely) :] if e.item_id not in pipeline.deleted | set(likely))
     fresh = dataclasses.replace(after, user_id="fresh-user-723", event_id=f"{after.event_id}-fresh")
