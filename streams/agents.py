@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, cast
 
 import faust
@@ -40,12 +41,21 @@ def _batches(stream: faust.StreamT, settings: Settings) -> AsyncIterator[Sequenc
     return cast(faust.Stream, stream).take_events(settings.batch_max, within=settings.batch_within_s)
 
 
+LAG_INTERVAL_S = 5.0  # how often the consumer-lag gauge is refreshed from the broker
+
+
+@dataclass(frozen=True)
+class Agents:
+    windows: faust.types.TableT  # user id (bytes) → stored window
+    event_worker: ThreadPoolExecutor  # the thread every model and store call of the events agent runs on
+
+
 def register_agents(
     app: faust.App,
     settings: Settings,
     events: EventBatchProcessor,
     catalog: CatalogBatchProcessor,
-) -> None:
+) -> Agents:
     # Control commands are keyed and partitioned like the events, and read by the same agent, so a
     # forget-user is ordered with the user's events and touches the window no other code is writing.
     events_topic = _raw_topic(app, settings.events_topic, settings.control_topic)
@@ -102,3 +112,26 @@ def register_agents(
                 len(outcome.deleted),
                 len(outcome.dead_letters),
             )
+
+    inputs = {settings.events_topic, settings.control_topic, settings.items_topic}
+
+    @app.timer(LAG_INTERVAL_S)
+    async def track_lag() -> None:
+        # From the broker's end offsets, not from fetched records: a stalled worker fetches none.
+        assigned = sorted(tp for tp in app.consumer.assignment() if tp.topic in inputs)
+        ends = await app.consumer.highwaters(*assigned) if assigned else {}
+        uncommitted = [tp for tp in assigned if _committed(app, tp) is None]
+        starts = await app.consumer.earliest_offsets(*uncommitted) if uncommitted else {}
+        lag = events.metrics.consumer_lag
+        lag.clear()  # partitions revoked since the last tick leave the gauge
+        for tp in assigned:
+            position = _committed(app, tp)
+            done = starts.get(tp, 0) if position is None else position
+            lag.labels(tp.topic, str(tp.partition)).set(max(ends.get(tp, done) - done, 0))
+
+    return Agents(windows, event_worker)
+
+
+def _committed(app: faust.App, tp: Any) -> int | None:
+    """The committed offset (the next to read) Faust holds for ``tp``; None before the first commit."""
+    return cast(Any, app.consumer)._committed_offset.get(tp)  # Faust exposes no public accessor

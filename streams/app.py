@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import faust
+from mode.types.signals import BaseSignalT
 
 from encoder.config import INTEREST_BUNDLE, TEXT_BUNDLE
 from encoder.runtime import OnnxInterestEncoder, OnnxItemEncoder, OnnxTextEmbedder
@@ -21,10 +23,11 @@ from streams.metrics import WorkerMetrics
 from streams.ports import InterestEncoderRuntime, ItemEncoderRuntime, TextEmbedder, VectorStore
 from streams.process import CatalogBatchProcessor, EventBatchProcessor, WindowLimits
 from streams.recommend import Recommender, now_ms
-from streams.records import Limits
 from streams.settings import Settings
 from streams.store_edge import EdgeVectorStore
 from streams.store_qdrant import QdrantVectorStore
+from streams.store_retry import RetryingVectorStore
+from streams.web import register_http_api
 
 
 @dataclass
@@ -63,20 +66,31 @@ def open_vector_store(settings: Settings) -> VectorStore:
     return EdgeVectorStore(settings.qdrant_local_path, search_ef=settings.search_ef)
 
 
-def limits_from(settings: Settings) -> Limits:
-    return Limits(
-        max_message_bytes=settings.max_message_bytes,
-        max_id_chars=settings.max_id_chars,
-        max_text_chars=settings.max_text_chars,
-        max_future_skew_s=settings.max_future_skew_s,
-    )
+def model_info(settings: Settings, components: Components) -> dict[str, Any]:
+    """What `GET /model` answers: the loaded encoders and the settings that shape a list."""
+    interest, text = components.interest_encoder, components.text_embedder
+    return {
+        "interest_encoder": {
+            "version": interest.version,
+            "provider": interest.provider,
+            "precision": getattr(interest, "precision", "fp32"),
+            "dim": interest.dim,
+            "max_len": interest.max_len,
+        },
+        "item_tower": {"version": components.item_encoder.version, "reads_text": components.item_encoder.reads_text},
+        "text_encoder": {"version": text.version, "provider": text.provider, "dim": text.dim},
+        "top_k": settings.top_k,
+        "max_k": settings.max_http_k,
+        "window_size": settings.window_size,
+    }
 
 
 def build_app(settings: Settings, components: Components) -> faust.App:
-    store = components.store
+    # Outages of the store pause the stream rather than fail it (streams.store_retry).
+    store = RetryingVectorStore(components.store, components.metrics)
     store.ensure_collection(settings.items_collection, components.item_encoder.dim)
     store.ensure_collection(settings.users_collection, components.interest_encoder.dim)
-    limits = limits_from(settings)
+    limits = settings.limits()
     item_cache = ItemVectorCache(
         store, settings.items_collection, capacity=settings.item_cache_size, ttl_s=settings.item_cache_ttl_s
     )
@@ -117,10 +131,21 @@ def build_app(settings: Settings, components: Components) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
         consumer_auto_offset_reset="earliest",
-        web_enabled=False,
+        web_enabled=bool(settings.http_port),
+        web_port=settings.http_port or None,
+        web_bind="0.0.0.0",  # other workers forward requests here, so not loopback only
+        web_host=settings.http_host,
         producer_max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
     )
-    register_agents(app, settings, events, catalog)
+    agents = register_agents(app, settings, events, catalog)
+    if settings.http_port:
+        register_http_api(app, settings, agents.windows, events, agents.event_worker, model_info(settings, components))
+
+    def stop_retrying(sender: Any, /, *args: Any, signal: BaseSignalT[Any], **kwargs: Any) -> None:
+        store.stop_retrying()
+
+    app.on_before_shutdown.connect(stop_retrying)
+
     components.metrics.model.labels(components.interest_encoder.version, components.interest_encoder.provider).set(1)
     if settings.metrics_port:
         components.metrics.serve(settings.metrics_port)

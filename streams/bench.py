@@ -439,7 +439,7 @@ def search_recall(settings: Settings, user_ids: Sequence[str], n_items: int, k: 
 
 def load_catalog(settings: Settings, items: Sequence[tuple[str, bytes]], say: Callable[[str], None]) -> None:
     """Bulk-load encoded catalogue records into ``settings``' store and index them."""
-    from streams.app import limits_from, load_components
+    from streams.app import load_components
     from streams.process import CatalogBatchProcessor, IncomingMessage
 
     components = load_components(settings)
@@ -450,7 +450,7 @@ def load_catalog(settings: Settings, items: Sequence[tuple[str, bytes]], say: Ca
         components.item_encoder,
         store,
         items_collection=settings.items_collection,
-        limits=limits_from(settings),
+        limits=settings.limits(),
     )
     chunk = 2_000
     for start in range(0, len(items), chunk):

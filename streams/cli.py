@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from streams.settings import ENV_PREFIX, Settings
 if TYPE_CHECKING:
     from encoder.config import InterestEncoderConfig as InterestEncoderConfigType
     from encoder.data import Dataset
+    from streams.records import Recommendation
 
 
 def _flag(name: str) -> str:
@@ -88,11 +90,10 @@ def cmd_topics(settings: Settings, _args: argparse.Namespace) -> int:
 def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
     import time
 
-    from streams.app import limits_from
     from streams.kafka_io import forget_user_records, make_producer
 
     # Checked before anything is sent: none is sent unless the worker would apply all.
-    records = forget_user_records(args.user_ids, int(time.time() * 1000), limits_from(settings))
+    records = forget_user_records(args.user_ids, int(time.time() * 1000), settings.limits())
     producer = make_producer(settings)
     try:
         for key, value in records:
@@ -101,6 +102,52 @@ def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         producer.close()
     print(f"forget-user sent to {settings.control_topic} for {len(args.user_ids)} user(s)")
+    return 0
+
+
+def cmd_load_items(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.catalog_load import publish_catalog, read_items
+    from streams.client import Publisher
+    from streams.recommend import now_ms
+    from streams.worker_process import wait_group_caught_up
+
+    items = read_items(args.file, now_ms(), settings.limits())
+    _say(f"{len(items):,} items read and checked from {args.file}; publishing to {settings.items_topic}…")
+    with Publisher(settings) as publisher:
+        seconds = publish_catalog(publisher, items, _say)
+    _say(f"{len(items):,} items published in {seconds:.1f} s")
+    if args.wait:
+        _say(f"waiting for the workers of {settings.app_id!r} to embed them…")
+        wait_group_caught_up(settings, settings.items_topic, args.wait_timeout)
+        _say("the catalogue is in the vector store: the items are recommendable")
+    return 0
+
+
+def _format_recommendation(rec: Recommendation, now: int) -> str:
+    clock = time.strftime("%H:%M:%S", time.localtime(rec.emitted_ts / 1000))
+    items = ", ".join(f"{i.item_id} ({i.score:.2f})" for i in rec.items[:5])
+    more = f" +{len(rec.items) - 5}" if len(rec.items) > 5 else ""
+    reason = f"  top: {rec.items[0].reason}" if rec.items else ""
+    return f"{clock}  {rec.user_id} → {items}{more}  [{now - rec.event_ts} ms after the event]{reason}"
+
+
+def cmd_tail(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.client import RecommendationReader
+    from streams.recommend import now_ms
+
+    shown = 0
+    idle_since = time.monotonic()
+    with RecommendationReader(settings, from_beginning=args.from_beginning) as reader:
+        _say(f"following {settings.recommendations_topic} (Ctrl-C to stop)…")
+        while not (args.idle_timeout and time.monotonic() - idle_since > args.idle_timeout):
+            for rec in reader.poll(0.5):
+                idle_since = time.monotonic()
+                if args.user and rec.user_id not in args.user:
+                    continue
+                print(_format_recommendation(rec, now_ms()), flush=True)
+                shown += 1
+                if args.count and shown >= args.count:
+                    return 0
     return 0
 
 
@@ -332,6 +379,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     forget.add_argument("user_ids", nargs="+", metavar="USER_ID")
     forget.set_defaults(run=cmd_forget)
+
+    load_items = sub.add_parser(
+        "load-items",
+        help="publish a catalogue file (CSV, JSONL or Parquet) to the items topic, checked first, with progress",
+        description="Columns: item_id and title (required), description, category, tags (a list, or a|b|c in "
+        "CSV), price, available (true/false), ts (epoch s or ms; default now). A file with any bad row sends nothing.",
+    )
+    load_items.add_argument("file", type=Path, help="the catalogue file (.csv, .jsonl or .parquet)")
+    load_items.add_argument("--wait", action="store_true", help="wait until the workers have embedded every item")
+    load_items.add_argument("--wait-timeout", type=float, default=600.0, help="seconds --wait waits at most")
+    load_items.set_defaults(run=cmd_load_items)
+
+    tail = sub.add_parser("tail", help="print recommendations live as they arrive on the output topic")
+    tail.add_argument("--from-beginning", action="store_true", help="first replay what the topic retains")
+    tail.add_argument("--user", action="append", metavar="USER_ID", help="only these users (repeatable)")
+    tail.add_argument("--count", type=int, default=0, help="stop after this many (0: never)")
+    tail.add_argument("--idle-timeout", type=float, default=0.0, help="stop after this many quiet seconds (0: never)")
+    tail.set_defaults(run=cmd_tail)
 
     sub.add_parser("worker", help="run a stream worker (scale out: one per core, same app id)").set_defaults(
         run=cmd_worker

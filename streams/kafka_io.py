@@ -52,13 +52,13 @@ def make_consumer(settings: Settings, topics: Sequence[str], group_id: str | Non
         raise BrokerError(f"cannot connect a consumer to {settings.bootstrap_servers}: {exc}") from None
     partitions: list[TopicPartition] = []
     for topic in topics:
-        ids = _partitions(consumer, topic)
+        ids = topic_partitions(consumer, topic)
         partitions.extend(TopicPartition(topic, p) for p in ids)
     consumer.assign(partitions)
     return consumer
 
 
-def _partitions(consumer: KafkaConsumer, topic: str, timeout_s: float = 15.0) -> set[int]:
+def topic_partitions(consumer: KafkaConsumer, topic: str, timeout_s: float = 15.0) -> set[int]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         ids = consumer.partitions_for_topic(topic)
@@ -112,7 +112,7 @@ def group_lag(settings: Settings, group_id: str, topic: str) -> int:
         bootstrap_servers=settings.bootstrap_servers.split(","), group_id=group_id, enable_auto_commit=False
     )
     try:
-        partitions = [TopicPartition(topic, p) for p in _partitions(consumer, topic)]
+        partitions = [TopicPartition(topic, p) for p in topic_partitions(consumer, topic)]
         ends = consumer.end_offsets(partitions)
         return sum(ends[tp] - (consumer.committed(tp) or 0) for tp in partitions)
     finally:

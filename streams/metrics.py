@@ -40,6 +40,24 @@ class WorkerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.consumer_lag = Gauge(
+            "rtrec_consumer_lag",
+            "Messages on an input partition this worker owns that are not yet committed",
+            ["topic", "partition"],
+            registry=self.registry,
+        )
+        self.dead_letters = Counter(
+            "rtrec_dead_letters",
+            "Messages dead-lettered, by input and by the field at fault (record: the message as a whole)",
+            ["input", "field"],
+            registry=self.registry,
+        )
+        self.store_errors = Counter(
+            "rtrec_vector_store_errors",
+            "Vector-store calls that failed, by operation (each is retried with backoff)",
+            ["operation"],
+            registry=self.registry,
+        )
         self.model = Gauge(
             "rtrec_model_info", "The loaded interest encoder (value 1)", ["version", "provider"], registry=self.registry
         )

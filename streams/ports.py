@@ -66,11 +66,23 @@ class VectorPoint:
 
 
 @dataclass(frozen=True)
+class ItemFilter:
+    """Rules on the items' payload, applied by the store's own filter (an item without a price
+    fails a price bound)."""
+
+    categories: tuple[str, ...] = ()  # only items of one of these categories (empty: any)
+    exclude_categories: tuple[str, ...] = ()
+    min_price: float | None = None
+    max_price: float | None = None
+
+
+@dataclass(frozen=True)
 class SearchQuery:
     vector: np.ndarray
     limit: int
     exclude_ids: Sequence[str] = ()
     only_available: bool = True
+    item_filter: ItemFilter | None = None
 
 
 @dataclass(frozen=True)

@@ -58,16 +58,28 @@ class WindowLimits:
         return UserWindow.from_bytes(raw, self.max_events, self.horizon_ms, self.dedup_capacity)
 
 
-def dead_letter(message: IncomingMessage, reason: str, clock: Callable[[], int]) -> DeadLetter:
+def dead_letter(message: IncomingMessage, error: InvalidRecord, clock: Callable[[], int]) -> DeadLetter:
     return DeadLetter(
         topic=message.topic,
         partition=message.partition,
         offset=message.offset,
-        error=reason,
+        error=error.reason,
         key=message.key,
         value=message.value,
         ts=clock(),
     )
+
+
+def _reject(
+    letters: list[DeadLetter],
+    message: IncomingMessage,
+    error: InvalidRecord,
+    kind: str,
+    metrics: WorkerMetrics,
+    clock: Callable[[], int],
+) -> None:
+    letters.append(dead_letter(message, error, clock))
+    metrics.dead_letters.labels(kind, error.field or "record").inc()
 
 
 @dataclass
@@ -137,7 +149,8 @@ class EventBatchProcessor:
                     else:
                         valid.append((message, decode_event(message.value, message.key, self.limits, now_ms=now)))
                 except InvalidRecord as exc:
-                    outcome.dead_letters.append(dead_letter(message, exc.reason, self.clock))
+                    kind = "control" if message.topic == self.control_topic else "events"
+                    _reject(outcome.dead_letters, message, exc, kind, self.metrics, self.clock)
         self.recommender.forget(sorted(forgotten))
 
         with stage("state"):
@@ -153,9 +166,8 @@ class EventBatchProcessor:
         by_user: dict[str, list[Event]] = {}
         for message, event in valid:
             if event.item_id not in vectors:
-                outcome.dead_letters.append(
-                    dead_letter(message, f"field 'item_id': unknown item {event.item_id[:64]!r}", self.clock)
-                )
+                unknown = InvalidRecord(f"unknown item {event.item_id[:64]!r}", "item_id")
+                _reject(outcome.dead_letters, message, unknown, "events", self.metrics, self.clock)
                 continue
             by_user.setdefault(event.user_id, []).append(event)
 
@@ -271,7 +283,7 @@ class CatalogBatchProcessor:
                         raise InvalidRecord("the loaded model reads no text and never learned this item_id")
                     latest[item.item_id] = item
             except InvalidRecord as exc:
-                outcome.dead_letters.append(dead_letter(message, exc.reason, self.clock))
+                _reject(outcome.dead_letters, message, exc, "items", self.metrics, self.clock)
         upserts = [item for item in latest.values() if item is not None]
         outcome.deleted = [item_id for item_id, item in latest.items() if item is None]
         if upserts:

@@ -17,7 +17,7 @@ import numpy as np
 from encoder.features import WindowArrays, assemble_inputs
 from streams.item_vectors import ItemVectorCache
 from streams.metrics import WorkerMetrics
-from streams.ports import InterestEncoderRuntime, SearchHit, SearchQuery, VectorPoint, VectorStore
+from streams.ports import InterestEncoderRuntime, ItemFilter, SearchHit, SearchQuery, VectorPoint, VectorStore
 from streams.records import Event, Recommendation, RecommendedItem
 from streams.state import UserWindow, WindowEntry
 
@@ -77,16 +77,43 @@ class Recommender:
         self, requests: Sequence[RefreshRequest], vectors: Mapping[str, np.ndarray]
     ) -> list[Recommendation]:
         """Recommendations for every request whose window holds at least one known item."""
-        usable: list[tuple[RefreshRequest, list[WindowEntry]]] = []
-        for request in requests:
-            # An item deleted from the catalogue since it entered the window no longer shapes interest.
-            entries = [e for e in request.window.entries if e.item_id in vectors]
-            if entries:
-                usable.append((request, entries))
+        usable = _usable(requests, vectors)
         if not usable:
             return []
-        stage = self.metrics.stage
-        with stage("encode"):
+        windows, user_vectors = self._encode(usable, vectors)
+        emitted = self.clock()
+        with self.metrics.stage("upsert"):
+            self.store.upsert(
+                self.users_collection,
+                [
+                    VectorPoint(r.user_id, v, {"user_id": r.user_id, "model": self.encoder.version, "ts": emitted})
+                    for (r, _), v in zip(usable, user_vectors, strict=True)
+                ],
+            )
+        return self._search_and_rank(usable, windows, user_vectors, self.top_k, None)
+
+    def current(
+        self, user_id: str, window: UserWindow, k: int, item_filter: ItemFilter | None = None
+    ) -> Recommendation | None:
+        """What the user would be recommended now, from their window as it stands (nothing is written).
+
+        None when no item of the window is still in the catalogue.
+        """
+        if not window.entries:
+            return None
+        newest = window.entries[-1]
+        trigger = Event(newest.event_id, user_id, newest.item_id, newest.type, newest.ts)
+        vectors = self.item_vectors(sorted(set(window.item_ids)))
+        usable = _usable([RefreshRequest(user_id, window, trigger, ())], vectors)
+        if not usable:
+            return None
+        windows, user_vectors = self._encode(usable, vectors)
+        return self._search_and_rank(usable, windows, user_vectors, k, item_filter)[0]
+
+    def _encode(
+        self, usable: Sequence[tuple[RefreshRequest, list[WindowEntry]]], vectors: Mapping[str, np.ndarray]
+    ) -> tuple[list[WindowArrays], np.ndarray]:
+        with self.metrics.stage("encode"):
             vocabulary = self.encoder.vocabulary
             windows = [
                 WindowArrays(
@@ -96,25 +123,25 @@ class Recommender:
                 )
                 for _, entries in usable
             ]
-            user_vectors = self.encoder.encode_batch(assemble_inputs(windows, self.encoder.dim, self.encoder.max_len))
-        emitted = self.clock()
-        with stage("upsert"):
-            self.store.upsert(
-                self.users_collection,
-                [
-                    VectorPoint(r.user_id, v, {"user_id": r.user_id, "model": self.encoder.version, "ts": emitted})
-                    for (r, _), v in zip(usable, user_vectors, strict=True)
-                ],
-            )
-        with stage("search"):
+            return windows, self.encoder.encode_batch(assemble_inputs(windows, self.encoder.dim, self.encoder.max_len))
+
+    def _search_and_rank(
+        self,
+        usable: Sequence[tuple[RefreshRequest, list[WindowEntry]]],
+        windows: Sequence[WindowArrays],
+        user_vectors: np.ndarray,
+        k: int,
+        item_filter: ItemFilter | None,
+    ) -> list[Recommendation]:
+        with self.metrics.stage("search"):
             hits = self.store.search_batch(
                 self.items_collection,
                 [
-                    SearchQuery(vector=v, limit=self.top_k, exclude_ids=r.window.item_ids)
+                    SearchQuery(vector=v, limit=k, exclude_ids=r.window.item_ids, item_filter=item_filter)
                     for (r, _), v in zip(usable, user_vectors, strict=True)
                 ],
             )
-        with stage("rerank"):
+        with self.metrics.stage("rerank"):
             return self._recommendations(usable, windows, hits)
 
     def _recommendations(
@@ -142,6 +169,19 @@ class Recommender:
                 )
             )
         return recommendations
+
+
+def _usable(
+    requests: Sequence[RefreshRequest], vectors: Mapping[str, np.ndarray]
+) -> list[tuple[RefreshRequest, list[WindowEntry]]]:
+    """Each request with the window entries whose items are still in the catalogue (those with none drop out)."""
+    usable = []
+    for request in requests:
+        # An item deleted from the catalogue since it entered the window no longer shapes interest.
+        entries = [e for e in request.window.entries if e.item_id in vectors]
+        if entries:
+            usable.append((request, entries))
+    return usable
 
 
 def _reason(candidate: np.ndarray | None, window_vectors: np.ndarray, entries: Sequence[WindowEntry]) -> str:

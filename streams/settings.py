@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from streams.errors import ConfigError
+from streams.records import Limits
 
 ENV_PREFIX = "RTREC_"
 
@@ -94,6 +95,12 @@ class Settings:
     log_level: str = "info"
     # Prometheus /metrics of the worker on this port (0: off; one port per worker process).
     metrics_port: int = 0
+    # The worker's HTTP API on this port (0: off; one port per worker process), and the host name
+    # other workers reach it by (a request for a user another worker serves is forwarded there).
+    http_port: int = 0
+    http_host: str = "127.0.0.1"
+    # Most items one HTTP request may ask for.
+    max_http_k: int = 100
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -131,6 +138,7 @@ class Settings:
             "batch_max",
             "dedup_capacity",
             "item_cache_size",
+            "max_http_k",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -139,8 +147,9 @@ class Settings:
             raise ConfigError(f"{ENV_PREFIX}SEARCH_EF must be >= 0, got {self.search_ef}")
         if self.encoder_threads < 0:
             raise ConfigError(f"{ENV_PREFIX}ENCODER_THREADS must be >= 0, got {self.encoder_threads}")
-        if not 0 <= self.metrics_port <= 65535:
-            raise ConfigError(f"{ENV_PREFIX}METRICS_PORT must be a TCP port (0: off), got {self.metrics_port}")
+        for name in ("metrics_port", "http_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be a TCP port (0: off), got {getattr(self, name)}")
         if self.window_horizon_s <= 0:
             raise ConfigError(f"{ENV_PREFIX}WINDOW_HORIZON_S must be > 0, got {self.window_horizon_s}")
         if self.item_cache_ttl_s < 0:
@@ -156,6 +165,15 @@ class Settings:
         if not self.table_store.startswith(("memory://", "rocksdb://", "rocksdict://")):
             raise ConfigError(f"{ENV_PREFIX}TABLE_STORE must be memory://, rocksdb:// or rocksdict://")
         return self
+
+    def limits(self) -> Limits:
+        """The input limits every decoder applies (the worker's and the publishing helpers')."""
+        return Limits(
+            max_message_bytes=self.max_message_bytes,
+            max_id_chars=self.max_id_chars,
+            max_text_chars=self.max_text_chars,
+            max_future_skew_s=self.max_future_skew_s,
+        )
 
     # Derived locations: one place decides where each piece of local state lives.
     @property

@@ -133,7 +133,7 @@ class EdgeVectorStore:
                         edge.QueryRequest(
                             limit=limit,
                             query=edge.Query.Nearest(_floats(q.vector)),
-                            filter=_excluding(q.exclude_ids),
+                            filter=_filter(q),
                             with_payload=RANKING_FIELDS,
                             params=self._search_params,
                         )
@@ -169,5 +169,19 @@ def _other_model(name: str, held: str, dim: int) -> VectorStoreError:
     )
 
 
-def _excluding(ids: Sequence[str]) -> edge.Filter | None:
-    return edge.Filter(must_not=[edge.HasIdCondition({point_id(i) for i in ids})]) if ids else None
+def _filter(query: SearchQuery) -> edge.Filter | None:
+    must: list[edge.ConditionType] = []
+    must_not: list[edge.ConditionType] = []
+    if query.exclude_ids:
+        must_not.append(edge.HasIdCondition({point_id(i) for i in query.exclude_ids}))
+    rules = query.item_filter
+    if rules is not None:
+        if rules.categories:
+            must.append(edge.FieldCondition("category", match=edge.MatchAny(list(rules.categories))))
+        if rules.exclude_categories:
+            must_not.append(edge.FieldCondition("category", match=edge.MatchAny(list(rules.exclude_categories))))
+        if rules.min_price is not None or rules.max_price is not None:
+            must.append(edge.FieldCondition("price", range=edge.RangeFloat(gte=rules.min_price, lte=rules.max_price)))
+    if not must and not must_not:
+        return None
+    return edge.Filter(must=must or None, must_not=must_not or None)

@@ -90,7 +90,7 @@ class QdrantVectorStore:
                     models.QueryRequest(
                         query=np.asarray(q.vector, dtype=np.float32).tolist(),
                         limit=limit,
-                        filter=_excluding(q.exclude_ids),
+                        filter=_filter(q),
                         with_payload=RANKING_FIELDS,
                         with_vector=False,
                         params=self._search_params,
@@ -112,7 +112,23 @@ def _hit(point: models.ScoredPoint) -> SearchHit:
     )
 
 
-def _excluding(ids: Sequence[str]) -> models.Filter | None:
-    if not ids:
+def _filter(query: SearchQuery) -> models.Filter | None:
+    must: list[models.Condition] = []
+    must_not: list[models.Condition] = []
+    if query.exclude_ids:
+        must_not.append(models.HasIdCondition(has_id=[point_id(i) for i in query.exclude_ids]))
+    rules = query.item_filter
+    if rules is not None:
+        if rules.categories:
+            must.append(models.FieldCondition(key="category", match=models.MatchAny(any=list(rules.categories))))
+        if rules.exclude_categories:
+            must_not.append(
+                models.FieldCondition(key="category", match=models.MatchAny(any=list(rules.exclude_categories)))
+            )
+        if rules.min_price is not None or rules.max_price is not None:
+            must.append(
+                models.FieldCondition(key="price", range=models.Range(gte=rules.min_price, lte=rules.max_price))
+            )
+    if not must and not must_not:
         return None
-    return models.Filter(must_not=[models.HasIdCondition(has_id=[point_id(i) for i in ids])])
+    return models.Filter(must=must or None, must_not=must_not or None)

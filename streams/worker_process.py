@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from streams.errors import RtrecError
@@ -30,6 +31,23 @@ def worker_env(settings: Settings) -> dict[str, str]:
     if settings.qdrant_api_key is not None:
         env["RTREC_QDRANT_API_KEY"] = settings.qdrant_api_key.reveal()
     return env
+
+
+def wait_group_caught_up(
+    settings: Settings,
+    topic: str,
+    timeout_s: float,
+    check: Callable[[], None] = lambda: None,
+    hint: str = "",
+) -> None:
+    """Until the consumer group ``settings.app_id`` (the workers) has committed everything on ``topic``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        check()
+        if group_lag(settings, settings.app_id, topic) == 0:
+            return
+        time.sleep(0.3)
+    raise RtrecError(f"the workers of {settings.app_id!r} did not catch up on {topic} within {timeout_s:.0f} s{hint}")
 
 
 class WorkerProcess:
@@ -69,13 +87,7 @@ class WorkerProcess:
 
     def wait_caught_up(self, topic: str, timeout_s: float = 120.0) -> None:
         """Until the worker's consumer group has committed everything on ``topic``."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self.check_alive()
-            if group_lag(self.settings, self.settings.app_id, topic) == 0:
-                return
-            time.sleep(0.3)
-        raise RtrecError(f"the worker did not catch up on {topic} within {timeout_s:.0f} s; see {self.log_path}")
+        wait_group_caught_up(self.settings, topic, timeout_s, self.check_alive, f"; see {self.log_path}")
 
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.process.poll() is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from streams.app import limits_from, load_components
+from streams.app import load_components
 from streams.item_vectors import ItemVectorCache
 from streams.process import CatalogBatchProcessor, EventBatchProcessor, IncomingMessage, WindowLimits
 from streams.recommend import Recommender
@@ -26,14 +26,14 @@ def _processor(tmp_path: Path, models_dir: Path) -> EventBatchProcessor:
     cache = ItemVectorCache(parts.store, settings.items_collection, capacity=1000, ttl_s=60)
     catalog = CatalogBatchProcessor(
         parts.text_embedder, parts.item_encoder, parts.store, items_collection=settings.items_collection,
-        limits=limits_from(settings), item_cache=cache,
+        limits=settings.limits(), item_cache=cache,
     )  # fmt: skip
     items = Workload(TEST_WORKLOAD).catalog[:20]
     catalog.process([IncomingMessage(i.item_id.encode(), encode_item(i), "items", 0, n) for n, i in enumerate(items)])
     recommender = Recommender(
         parts.interest_encoder, parts.store, cache, users_collection=settings.users_collection, top_k=5
     )
-    return EventBatchProcessor(recommender, WindowLimits(10, HORIZON_MS, 100), limits_from(settings))
+    return EventBatchProcessor(recommender, WindowLimits(10, HORIZON_MS, 100), settings.limits())
 
 
 def _messages(*events: Event) -> list[IncomingMessage]:

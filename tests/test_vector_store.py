@@ -1,6 +1,7 @@
 """One contract suite for every VectorStore implementation.
 
-Embedded Qdrant always runs; a Qdrant server runs too when PYTEST_QDRANT_URL points
+Embedded Qdrant always runs, and so does the server adapter over qdrant-client's in-memory
+engine; a Qdrant server runs too when PYTEST_QDRANT_URL points
 at one (e.g. `docker compose up qdrant`, then PYTEST_QDRANT_URL=http://localhost:6333).
 """
 
@@ -14,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from qdrant_client import QdrantClient
 
 from streams.app import open_vector_store
 from streams.errors import VectorStoreError
-from streams.ports import SearchQuery, VectorPoint, VectorStore
+from streams.ports import ItemFilter, SearchQuery, VectorPoint, VectorStore
 from streams.settings import Settings
 from streams.store_edge import EdgeVectorStore
+from streams.store_qdrant import QdrantVectorStore
 
 DIM = 8
 
@@ -30,15 +33,23 @@ class StoreUnderTest:
     name: str  # a collection of DIM-d vectors, fresh for each test
 
 
-@pytest.fixture(params=["embedded", "server"])
+@pytest.fixture(params=["embedded", "server-adapter", "server"])
 def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
+    name = f"items-{uuid.uuid4().hex[:8]}"
+    if request.param == "server-adapter":
+        # The server adapter's code (filters, ids, payloads) over qdrant-client's in-memory engine.
+        adapter = QdrantVectorStore(QdrantClient(location=":memory:"))
+        adapter.ensure_collection(name, DIM)
+        yield StoreUnderTest(adapter, name)
+        adapter.close()
+        return
     if request.param == "server":
         url = os.environ.get("PYTEST_QDRANT_URL")
         if not url:
             pytest.skip("set PYTEST_QDRANT_URL to run the contract suite against a Qdrant server")
-        settings = Settings(qdrant_url=url, items_collection=f"items-{uuid.uuid4().hex[:8]}")
+        settings = Settings(qdrant_url=url, items_collection=name)
     else:
-        settings = Settings(home=tmp_path, items_collection=f"items-{uuid.uuid4().hex[:8]}")
+        settings = Settings(home=tmp_path, items_collection=name)
     opened = open_vector_store(settings)
     opened.ensure_collection(settings.items_collection, DIM)
     yield StoreUnderTest(opened, settings.items_collection)
@@ -91,6 +102,36 @@ def test_exclusions_larger_than_the_first_fetch_still_fill_the_list(subject: Sto
     hits = store.search_batch(name, [SearchQuery(_unit(0), limit=10, exclude_ids=["item-31"])])[0]
     assert len(hits) == 10
     assert all(int(h.id[5:]) >= 30 and h.id != "item-31" for h in hits)
+
+
+def test_item_filters_keep_only_matching_categories_and_prices(subject: StoreUnderTest) -> None:
+    store, name = subject.store, subject.name
+    categories = ("books", "music", "garden")
+    points = [
+        VectorPoint(
+            f"item-{i}",
+            _unit(i),
+            {"available": True, "category": categories[i % 3], "price": None if i % 5 == 0 else float(i)},
+        )
+        for i in range(60)
+    ]
+    store.upsert(name, points)
+    payload = {p.id: p.payload for p in points}
+
+    def search(rules: ItemFilter) -> list[str]:
+        query = SearchQuery(_unit(99), limit=60, exclude_ids=["item-1"], item_filter=rules)
+        return [h.id for h in store.search_batch(name, [query])[0]]
+
+    music = search(ItemFilter(categories=("music",)))
+    assert music and all(payload[i]["category"] == "music" for i in music) and "item-1" not in music
+    assert len(music) == 20 - 1  # every music item but the excluded one
+    not_books = search(ItemFilter(exclude_categories=("books", "garden")))
+    assert set(not_books) == set(music)
+    priced = search(ItemFilter(min_price=10, max_price=20))
+    assert sorted(int(i[5:]) for i in priced) == [i for i in range(10, 21) if i % 5 != 0]
+    assert search(ItemFilter(categories=("music",), max_price=12)) == [
+        i for i in music if payload[i]["price"] is not None and payload[i]["price"] <= 12
+    ]
 
 
 def test_a_collection_of_another_dimension_is_refused(subject: StoreUnderTest) -> None:

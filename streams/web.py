@@ -1,0 +1,137 @@
+"""The worker's HTTP API (Faust's web server), for services that ask rather than listen.
+
+    GET /users/{user_id}/recommendations?k=&category=&exclude_category=&min_price=&max_price=
+    GET /health   the process is up (liveness)
+    GET /ready    partitions assigned and the window table recovered (readiness)
+    GET /model    the loaded encoders and the settings that shape a list
+
+A user's window lives on the worker that owns the user's partition: a request that
+reaches another worker is forwarded there (Faust's table routing, through each
+worker's ``RTREC_HTTP_HOST``). The list is computed from the window as it stands,
+exactly as the stream computes it, but with the request's k and filters and
+without writing anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from dataclasses import asdict
+from typing import Any, cast
+
+import faust
+from faust.tables.manager import TableManager
+from faust.web import Request, Response, View
+from multidict import MultiMapping
+
+from streams.errors import InvalidRecord
+from streams.ports import ItemFilter
+from streams.process import EventBatchProcessor
+from streams.settings import Settings
+
+
+class BadParameter(ValueError):
+    """A query parameter a client got wrong: a 400 naming it."""
+
+
+def _listed(query: MultiMapping[str], name: str) -> tuple[str, ...]:
+    """``?category=a,b`` and ``?category=a&category=b`` alike."""
+    values = [v.strip() for raw in query.getall(name, []) for v in raw.split(",")]
+    return tuple(v for v in values if v)
+
+
+def _number(query: MultiMapping[str], name: str) -> float | None:
+    if name not in query:
+        return None
+    try:
+        value = float(query[name])
+    except ValueError:
+        raise BadParameter(f"{name} must be a number, got {query[name]!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise BadParameter(f"{name} must be a finite number")
+    return value
+
+
+def parse_request(query: MultiMapping[str], default_k: int, max_k: int) -> tuple[int, ItemFilter | None]:
+    """(k, filter) from a request's query string; ``BadParameter`` names what is wrong."""
+    known = {"k", "category", "exclude_category", "min_price", "max_price"}
+    unknown = sorted(set(query.keys()) - known)
+    if unknown:
+        raise BadParameter(f"unknown parameter(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    k = default_k
+    if "k" in query:
+        try:
+            k = int(query["k"])
+        except ValueError:
+            raise BadParameter(f"k must be an integer, got {query['k']!r}") from None
+        if not 1 <= k <= max_k:
+            raise BadParameter(f"k must be between 1 and {max_k}, got {k}")
+    rules = ItemFilter(
+        categories=_listed(query, "category"),
+        exclude_categories=_listed(query, "exclude_category"),
+        min_price=_number(query, "min_price"),
+        max_price=_number(query, "max_price"),
+    )
+    if rules.min_price is not None and rules.max_price is not None and rules.min_price > rules.max_price:
+        raise BadParameter(f"min_price {rules.min_price:g} is above max_price {rules.max_price:g}")
+    return k, (rules if rules != ItemFilter() else None)
+
+
+def register_http_api(
+    app: faust.App,
+    settings: Settings,
+    windows: faust.types.TableT,
+    events: EventBatchProcessor,
+    executor: Executor,
+    model_info: Mapping[str, Any],
+) -> None:
+    recommender = events.recommender
+
+    @app.page("/users/{user_id}/recommendations")
+    @app.table_route(table=windows, match_info="user_id")
+    async def user_recommendations(web: View, request: Request, user_id: str) -> Response:
+        try:
+            k, rules = parse_request(cast(MultiMapping[str], request.query), settings.top_k, settings.max_http_k)
+        except BadParameter as exc:
+            return web.json({"error": str(exc)}, status=400)
+        if len(user_id) > settings.max_id_chars:
+            return web.json({"error": f"user_id longer than {settings.max_id_chars} characters"}, status=400)
+        raw = windows.get(user_id.encode("utf-8"))
+        if raw is None:
+            return web.json({"error": f"unknown user {user_id!r}: no events in the window"}, status=404)
+        try:
+            window = events.window_limits.load(raw)
+        except InvalidRecord as exc:
+            return web.json({"error": f"the stored window is unreadable: {exc.reason}"}, status=500)
+        loop = asyncio.get_running_loop()
+        # On the events agent's thread: model and store calls stay ordered with the stream's.
+        rec = await loop.run_in_executor(executor, recommender.current, user_id, window, k, rules)
+        return web.json(
+            {
+                "user_id": user_id,
+                "k": k,
+                "filter": asdict(rules) if rules else None,
+                "model": recommender.encoder.version,
+                "window_events": len(window),
+                "as_of_event_id": rec.trigger_event_id if rec else window.entries[-1].event_id,
+                "as_of_ts": rec.event_ts if rec else window.newest_ts,
+                "items": [asdict(item) for item in rec.items] if rec else [],
+            }
+        )
+
+    @app.page("/health")
+    async def health(web: View, request: Request) -> Response:
+        return web.json({"status": "ok"})
+
+    @app.page("/ready")
+    async def ready(web: View, request: Request) -> Response:
+        recovery = cast(TableManager, app.tables).recovery
+        recovered = recovery.completed.is_set() and not app.in_recovery
+        is_ready = recovered and not app.rebalancing
+        body = {"ready": is_ready, "rebalancing": app.rebalancing, "recovered": recovered}
+        return web.json(body, status=200 if is_ready else 503)
+
+    @app.page("/model")
+    async def model(web: View, request: Request) -> Response:
+        return web.json(dict(model_info))

@@ -1,0 +1,249 @@
+"""What users plug into, against a running worker on the real broker: the HTTP API, the
+metrics endpoint, the publishing and reading helpers, and the load-items and tail commands."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from infra.kafka_local import LocalKafka, free_port
+from streams.cli import main
+from streams.client import Publisher, RecommendationReader
+from streams.errors import InvalidRecord
+from streams.recommend import now_ms
+from streams.records import Event, Recommendation
+from streams.settings import Settings
+from tests.harness import Pipeline
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def pipeline(kafka: LocalKafka, models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    home = tmp_path_factory.mktemp("interfaces")
+    running = Pipeline(kafka.config.bootstrap, models_dir, home, http_port=free_port(), metrics_port=free_port())
+    running.start()
+    try:
+        running.publish_catalog()
+        yield running
+    finally:
+        running.stop()
+
+
+def _get(pipeline: Pipeline, path: str) -> tuple[int, Any]:
+    url = f"http://127.0.0.1:{pipeline.settings.http_port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _metrics(pipeline: Pipeline) -> dict[str, float]:
+    """Every sample of the worker's /metrics as {'name{labels}': value}."""
+    url = f"http://127.0.0.1:{pipeline.settings.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def _events(pipeline: Pipeline, user_index: int, category: str, n: int) -> list[Event]:
+    return [g.event for g in pipeline.workload.scripted_user(user_index, [(category, n)], clock=now_ms)]
+
+
+def _latest_for(pipeline: Pipeline, events: list[Event]) -> Recommendation:
+    wanted = {e.event_id for e in events}
+    outputs = pipeline.collect_until(lambda out: wanted <= out.accounted_event_ids(), timeout_s=60)
+    return max((r for r in outputs.recommendations if set(r.event_ids) & wanted), key=lambda r: r.emitted_ts)
+
+
+def _flags(settings: Settings) -> list[str]:
+    names = ("kafka_bootstrap", "app_id", "items_topic", "recommendations_topic", "events_topic")
+    return [arg for name in names for arg in (f"--{name.replace('_', '-')}", str(getattr(settings, name)))]
+
+
+def test_the_http_api_serves_the_users_current_list_with_k_and_filters(pipeline: Pipeline) -> None:
+    workload = pipeline.workload
+    category = workload.categories[1]
+    events = _events(pipeline, 901, category, 6)
+    pipeline.send_events(events)
+    streamed = _latest_for(pipeline, events)
+    user = events[0].user_id
+
+    status, body = _get(pipeline, f"/users/{user}/recommendations")
+    assert status == 200, body
+    # The same window and model as the stream's last refresh give the same list.
+    assert [i["item_id"] for i in body["items"]] == [i.item_id for i in streamed.items]
+    assert body["model"] == streamed.model and body["window_events"] == 6
+    assert body["as_of_event_id"] == max(events, key=lambda e: (e.ts, e.event_id)).event_id  # the window's order
+    assert all(i["reason"].startswith("because you") for i in body["items"])
+
+    status, body = _get(pipeline, f"/users/{user}/recommendations?k=3")
+    assert status == 200 and [i["item_id"] for i in body["items"]] == [i.item_id for i in streamed.items[:3]]
+
+    other = workload.categories[4]
+    status, body = _get(pipeline, f"/users/{user}/recommendations?k=15&category={other}")
+    assert status == 200 and len(body["items"]) == 15
+    assert {workload.category_of[i["item_id"]] for i in body["items"]} == {other}
+
+    excluded = ",".join(workload.categories[:3])
+    status, body = _get(pipeline, f"/users/{user}/recommendations?exclude_category={excluded}")
+    assert status == 200 and len(body["items"]) == 10
+    assert not {workload.category_of[i["item_id"]] for i in body["items"]} & set(workload.categories[:3])
+
+    price = {item.item_id: item.price for item in workload.catalog}
+    status, body = _get(pipeline, f"/users/{user}/recommendations?min_price=50&max_price=120")
+    assert status == 200 and body["items"]
+    assert all(50 <= (price[i["item_id"]] or 0) <= 120 for i in body["items"])
+    window_items = {e.item_id for e in events}
+    assert not window_items & {i["item_id"] for i in body["items"]}  # filters keep the window exclusion
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "message"),
+    [
+        ("?k=0", 400, "k must be between 1 and 100"),
+        ("?k=many", 400, "k must be an integer"),
+        ("?k=101", 400, "k must be between 1 and 100"),
+        ("?min_price=cheap", 400, "min_price must be a number"),
+        ("?min_price=20&max_price=10", 400, "min_price 20 is above max_price 10"),
+        ("?colour=red", 400, "unknown parameter(s): colour"),
+    ],
+)
+def test_the_http_api_refuses_bad_parameters(pipeline: Pipeline, query: str, status: int, message: str) -> None:
+    events = _events(pipeline, 902, pipeline.workload.categories[0], 1)
+    pipeline.send_events(events)
+    _latest_for(pipeline, events)
+    code, body = _get(pipeline, f"/users/{events[0].user_id}/recommendations{query}")
+    assert (code, body["error"][: len(message)]) == (status, message)
+
+
+def test_the_http_api_answers_health_readiness_model_and_unknown_users(pipeline: Pipeline) -> None:
+    assert _get(pipeline, "/users/nobody-ever/recommendations") == (
+        404,
+        {"error": "unknown user 'nobody-ever': no events in the window"},
+    )
+    assert _get(pipeline, "/health") == (200, {"status": "ok"})
+    status, body = _get(pipeline, "/ready")
+    assert status == 200 and body["ready"] is True
+    status, body = _get(pipeline, "/model")
+    assert status == 200
+    assert body["interest_encoder"]["provider"] == "CPUExecutionProvider" and body["top_k"] == 10
+    assert body["text_encoder"]["dim"] == 384 and body["interest_encoder"]["dim"] > 0
+
+
+def test_metrics_count_exactly_what_a_known_run_did(pipeline: Pipeline) -> None:
+    before = _metrics(pipeline)
+    events = _events(pipeline, 903, pipeline.workload.categories[2], 7)
+    user = events[0].user_id
+    bad_ts = msgpack.packb({"v": 1, "event_id": "m-1", "user_id": user, "item_id": "x", "type": "view", "ts": "now"})
+    unknown_item = Publisher.event(user, "no-such-item", "view", event_id="m-2")
+    pipeline.send_events([*events, unknown_item])
+    pipeline.send_raw(user.encode(), bad_ts)
+    pipeline.producer.flush()
+    pipeline.collect_until(
+        lambda out: (
+            {e.event_id for e in events} <= out.covered_event_ids() and {"m-1", "m-2"} <= out.dead_lettered_event_ids()
+        ),
+        timeout_s=60,
+    )
+    pipeline.wait_caught_up(pipeline.settings.events_topic)
+    after = _metrics(pipeline)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta('rtrec_events_total{outcome="added"}') == 7
+    assert delta('rtrec_events_total{outcome="dead_lettered"}') == 2
+    assert delta('rtrec_dead_letters_total{field="ts",input="events"}') == 1
+    assert delta('rtrec_dead_letters_total{field="item_id",input="events"}') == 1
+    assert delta("rtrec_recommendations_total") >= 1
+    assert after['rtrec_stage_seconds_count{stage="encode"}'] > before.get(
+        'rtrec_stage_seconds_count{stage="encode"}', 0
+    )
+    # The lag gauge covers each events partition the worker owns, and drains to zero.
+    topic = pipeline.settings.events_topic
+    deadline = time.monotonic() + 30
+    while True:
+        lags = {k: v for k, v in _metrics(pipeline).items() if k.startswith("rtrec_consumer_lag") and topic in k}
+        if len(lags) == pipeline.settings.topic_partitions and not any(lags.values()):
+            break
+        assert time.monotonic() < deadline, lags
+        time.sleep(1)
+    assert all(re.search(r'partition="\d+"', k) for k in lags)
+
+
+def test_publisher_and_reader_round_trip_through_the_broker(pipeline: Pipeline) -> None:
+    settings = pipeline.settings
+    events = _events(pipeline, 904, pipeline.workload.categories[3], 4)
+    with RecommendationReader(settings) as reader, Publisher(settings) as publisher:
+        with pytest.raises(InvalidRecord, match="unknown event type 'teleport'"):
+            publisher.publish_event(Publisher.event("u-1", "item-1", "teleport"))
+        with pytest.raises(InvalidRecord, match="item_id"):
+            publisher.delete_item("")
+        for event in events:
+            publisher.publish_event(event)
+        publisher.flush()
+        wanted = {e.event_id for e in events}
+        seen: list[Recommendation] = []
+        deadline = time.monotonic() + 60
+        while not wanted <= {i for rec in seen for i in rec.event_ids}:
+            assert time.monotonic() < deadline, seen
+            seen.extend(rec for rec in reader.poll(1.0) if rec.user_id == events[0].user_id)
+    assert all(isinstance(rec, Recommendation) and len(rec.items) == 10 for rec in seen)
+    # A reader in a consumer group replays the topic from the start and sees the same records.
+    with RecommendationReader(settings, group_id=f"{settings.app_id}-readers", from_beginning=True) as grouped:
+        deadline = time.monotonic() + 60
+        replayed: set[str] = set()
+        while not wanted <= replayed:
+            assert time.monotonic() < deadline
+            replayed |= {i for rec in grouped.poll(1.0) for i in rec.event_ids}
+
+
+def test_load_items_checks_the_whole_file_then_publishes_and_tail_prints_the_list(
+    pipeline: Pipeline, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = pipeline.settings
+    bad = tmp_path / "bad.csv"
+    bad.write_text("item_id,title,price\nnew-1,A lamp,12.5\nnew-2,,3\nnew-3,A chair,cheap\n")
+    assert main([*_flags(settings), "load-items", str(bad)]) == 2
+    error = capsys.readouterr().err
+    assert (
+        "2 bad row(s), nothing sent" in error
+        and "bad.csv:3: field 'title'" in error
+        and "bad.csv:4: field 'price'" in error
+    )
+
+    good = tmp_path / "items.jsonl"
+    rows = [
+        {"item_id": f"loaded-{i}", "title": f"Loaded lamp {i}", "category": "home", "tags": ["lamp"], "price": 10 + i}
+        for i in range(3)
+    ]
+    good.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main([*_flags(settings), "load-items", str(good), "--wait", "--wait-timeout", "90"]) == 0
+    assert "3 items published" in capsys.readouterr().out
+
+    # Events on the loaded items are accepted (an unknown item would be dead-lettered).
+    user = "tail-user-905"
+    events = [Publisher.event(user, f"loaded-{i}", "click", event_id=f"tail-{i}") for i in range(3)]
+    pipeline.send_events(events)
+    rec = _latest_for(pipeline, events)
+    assert set(rec.event_ids) <= {e.event_id for e in events} and rec.items
+    args = ["tail", "--from-beginning", "--user", user, "--count", "1", "--idle-timeout", "30"]
+    assert main([*_flags(settings), *args]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert f"{user} → " in line and "ms after the event" in line and "because you clicked loaded-" in line
