@@ -87,6 +87,8 @@ def item_from_row(row: dict[str, Any], now_ms: int, limits: Limits) -> Item:
 
 def read_items(path: Path, now_ms: int, limits: Limits) -> list[Item]:
     """Every item of the file, or ``DataError`` listing the bad lines (nothing is half-read)."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
     items: list[Item] = []
     problems: list[str] = []
     bad = 0

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from streams.catalog_load import item_from_row
 from streams.cli import main
-from streams.errors import ConfigError
+from streams.errors import ConfigError, InvalidRecord
 from streams.settings import Secret, Settings
 
 
@@ -80,6 +81,43 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     )
     assert bad_window.returncode == 2
     assert bad_window.stderr.strip() == "rtrec: error: interest encoder: max_len must be >= 1, got 0"
+
+
+def test_load_items_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["load-items", str(tmp_path / "absent.csv")]) == 2
+    assert capsys.readouterr().err == f"rtrec: error: {tmp_path / 'absent.csv'}: no such file\n"
+    notes = tmp_path / "items.txt"
+    notes.write_text("item_id,title\n")
+    assert main(["load-items", str(notes)]) == 2
+    assert capsys.readouterr().err == f"rtrec: error: {notes}: expected a .csv, .jsonl or .parquet file\n"
+
+
+def test_catalogue_rows_become_items_as_the_worker_reads_them() -> None:
+    limits = Settings().limits()
+    row = {
+        "item_id": "i-1",
+        "title": " Lamp ",
+        "tags": "desk| light |",
+        "price": "12.5",
+        "available": "false",
+        "ts": "1700000000",
+    }
+    item = item_from_row(row, now_ms=5, limits=limits)
+    assert (item.title, item.tags, item.price, item.available, item.ts) == (
+        "Lamp",
+        ("desk", "light"),
+        12.5,
+        False,
+        1_700_000_000_000,
+    )
+    parquet_like = {"item_id": "i-2", "title": "Chair", "tags": ["a"], "price": None, "available": True, "ts": None}
+    assert item_from_row(parquet_like, now_ms=5, limits=limits).ts == 5  # no ts: stamped now
+    for bad, field in (({"available": "maybe"}, "available"), ({"price": "cheap"}, "price"), ({"tags": [1]}, "tags")):
+        with pytest.raises(InvalidRecord) as caught:
+            item_from_row({"item_id": "i-3", "title": "T", **bad}, now_ms=5, limits=limits)
+        assert caught.value.field == field
+    with pytest.raises(InvalidRecord, match="'item_id'"):
+        item_from_row({"item_id": "x" * 300, "title": "T"}, now_ms=5, limits=limits)
 
 
 def test_readme_documents_every_setting_with_its_default() -> None:

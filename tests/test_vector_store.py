@@ -8,8 +8,9 @@ at one (e.g. `docker compose up qdrant`, then PYTEST_QDRANT_URL=http://localhost
 from __future__ import annotations
 
 import os
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +20,12 @@ from qdrant_client import QdrantClient
 
 from streams.app import open_vector_store
 from streams.errors import VectorStoreError
-from streams.ports import ItemFilter, SearchQuery, VectorPoint, VectorStore
+from streams.metrics import WorkerMetrics
+from streams.ports import ItemFilter, SearchHit, SearchQuery, VectorPoint, VectorStore
 from streams.settings import Settings
 from streams.store_edge import EdgeVectorStore
 from streams.store_qdrant import QdrantVectorStore
+from streams.store_retry import RetryingVectorStore
 
 DIM = 8
 
@@ -157,3 +160,37 @@ def test_embedded_store_keeps_its_points_across_reopen_and_refuses_another_model
 
     with pytest.raises(VectorStoreError, match=f"holds {DIM}-d vectors; the model makes 16-d vectors ranked by Dot"):
         EdgeVectorStore(tmp_path).ensure_collection("items", 16)
+
+
+class _FlakyStore(EdgeVectorStore):
+    """An embedded store whose searches fail ``failures`` times before the store answers again."""
+
+    def __init__(self, path: Path, failures: int) -> None:
+        super().__init__(path)
+        self.failures = failures
+
+    def search_batch(self, collection: str, queries: Sequence[SearchQuery]) -> list[list[SearchHit]]:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionRefusedError("store down")
+        return super().search_batch(collection, queries)
+
+
+def test_an_outage_is_ridden_out_with_backoff_and_counted(tmp_path: Path) -> None:
+    metrics = WorkerMetrics()
+    flaky = _FlakyStore(tmp_path, failures=3)
+    store = RetryingVectorStore(flaky, metrics, first_backoff_s=0.01, max_backoff_s=0.02)
+    store.ensure_collection("items", DIM)
+    store.upsert("items", _points(5))
+    hits = store.search_batch("items", [SearchQuery(_unit(2), limit=1)])
+    assert [h.id for h in hits[0]] == ["item-2"]  # the answer once the store is back
+    assert metrics.store_errors.labels("search")._value.get() == 3
+
+
+def test_a_stopping_worker_abandons_a_retry(tmp_path: Path) -> None:
+    store = RetryingVectorStore(_FlakyStore(tmp_path, failures=10**6), WorkerMetrics(), first_backoff_s=0.05)
+    store.ensure_collection("items", DIM)
+    stopper = threading.Timer(0.3, store.stop_retrying)
+    stopper.start()
+    with pytest.raises(VectorStoreError, match="abandoned: the worker is stopping"):
+        store.search_batch("items", [SearchQuery(_unit(2), limit=1)])
