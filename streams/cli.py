@@ -123,6 +123,41 @@ def cmd_load_items(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
+    import itertools
+    import secrets
+
+    from streams.catalog_load import publish_catalog
+    from streams.client import Publisher
+    from streams.recommend import now_ms
+    from streams.workload import Workload, WorkloadConfig
+
+    if args.rate <= 0 or args.events < 0 or args.users < 1 or args.items < 1:
+        raise ConfigError("produce: --rate, --users and --items must be > 0, --events >= 0")
+    workload = Workload(WorkloadConfig(n_items=args.items, n_users=args.users))
+    with Publisher(settings) as publisher:
+        if not args.no_catalog:
+            _say(f"publishing the generated catalogue of {len(workload.catalog):,} items…")
+            publish_catalog(publisher, workload.catalog, _say)
+        # Fresh users each run: the same seeded event ids again would be (rightly) deduplicated.
+        first_user = secrets.randbelow(1_000_000) * 1_000
+        total = args.events or None
+        _say(
+            f"streaming {'events' if total is None else f'{total:,} events'} of {args.users} users at {args.rate:g}/s…"
+        )
+        started = last = time.monotonic()
+        stream = workload.stream(total or 2**62, clock=now_ms, first_user=first_user)
+        for n, generated in zip(itertools.count(1), stream, strict=False):
+            pause = started + n / args.rate - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            publisher.publish_event(generated.event)
+            if time.monotonic() - last >= 10:
+                last = time.monotonic()
+                _say(f"  {n:,} events sent ({n / (last - started):,.0f}/s)")
+    return 0
+
+
 def _format_recommendation(rec: Recommendation, now: int) -> str:
     clock = time.strftime("%H:%M:%S", time.localtime(rec.emitted_ts / 1000))
     items = ", ".join(f"{i.item_id} ({i.score:.2f})" for i in rec.items[:5])
@@ -390,6 +425,17 @@ def build_parser() -> argparse.ArgumentParser:
     load_items.add_argument("--wait", action="store_true", help="wait until the workers have embedded every item")
     load_items.add_argument("--wait-timeout", type=float, default=600.0, help="seconds --wait waits at most")
     load_items.set_defaults(run=cmd_load_items)
+
+    produce = sub.add_parser(
+        "produce",
+        help="a demo producer for a running cluster: the generated catalogue, then drifting users' events",
+    )
+    produce.add_argument("--rate", type=float, default=50.0, help="events per second")
+    produce.add_argument("--events", type=int, default=0, help="events to send (0: until stopped)")
+    produce.add_argument("--users", type=int, default=200, help="distinct users")
+    produce.add_argument("--items", type=int, default=800, help="catalogue size (as `rtrec train` was given)")
+    produce.add_argument("--no-catalog", action="store_true", help="send events only (the catalogue is there)")
+    produce.set_defaults(run=cmd_produce)
 
     tail = sub.add_parser("tail", help="print recommendations live as they arrive on the output topic")
     tail.add_argument("--from-beginning", action="store_true", help="first replay what the topic retains")

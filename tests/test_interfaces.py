@@ -247,3 +247,13 @@ def test_load_items_checks_the_whole_file_then_publishes_and_tail_prints_the_lis
     assert main([*_flags(settings), *args]) == 0
     line = capsys.readouterr().out.splitlines()[-1]
     assert f"{user} → " in line and "ms after the event" in line and "because you clicked loaded-" in line
+
+
+def test_the_demo_producer_feeds_a_running_worker(pipeline: Pipeline) -> None:
+    covered_before = len(pipeline.outputs.covered_event_ids())
+    letters_before = len(pipeline.outputs.dead_letters)
+    workload = pipeline.workload.config
+    args = ["produce", "--events", "30", "--rate", "300", "--no-catalog"]
+    assert main([*_flags(pipeline.settings), *args, "--items", str(workload.n_items), "--users", "5"]) == 0
+    outputs = pipeline.collect_until(lambda out: len(out.covered_event_ids()) >= covered_before + 30, timeout_s=60)
+    assert len(outputs.dead_letters) == letters_before
