@@ -7,6 +7,7 @@ is a module-level global, so a test can wire the app with its own parts.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,7 +135,7 @@ def build_app(settings: Settings, components: Components) -> faust.App:
         web_enabled=bool(settings.http_port),
         web_port=settings.http_port or None,
         web_bind="0.0.0.0",  # other workers forward requests here, so not loopback only
-        web_host=settings.http_host,
+        web_host=settings.http_host or socket.gethostname(),
         producer_max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
     )
     agents = register_agents(app, settings, events, catalog)
