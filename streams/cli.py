@@ -363,6 +363,14 @@ def _add_data_flags(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--item-text", type=Path, help="generic format: a file of item_id, text")
 
 
+def _add_generated_stream_flags(parser: argparse.ArgumentParser, *, events: int, events_help: str, rate: float) -> None:
+    """The generated workload's shape: the same for the demo and the demo producer."""
+    parser.add_argument("--events", type=int, default=events, help=events_help)
+    parser.add_argument("--rate", type=float, default=rate, help="events per second")
+    parser.add_argument("--users", type=int, default=200, help="distinct users")
+    parser.add_argument("--items", type=int, default=800, help="catalogue size (as `rtrec train` was given)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rtrec", description="Event-streaming real-time recommender.", allow_abbrev=False
@@ -430,10 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
         "produce",
         help="a demo producer for a running cluster: the generated catalogue, then drifting users' events",
     )
-    produce.add_argument("--rate", type=float, default=50.0, help="events per second")
-    produce.add_argument("--events", type=int, default=0, help="events to send (0: until stopped)")
-    produce.add_argument("--users", type=int, default=200, help="distinct users")
-    produce.add_argument("--items", type=int, default=800, help="catalogue size (as `rtrec train` was given)")
+    _add_generated_stream_flags(produce, events=0, events_help="events to send (0: until stopped)", rate=50.0)
     produce.add_argument("--no-catalog", action="store_true", help="send events only (the catalogue is there)")
     produce.set_defaults(run=cmd_produce)
 
@@ -476,10 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_encoder.set_defaults(run=cmd_bench_encoder)
 
     demo = sub.add_parser("demo", help="broker + topics + models + worker + live stream, with a summary")
-    demo.add_argument("--events", type=int, default=3000, help="events to stream")
-    demo.add_argument("--rate", type=float, default=200.0, help="events per second")
-    demo.add_argument("--users", type=int, default=200, help="distinct users")
-    demo.add_argument("--items", type=int, default=800, help="catalogue size")
+    _add_generated_stream_flags(demo, events=3000, events_help="events to stream", rate=200.0)
     demo.add_argument("--keep-broker", action="store_true", help="leave the local broker running afterwards")
     demo.set_defaults(run=cmd_demo)
     return parser
