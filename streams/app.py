@@ -103,6 +103,8 @@ def build_app(settings: Settings, components: Components) -> faust.App:
         top_k=settings.top_k,
         clock=components.clock,
         metrics=components.metrics,
+        policy=settings.rerank_policy(),
+        rules=settings.business_rules(),
     )
     events = EventBatchProcessor(
         recommender,

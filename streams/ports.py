@@ -75,6 +75,22 @@ class ItemFilter:
     min_price: float | None = None
     max_price: float | None = None
 
+    def narrowed_by(self, request: ItemFilter | None) -> ItemFilter:
+        """This filter and ``request`` at once: a request can only narrow standing rules."""
+        if request is None:
+            return self
+        excluded = set(self.exclude_categories) | set(request.exclude_categories)
+        if request.categories and self.categories:
+            excluded |= set(request.categories) - set(self.categories)  # asked for, but not allowed
+        bounds_low = [p for p in (self.min_price, request.min_price) if p is not None]
+        bounds_high = [p for p in (self.max_price, request.max_price) if p is not None]
+        return ItemFilter(
+            categories=request.categories or self.categories,
+            exclude_categories=tuple(sorted(excluded)),
+            min_price=max(bounds_low, default=None),
+            max_price=min(bounds_high, default=None),
+        )
+
 
 @dataclass(frozen=True)
 class SearchQuery:

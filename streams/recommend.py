@@ -19,6 +19,7 @@ from streams.item_vectors import ItemVectorCache
 from streams.metrics import WorkerMetrics
 from streams.ports import InterestEncoderRuntime, ItemFilter, SearchHit, SearchQuery, VectorPoint, VectorStore
 from streams.records import Event, Recommendation, RecommendedItem
+from streams.rerank import RerankPolicy, rerank
 from streams.state import UserWindow, WindowEntry
 
 REASON_VERBS = {
@@ -54,8 +55,12 @@ class Recommender:
         top_k: int,
         clock: Callable[[], int] = now_ms,
         metrics: WorkerMetrics | None = None,
+        policy: RerankPolicy | None = None,
+        rules: ItemFilter | None = None,
     ) -> None:
         self.metrics = metrics or WorkerMetrics()
+        self.policy = policy or RerankPolicy()
+        self.rules = rules  # business rules every list obeys (a request's own filter narrows them)
         self.encoder = encoder
         self.store = store
         self.items = items
@@ -133,28 +138,32 @@ class Recommender:
         k: int,
         item_filter: ItemFilter | None,
     ) -> list[Recommendation]:
+        rules = self.rules.narrowed_by(item_filter) if self.rules else item_filter
+        limit = self.policy.fetch_limit(k)
         with self.metrics.stage("search"):
             hits = self.store.search_batch(
                 self.items_collection,
                 [
-                    SearchQuery(vector=v, limit=k, exclude_ids=r.window.item_ids, item_filter=item_filter)
+                    SearchQuery(vector=v, limit=limit, exclude_ids=r.window.item_ids, item_filter=rules)
                     for (r, _), v in zip(usable, user_vectors, strict=True)
                 ],
             )
         with self.metrics.stage("rerank"):
-            return self._recommendations(usable, windows, hits)
+            return self._recommendations(usable, windows, hits, k)
 
     def _recommendations(
         self,
         usable: Sequence[tuple[RefreshRequest, list[WindowEntry]]],
         windows: Sequence[WindowArrays],
         hits: Sequence[Sequence[SearchHit]],
+        k: int,
     ) -> list[Recommendation]:
         candidate_vectors = self.item_vectors(sorted({hit.id for candidates in hits for hit in candidates}))
         recommendations = []
+        now = self.clock()
         for (request, entries), window, candidates in zip(usable, windows, hits, strict=True):
             items = []
-            for hit in candidates:
+            for hit in rerank(candidates, candidate_vectors, k, self.policy, now):
                 reason = _reason(candidate_vectors.get(hit.id), window.item_vectors, entries)
                 items.append(RecommendedItem(hit.id, round(hit.score, 6), reason))
             recommendations.append(

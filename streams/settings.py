@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from streams.errors import ConfigError
+from streams.ports import ItemFilter
 from streams.records import Limits
+from streams.rerank import RerankPolicy
 
 ENV_PREFIX = "RTREC_"
 
@@ -81,6 +83,14 @@ class Settings:
     window_horizon_s: int = 30 * 24 * 3600
     dedup_capacity: int = 500
     top_k: int = 10
+    # Re-ranking (streams.rerank): MMR diversity in [0, 1), freshness half-life of catalogue age
+    # (0: off), and how many candidates to re-rank when either is on.
+    rerank_diversity: float = 0.0
+    rerank_freshness_half_life_h: float = 0.0
+    rerank_candidates: int = 50
+    # Business rules every list obeys: comma-separated categories to keep (empty: all) and to leave out.
+    allow_categories: str = ""
+    deny_categories: str = ""
     # Item vectors cached in the worker (LRU), and how long another worker's catalogue change may go unseen.
     item_cache_size: int = 200_000
     item_cache_ttl_s: float = 300.0
@@ -139,10 +149,17 @@ class Settings:
             "dedup_capacity",
             "item_cache_size",
             "max_http_k",
+            "rerank_candidates",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.rerank_diversity < 1:
+            raise ConfigError(f"{ENV_PREFIX}RERANK_DIVERSITY must be in [0, 1), got {self.rerank_diversity}")
+        if self.rerank_freshness_half_life_h < 0:
+            raise ConfigError(
+                f"{ENV_PREFIX}RERANK_FRESHNESS_HALF_LIFE_H must be >= 0, got {self.rerank_freshness_half_life_h}"
+            )
         if self.search_ef < 0:
             raise ConfigError(f"{ENV_PREFIX}SEARCH_EF must be >= 0, got {self.search_ef}")
         if self.encoder_threads < 0:
@@ -174,6 +191,17 @@ class Settings:
             max_text_chars=self.max_text_chars,
             max_future_skew_s=self.max_future_skew_s,
         )
+
+    def rerank_policy(self) -> RerankPolicy:
+        return RerankPolicy(
+            diversity=self.rerank_diversity,
+            freshness_half_life_s=self.rerank_freshness_half_life_h * 3600,
+            candidates=self.rerank_candidates,
+        )
+
+    def business_rules(self) -> ItemFilter | None:
+        allowed, denied = _names(self.allow_categories), _names(self.deny_categories)
+        return ItemFilter(categories=allowed, exclude_categories=denied) if allowed or denied else None
 
     # Derived locations: one place decides where each piece of local state lives.
     @property
@@ -207,6 +235,10 @@ class Settings:
             value = getattr(self, f.name)
             shown[ENV_PREFIX + f.name.upper()] = "" if value is None else str(value)
         return shown
+
+
+def _names(listed: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in listed.split(",") if name.strip())
 
 
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(Settings))

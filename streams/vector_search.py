@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from streams.ports import SearchHit, SearchQuery
 
 EXTERNAL_ID = "ext_id"
-RANKING_FIELDS = [EXTERNAL_ID, "available"]  # all a ranking reads from a hit's payload
+RANKING_FIELDS = [EXTERNAL_ID, "available", "ts"]  # all a ranking reads from a hit's payload (ts: freshness)
 OVERFETCH = 8  # extra hits per query, for unavailable items among the nearest
 
 

@@ -302,3 +302,24 @@ def test_a_request_reaching_the_other_worker_is_forwarded_to_the_users_owner(
         assert forwarded, "no user was forwarded from the second worker to the first"
     finally:
         worker.stop()
+
+
+def test_diversity_and_standing_rules_shape_the_streamed_list(
+    pipeline: Pipeline, kafka: LocalKafka, models_dir: Path, tmp_path: Path
+) -> None:
+    workload = pipeline.workload
+    denied = workload.categories[2]
+    shaped = Pipeline(kafka.config.bootstrap, models_dir, tmp_path, rerank_diversity=0.7, deny_categories=denied)
+    shaped.start()
+    try:
+        shaped.publish_catalog()
+        events = _events(pipeline, 930, workload.categories[3], 8)
+        lists = {}
+        for running in (pipeline, shaped):
+            running.send_events(events)
+            lists[running] = [i.item_id for i in _latest_for(running, events).items]
+    finally:
+        shaped.stop()
+    plain, diverse = ({workload.category_of[i] for i in lists[p]} for p in (pipeline, shaped))
+    assert len(lists[shaped]) == 10 and denied not in diverse
+    assert len(diverse) > len(plain), (plain, diverse)  # one interest, yet the list spans more kinds

@@ -1,0 +1,72 @@
+"""Re-ranking on hand-built candidates, and how standing rules combine with a request's filter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streams.ports import ItemFilter, SearchHit
+from streams.rerank import RerankPolicy, rerank
+
+NOW = 1_000_000_000_000
+HOUR_MS = 3_600_000
+
+
+def _hit(item_id: str, score: float, age_h: float = 0.0) -> SearchHit:
+    return SearchHit(item_id, score, {"ts": NOW - int(age_h * HOUR_MS)})
+
+
+def _clusters() -> tuple[list[SearchHit], dict[str, np.ndarray]]:
+    """Four near-copies of one item score highest; two items of another kind score a little less."""
+    rng = np.random.default_rng(0)
+    a, b = np.eye(8)[0], np.eye(8)[1]
+    vectors = {f"a{i}": a + 0.01 * rng.normal(size=8) for i in range(4)}
+    vectors |= {f"b{i}": b + 0.01 * rng.normal(size=8) for i in range(2)}
+    hits = [_hit(f"a{i}", 1.0 - 0.01 * i) for i in range(4)] + [_hit(f"b{i}", 0.9 - 0.01 * i) for i in range(2)]
+    return hits, vectors
+
+
+def test_without_reranking_the_list_is_the_stores_top_k() -> None:
+    hits, vectors = _clusters()
+    assert rerank(hits, vectors, 3, RerankPolicy(), NOW) == hits[:3]
+    assert RerankPolicy().fetch_limit(10) == 10 and RerankPolicy(diversity=0.3).fetch_limit(10) == 50
+
+
+def test_diversity_lets_another_kind_of_item_into_the_list() -> None:
+    hits, vectors = _clusters()
+    assert [h.id for h in rerank(hits, vectors, 3, RerankPolicy(diversity=0.0001), NOW)] == ["a0", "a1", "a2"]
+    diverse = [h.id for h in rerank(hits, vectors, 3, RerankPolicy(diversity=0.5), NOW)]
+    assert diverse[:2] == ["a0", "b0"]  # the best item first, then the best of the other kind
+    assert len(set(diverse)) == 3
+
+
+def test_freshness_lifts_new_items_by_their_catalogue_age() -> None:
+    hits = [_hit("old", 1.0, age_h=48), _hit("new", 0.8, age_h=1), _hit("newest", 0.0, age_h=0)]
+    vectors = {h.id: np.eye(3)[i] for i, h in enumerate(hits)}
+    assert [h.id for h in rerank(hits, vectors, 2, RerankPolicy(freshness_half_life_s=24 * 3600), NOW)] == [
+        "new",  # 0.8 rescaled to 0.8, decayed 3 % beats 1.0 decayed by two half-lives
+        "old",
+    ]
+    assert [h.id for h in rerank(hits, vectors, 2, RerankPolicy(freshness_half_life_s=1000 * 3600), NOW)] == [
+        "old",
+        "new",
+    ]
+
+
+@pytest.mark.parametrize("bad", [{"diversity": 1.0}, {"diversity": -0.1}, {"freshness_half_life_s": -1}])
+def test_policy_values_out_of_range_are_refused(bad: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        RerankPolicy(**bad)
+
+
+def test_a_request_can_only_narrow_the_standing_rules() -> None:
+    rules = ItemFilter(categories=("books", "music"), exclude_categories=("adult",), max_price=100)
+    assert rules.narrowed_by(None) == rules
+    narrowed = rules.narrowed_by(ItemFilter(categories=("music", "garden"), min_price=5, max_price=500))
+    # garden is asked for but not allowed: kept out by exclusion, so only music can match.
+    assert narrowed == ItemFilter(
+        categories=("music", "garden"), exclude_categories=("adult", "garden"), min_price=5, max_price=100
+    )
+    assert ItemFilter(exclude_categories=("adult",)).narrowed_by(ItemFilter(categories=("books",))) == ItemFilter(
+        categories=("books",), exclude_categories=("adult",)
+    )
