@@ -134,6 +134,8 @@ def build_app(settings: Settings, components: Components) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
         consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.kafka_session_timeout_s,
+        broker_heartbeat_interval=settings.kafka_session_timeout_s / 4,
         web_enabled=bool(settings.http_port),
         web_port=settings.http_port or None,
         web_bind="0.0.0.0",  # other workers forward requests here, so not loopback only

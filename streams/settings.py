@@ -61,6 +61,9 @@ class Settings:
     control_topic: str = "rec.control"
     events_retention_hours: int = 24 * 7
     app_id: str = "rtrec"
+    # How long a worker that died without leaving (SIGKILL, lost host) keeps its partitions before
+    # the group hands them to the others: the longest pause a crash causes.
+    kafka_session_timeout_s: float = 10.0
     # Faust table store: memory:// (state rebuilt from the changelog at start) or rocksdb://.
     table_store: str = "memory://"
     # Qdrant. Empty URL means embedded local mode in `qdrant_path` (default: <home>/qdrant).
@@ -171,6 +174,11 @@ class Settings:
             raise ConfigError(f"{ENV_PREFIX}WINDOW_HORIZON_S must be > 0, got {self.window_horizon_s}")
         if self.item_cache_ttl_s < 0:
             raise ConfigError(f"{ENV_PREFIX}ITEM_CACHE_TTL_S must be >= 0, got {self.item_cache_ttl_s}")
+        if not 6 <= self.kafka_session_timeout_s <= 300:
+            raise ConfigError(
+                f"{ENV_PREFIX}KAFKA_SESSION_TIMEOUT_S must be within the broker's default bounds, 6 to 300 s, "
+                f"got {self.kafka_session_timeout_s}"
+            )
         if self.batch_within_s <= 0:
             raise ConfigError(f"{ENV_PREFIX}BATCH_WITHIN_S must be > 0, got {self.batch_within_s}")
         if self.encoder_precision not in ("auto", "fp32", "fp16"):

@@ -155,6 +155,22 @@ class Pipeline:
                     self.outputs.dead_letters.append(decode_deadletter(value))
         return self.outputs
 
+    def stored_windows(self, keys: set[bytes], timeout_s: float = 60.0) -> dict[bytes, bytes | None]:
+        """The newest changelog record of each key of the window table, read from the broker."""
+        changelog = f"{self.settings.app_id}-user-windows-changelog"
+        consumer = make_consumer(self.settings, [changelog])
+        try:
+            ends = consumer.end_offsets(list(consumer.assignment()))
+            latest: dict[bytes, bytes | None] = {}
+            deadline = time.monotonic() + timeout_s
+            while any(consumer.position(tp) < end for tp, end in ends.items()) and time.monotonic() < deadline:
+                for _topic, key, value in iterate(consumer, timeout_s=0.5):
+                    if key in keys:
+                        latest[key] = value
+            return latest
+        finally:
+            consumer.close()
+
     def _check_worker(self) -> None:
         if self.worker is not None:
             self.worker.check_alive()

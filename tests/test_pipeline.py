@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import pytest
 
 from infra.kafka_local import LocalKafka
 from streams.cli import main
-from streams.kafka_io import iterate, make_consumer
 from streams.recommend import now_ms
 from streams.records import Event, Recommendation, encode_event, encode_item
 from streams.state import UserWindow
@@ -222,23 +220,6 @@ def test_a_restarted_worker_resumes_with_the_windows_from_the_changelog(pipeline
     assert {i.item_id for i in _recommendations_for(pipeline, [control])[-1].items} & set(likely)
 
 
-def _latest_table_values(pipeline: Pipeline, keys: set[bytes]) -> dict[bytes, bytes | None]:
-    """The newest changelog record of each key of the window table, read from the broker."""
-    changelog = f"{pipeline.settings.app_id}-user-windows-changelog"
-    consumer = make_consumer(pipeline.settings, [changelog])
-    try:
-        ends = consumer.end_offsets(list(consumer.assignment()))
-        latest: dict[bytes, bytes | None] = {}
-        deadline = time.monotonic() + 30
-        while any(consumer.position(tp) < end for tp, end in ends.items()) and time.monotonic() < deadline:
-            for _topic, key, value in iterate(consumer, timeout_s=0.5):
-                if key in keys:
-                    latest[key] = value
-        return latest
-    finally:
-        consumer.close()
-
-
 def test_a_forgotten_user_leaves_no_window_and_starts_afresh(pipeline: Pipeline) -> None:
     likely, template = _user_who_saw_what_newcomers_get(pipeline, 721)
     returning = template[: len(likely)]
@@ -261,7 +242,7 @@ def test_a_forgotten_user_leaves_no_window_and_starts_afresh(pipeline: Pipeline)
 
     pipeline.wait_caught_up(settings.events_topic)
     pipeline.wait_caught_up(settings.control_topic)
-    latest = _latest_table_values(pipeline, {after.user_id.encode(), gone[0].user_id.encode()})
+    latest = pipeline.stored_windows({after.user_id.encode(), gone[0].user_id.encode()})
     assert latest[gone[0].user_id.encode()] is None  # a tombstone: nothing of the user is kept
     window = UserWindow.from_bytes(latest[after.user_id.encode()], 50, 10**12, 500)  # type: ignore[arg-type]
     assert window.item_ids == [after.item_id]

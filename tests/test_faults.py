@@ -1,0 +1,189 @@
+"""Faults injected into a running pipeline on the real broker: nothing is lost.
+
+Each test streams generated events (with a few malformed ones) while a fault strikes,
+then checks that every event is accounted for, either reflected in a recommendation for
+its user or dead-lettered, and that the stored windows equal those of a run without
+the fault (replayed here from the events themselves). Each test prints its figures;
+the README's table of the fault suite comes from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from infra.kafka_local import LocalKafka, LocalKafkaConfig, free_port
+from streams.bench import load_catalog
+from streams.recommend import now_ms
+from streams.records import Event, encode_event, encode_item
+from streams.state import UserWindow
+from streams.worker_process import WorkerProcess
+from tests.harness import Pipeline
+
+pytestmark = pytest.mark.integration
+
+FAULT_EVENTS = 20_000
+BAD_EVERY = 1_000  # one malformed message per this many events
+WINDOW = 50
+
+
+def _stream(pipeline: Pipeline, n: int) -> list[Event]:
+    """Events of many users, stamped 1 ms apart so that replaying them gives one exact order."""
+    start = now_ms()
+    ticks = iter(range(n))
+    first_user = int(start % 1_000_000) * 1_000  # fresh users each run
+    return [g.event for g in pipeline.workload.stream(n, clock=lambda: start + next(ticks), first_user=first_user)]
+
+
+def _bad(n: int, user_id: str) -> bytes:
+    return msgpack.packb(
+        {"v": 1, "event_id": f"bad-{n}", "user_id": user_id, "item_id": "x", "type": "view", "ts": "?"}
+    )
+
+
+class Sender:
+    """Publishes the events at a steady rate from a thread, a malformed one every ``BAD_EVERY``."""
+
+    def __init__(self, pipeline: Pipeline, events: list[Event], rate: float) -> None:
+        self.pipeline, self.events, self.rate = pipeline, events, rate
+        self.sent = 0
+        self.bad = 0
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Sender:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            producer, topic = self.pipeline.producer, self.pipeline.settings.events_topic
+            started = time.monotonic()
+            for n, event in enumerate(self.events, start=1):
+                producer.send(topic, key=event.user_id.encode(), value=encode_event(event))
+                if n % BAD_EVERY == 0:
+                    producer.send(topic, key=event.user_id.encode(), value=_bad(n, event.user_id))
+                    self.bad += 1
+                self.sent = n
+                pause = started + n / self.rate - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+            producer.flush(timeout=180)
+        except BaseException as exc:  # surfaced by join()
+            self.error = exc
+
+    def wait_until_sent(self, n: int, timeout_s: float = 120.0) -> int:
+        """Until at least n events are sent (the worker is busy with them); returns how many are."""
+        deadline = time.monotonic() + timeout_s
+        while self.sent < n:
+            assert time.monotonic() < deadline and self.error is None, (self.sent, self.error)
+            time.sleep(0.05)
+        return self.sent
+
+    def join(self, timeout_s: float = 300.0) -> None:
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive() and self.error is None, self.error
+
+
+def _account(
+    pipeline: Pipeline, sender: Sender, fault: str, at_fault: int, timeout_s: float = 300.0
+) -> dict[str, object]:
+    """Waits until every event is accounted for; checks the stored windows; returns the figures."""
+    ids = {e.event_id for e in sender.events}
+    bad_ids = {f"bad-{n}" for n in range(BAD_EVERY, FAULT_EVENTS + 1, BAD_EVERY)}
+    outputs = pipeline.collect_until(
+        lambda out: ids <= out.covered_event_ids() and bad_ids <= out.dead_lettered_event_ids(), timeout_s=timeout_s
+    )
+    replayed: dict[str, UserWindow] = {}
+    for event in sender.events:
+        replayed.setdefault(event.user_id, UserWindow(WINDOW, pipeline.settings.window_horizon_s * 1000, 500)).add(
+            event
+        )
+    stored = pipeline.stored_windows({user.encode() for user in replayed})
+    for user, window in replayed.items():
+        raw = stored.get(user.encode())
+        assert raw is not None, f"no stored window for {user}"
+        kept = UserWindow.from_bytes(raw, WINDOW, pipeline.settings.window_horizon_s * 1000, 500)
+        assert kept.entries == window.entries, user
+    delivered = [event_id for rec in outputs.recommendations for event_id in rec.event_ids if event_id in ids]
+    figures = {
+        "fault": fault,
+        "events in": len(ids) + len(bad_ids),
+        "sent when it struck": at_fault,
+        "accounted": len(ids & outputs.covered_event_ids()) + len(bad_ids & outputs.dead_lettered_event_ids()),
+        "lost": len(ids - outputs.covered_event_ids()) + len(bad_ids - outputs.dead_lettered_event_ids()),
+        "replayed (reflected twice)": len(delivered) - len(set(delivered)),
+        "users": len(replayed),
+    }
+    print(f"\nfault-suite figures: {figures}")
+    assert 0 < at_fault < len(ids), "the fault must strike mid-stream"
+    return figures
+
+
+@pytest.fixture
+def pipeline(kafka: LocalKafka, models_dir: Path, tmp_path: Path) -> Iterator[Pipeline]:
+    running = Pipeline(kafka.config.bootstrap, models_dir, tmp_path, topic_partitions=4).start()
+    try:
+        running.publish_catalog()
+        yield running
+    finally:
+        running.stop()
+
+
+def test_a_worker_killed_mid_stream_loses_nothing(pipeline: Pipeline) -> None:
+    sender = Sender(pipeline, _stream(pipeline, FAULT_EVENTS), rate=1_000).start()
+    at_fault = sender.wait_until_sent(FAULT_EVENTS // 3)
+    assert pipeline.worker is not None
+    pipeline.worker.process.kill()  # SIGKILL: no flush, no commit, no leaving the group
+    pipeline.worker.process.wait()
+    pipeline.worker = WorkerProcess(pipeline.settings, pipeline.log_path)
+    pipeline.worker.wait_ready()
+    sender.join()
+    figures = _account(pipeline, sender, "worker SIGKILL mid-stream, restarted", at_fault)
+    assert figures["lost"] == 0
+
+
+def test_a_broker_restart_mid_stream_loses_nothing(models_dir: Path, tmp_path: Path) -> None:
+    data = Path(tempfile.mkdtemp(prefix="rtrec-kafka-restart-"))
+    broker = LocalKafka(LocalKafkaConfig(data_dir=data, port=free_port(), controller_port=free_port()))
+    broker.start()
+    pipeline = Pipeline(broker.config.bootstrap, models_dir, tmp_path, topic_partitions=4)
+    try:
+        pipeline.start()
+        pipeline.publish_catalog()
+        sender = Sender(pipeline, _stream(pipeline, FAULT_EVENTS), rate=1_000).start()
+        at_fault = sender.wait_until_sent(FAULT_EVENTS // 3)
+        broker.stop()  # producers and the worker lose the broker mid-stream
+        time.sleep(5)
+        broker.start()
+        sender.join()
+        figures = _account(pipeline, sender, "broker stopped for 5 s mid-stream, restarted", at_fault)
+        assert figures["lost"] == 0
+    finally:
+        pipeline.stop()
+        broker.stop()
+
+
+def test_a_worker_joining_and_leaving_moves_state_with_the_partitions(pipeline: Pipeline, tmp_path: Path) -> None:
+    sender = Sender(pipeline, _stream(pipeline, FAULT_EVENTS), rate=1_000).start()
+    at_fault = sender.wait_until_sent(FAULT_EVENTS // 4)
+    # A second worker of the same group (its own embedded store, bulk-filled like the first's).
+    second_settings = dataclasses.replace(pipeline.settings, home=tmp_path / "second")
+    catalogue = [(item.item_id, encode_item(item)) for item in pipeline.workload.catalog]
+    load_catalog(second_settings, catalogue, print)
+    second = WorkerProcess(second_settings, tmp_path / "second.log")
+    try:
+        second.wait_ready()
+        sender.wait_until_sent(FAULT_EVENTS * 3 // 4)
+    finally:
+        second.stop()  # leaves: its partitions and their windows go back to the first worker
+    sender.join()
+    figures = _account(pipeline, sender, "second worker joined, then left, mid-stream", at_fault)
+    assert figures["lost"] == 0
