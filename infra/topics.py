@@ -40,21 +40,21 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     ]
 
 
-def admin_client(bootstrap: str, timeout_s: float = 30.0) -> KafkaAdminClient:
+def admin_client(settings: Settings, timeout_s: float = 30.0) -> KafkaAdminClient:
     try:
         return KafkaAdminClient(
-            bootstrap_servers=bootstrap,
+            **settings.kafka_options(),
             client_id="rtrec-admin",
             request_timeout_ms=15000,
             bootstrap_timeout_ms=int(timeout_s * 1000),
         )
     except KafkaError as exc:
-        raise BrokerError(f"no Kafka broker reachable at {bootstrap} ({type(exc).__name__})") from None
+        raise BrokerError(f"no Kafka broker reachable at {settings.bootstrap_servers} ({type(exc).__name__})") from None
 
 
-def ensure_topics(bootstrap: str, specs: list[TopicSpec]) -> dict[str, str]:
+def ensure_topics(settings: Settings, specs: list[TopicSpec]) -> dict[str, str]:
     """Create missing topics, grow partitions, apply configs. Returns {topic: what was done}."""
-    admin = admin_client(bootstrap)
+    admin = admin_client(settings)
     try:
         existing = set(admin.list_topics())
         report: dict[str, str] = {}
@@ -86,10 +86,10 @@ def ensure_topics(bootstrap: str, specs: list[TopicSpec]) -> dict[str, str]:
                 report[s.name] = f"grown to {s.partitions} partitions" if s.name in grow else "exists"
         return report
     except KafkaError as exc:
-        raise BrokerError(f"topic bootstrap on {bootstrap} failed: {exc}") from exc
+        raise BrokerError(f"topic bootstrap on {settings.bootstrap_servers} failed: {exc}") from exc
     finally:
         admin.close()
 
 
 def ensure_pipeline_topics(settings: Settings) -> dict[str, str]:
-    return ensure_topics(settings.bootstrap_servers, topic_specs(settings))
+    return ensure_topics(settings, topic_specs(settings))

@@ -8,6 +8,7 @@ is a module-level global, so a test can wire the app with its own parts.
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,7 +64,8 @@ def open_vector_store(settings: Settings) -> VectorStore:
     """The Qdrant server at ``qdrant_url``, else embedded Qdrant (Qdrant Edge) in ``qdrant_path``."""
     if settings.qdrant_url:
         key = settings.qdrant_api_key.reveal() if settings.qdrant_api_key else None
-        return QdrantVectorStore.connect(settings.qdrant_url, key, search_ef=settings.search_ef)
+        verify = ssl.create_default_context(cafile=settings.qdrant_ca_cert) if settings.qdrant_ca_cert else True
+        return QdrantVectorStore.connect(settings.qdrant_url, key, search_ef=settings.search_ef, verify=verify)
     return EdgeVectorStore(settings.qdrant_local_path, search_ef=settings.search_ef)
 
 
@@ -84,6 +86,21 @@ def model_info(settings: Settings, components: Components) -> dict[str, Any]:
         "max_k": settings.max_http_k,
         "window_size": settings.window_size,
     }
+
+
+def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
+    """The worker's Kafka security, from the same settings as every other client's."""
+    protocol = settings.kafka_security_protocol
+    context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None) if "SSL" in protocol else None
+    if protocol.startswith("SASL"):
+        assert settings.kafka_sasl_password is not None  # validated
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password.reveal(),
+            mechanism=settings.kafka_sasl_mechanism,
+            ssl_context=context,
+        )
+    return faust.SSLCredentials(context) if context is not None else None
 
 
 def build_app(settings: Settings, components: Components) -> faust.App:
@@ -127,6 +144,7 @@ def build_app(settings: Settings, components: Components) -> faust.App:
     app = faust.App(
         settings.app_id,
         broker=[f"kafka://{server}" for server in settings.bootstrap_servers.split(",")],
+        broker_credentials=broker_credentials(settings),
         store=settings.table_store,
         datadir=str(settings.faust_data_path),
         topic_partitions=settings.topic_partitions,

@@ -123,7 +123,7 @@ class RecommendationReader:
         topic = settings.recommendations_topic
         try:
             self._consumer = KafkaConsumer(
-                bootstrap_servers=settings.bootstrap_servers.split(","),
+                **settings.kafka_options(),
                 client_id="rtrec-recommendation-reader",
                 group_id=group_id,
                 auto_offset_reset="earliest" if from_beginning else "latest",

@@ -25,7 +25,7 @@ from streams.settings import Settings
 
 def make_producer(settings: Settings, **overrides: object) -> KafkaProducer:
     config: dict[str, object] = {
-        "bootstrap_servers": settings.bootstrap_servers.split(","),
+        **settings.kafka_options(),
         "client_id": "rtrec-producer",
         "acks": "all",
         "linger_ms": 5,
@@ -42,7 +42,7 @@ def make_consumer(settings: Settings, topics: Sequence[str], group_id: str | Non
     """A reader of ``topics`` from their beginning (no group: every reader sees everything)."""
     try:
         consumer = KafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers.split(","),
+            **settings.kafka_options(),
             client_id="rtrec-reader",
             group_id=group_id,
             auto_offset_reset="earliest",
@@ -108,9 +108,7 @@ def iterate(consumer: KafkaConsumer, timeout_s: float) -> Iterator[tuple[str, by
 
 def group_lag(settings: Settings, group_id: str, topic: str) -> int:
     """Messages on ``topic`` not yet committed by consumer group ``group_id``."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers.split(","), group_id=group_id, enable_auto_commit=False
-    )
+    consumer = KafkaConsumer(**settings.kafka_options(), group_id=group_id, enable_auto_commit=False)
     try:
         partitions = [TopicPartition(topic, p) for p in topic_partitions(consumer, topic)]
         ends = consumer.end_offsets(partitions)

@@ -20,6 +20,8 @@ from streams.records import Limits
 from streams.rerank import RerankPolicy
 
 ENV_PREFIX = "RTREC_"
+KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
 class Secret:
@@ -52,6 +54,14 @@ class Settings:
     # Kafka. Empty means the local broker that `rtrec broker start` / `rtrec demo` runs.
     kafka_bootstrap: str = ""
     local_kafka_port: int = 19092
+    # Kafka security for every client (worker, producers, readers, admin): PLAINTEXT, SSL,
+    # SASL_PLAINTEXT or SASL_SSL; SASL with PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = "PLAIN"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: Secret | None = None
+    # CA bundle that signed the brokers' certificates (empty: the system's CAs).
+    kafka_ssl_cafile: str = ""
     topic_partitions: int = 4
     topic_replication: int = 1
     events_topic: str = "rec.events"
@@ -69,6 +79,8 @@ class Settings:
     # Qdrant. Empty URL means embedded local mode in `qdrant_path` (default: <home>/qdrant).
     qdrant_url: str = ""
     qdrant_api_key: Secret | None = None
+    # CA bundle that signed an https Qdrant server's certificate (empty: the system's CAs).
+    qdrant_ca_cert: str = ""
     qdrant_path: str = ""
     items_collection: str = "items"
     # HNSW candidates per search (0: Qdrant's default); lower is faster, check recall with `rtrec bench`.
@@ -179,6 +191,25 @@ class Settings:
                 f"{ENV_PREFIX}KAFKA_SESSION_TIMEOUT_S must be within the broker's default bounds, 6 to 300 s, "
                 f"got {self.kafka_session_timeout_s}"
             )
+        if self.kafka_security_protocol not in KAFKA_PROTOCOLS:
+            raise ConfigError(
+                f"{ENV_PREFIX}KAFKA_SECURITY_PROTOCOL must be one of {', '.join(KAFKA_PROTOCOLS)}, "
+                f"got {self.kafka_security_protocol!r}"
+            )
+        if self.kafka_security_protocol.startswith("SASL"):
+            if self.kafka_sasl_mechanism not in SASL_MECHANISMS:
+                raise ConfigError(
+                    f"{ENV_PREFIX}KAFKA_SASL_MECHANISM must be one of {', '.join(SASL_MECHANISMS)}, "
+                    f"got {self.kafka_sasl_mechanism!r}"
+                )
+            if not self.kafka_sasl_username or self.kafka_sasl_password is None:
+                raise ConfigError(
+                    f"{ENV_PREFIX}KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                    f"{ENV_PREFIX}KAFKA_SASL_USERNAME and {ENV_PREFIX}KAFKA_SASL_PASSWORD"
+                )
+        for name in ("kafka_ssl_cafile", "qdrant_ca_cert"):
+            if getattr(self, name) and not Path(getattr(self, name)).is_file():
+                raise ConfigError(f"{ENV_PREFIX}{name.upper()}: no such file {getattr(self, name)!r}")
         if self.batch_within_s <= 0:
             raise ConfigError(f"{ENV_PREFIX}BATCH_WITHIN_S must be > 0, got {self.batch_within_s}")
         if self.encoder_precision not in ("auto", "fp32", "fp16"):
@@ -211,6 +242,23 @@ class Settings:
         allowed, denied = _names(self.allow_categories), _names(self.deny_categories)
         return ItemFilter(categories=allowed, exclude_categories=denied) if allowed or denied else None
 
+    def kafka_options(self) -> dict[str, Any]:
+        """Connection options for every kafka-python client (producers, consumers, admin)."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "security_protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_security_protocol.startswith("SASL"):
+            assert self.kafka_sasl_password is not None  # validated
+            options |= {
+                "sasl_mechanism": self.kafka_sasl_mechanism,
+                "sasl_plain_username": self.kafka_sasl_username,
+                "sasl_plain_password": self.kafka_sasl_password.reveal(),
+            }
+        if self.kafka_security_protocol.endswith("SSL") and self.kafka_ssl_cafile:
+            options["ssl_cafile"] = self.kafka_ssl_cafile
+        return options
+
     # Derived locations: one place decides where each piece of local state lives.
     @property
     def bootstrap_servers(self) -> str:
@@ -235,6 +283,14 @@ class Settings:
     @property
     def faust_data_path(self) -> Path:
         return self.home / "faust"
+
+    def secrets(self) -> dict[str, str]:
+        """The secret settings in the clear, as environment variables (for a child worker only)."""
+        return {
+            ENV_PREFIX + f.name.upper(): value.reveal()
+            for f in dataclasses.fields(self)
+            if isinstance(value := getattr(self, f.name), Secret)
+        }
 
     def describe(self) -> dict[str, str]:
         """The effective configuration with secrets masked, for `rtrec config`."""

@@ -7,6 +7,7 @@ store). Collections rank by dot product, as the model scores.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,8 +28,11 @@ class QdrantVectorStore:
         self._prefix = prefix  # lets several pipelines (or tests) share one Qdrant
 
     @classmethod
-    def connect(cls, url: str, api_key: str | None = None, search_ef: int = 0) -> QdrantVectorStore:
-        return cls(QdrantClient(url=url, api_key=api_key, timeout=30), search_ef=search_ef)
+    def connect(
+        cls, url: str, api_key: str | None = None, search_ef: int = 0, verify: ssl.SSLContext | bool = True
+    ) -> QdrantVectorStore:
+        """``verify``: how an https server's certificate is checked (passed to the HTTP client)."""
+        return cls(QdrantClient(url=url, api_key=api_key, timeout=30, verify=verify), search_ef=search_ef)
 
     def _name(self, collection: str) -> str:
         return self._prefix + collection

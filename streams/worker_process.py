@@ -28,8 +28,8 @@ def worker_env(settings: Settings) -> dict[str, str]:
     """The environment that gives a child worker exactly these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RTREC_")}
     env.update({k: v for k, v in settings.describe().items() if v})
-    if settings.qdrant_api_key is not None:
-        env["RTREC_QDRANT_API_KEY"] = settings.qdrant_api_key.reveal()
+    for name, value in settings.secrets().items():
+        env[name] = value
     return env
 
 

@@ -29,7 +29,7 @@ def test_topic_bootstrap_is_idempotent_with_policies(kafka: LocalKafka) -> None:
     assert set(ensure_pipeline_topics(settings).values()) == {"exists"}
     grown = ensure_pipeline_topics(settings.with_overrides(topic_partitions=4))
     assert set(grown.values()) == {"grown to 4 partitions"}
-    admin = admin_client(settings.bootstrap_servers)
+    admin = admin_client(settings)
     try:
         described = {
             t["name"]: len(t["partitions"]) for t in admin.describe_topics([s.name for s in topic_specs(settings)])
