@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
@@ -18,6 +18,7 @@ from typing import Any, cast
 import faust
 
 from streams.process import CatalogBatchProcessor, EventBatchProcessor, IncomingMessage
+from streams.pseudonym import Pseudonyms
 from streams.records import encode_deadletter, encode_recommendation
 from streams.settings import Settings
 
@@ -46,8 +47,45 @@ LAG_INTERVAL_S = 5.0  # how often the consumer-lag gauge is refreshed from the b
 
 @dataclass(frozen=True)
 class Agents:
-    windows: faust.types.TableT  # user id (bytes) → stored window
+    windows: WindowTable  # user's state key (bytes) → stored window
+    state_key: Callable[[str], str]  # user id → the key their state is kept under
     event_worker: ThreadPoolExecutor  # the thread every model and store call of the events agent runs on
+
+
+class WindowTable(faust.Table):
+    """The windows, each written to the changelog partition of its user's events.
+
+    A micro-batch spans several partitions and its writes happen after the batch, outside
+    any one event's context, so each write names its partition (the one its user's events
+    came from) instead of Faust taking the current event's. That keeps changelog partition
+    p holding exactly the windows of events partition p, which is what recovery after a
+    rebalance assumes, also when the keys are pseudonyms that hash elsewhere.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._writing: dict[bytes, int] = {}
+
+    def put(self, key: bytes, value: bytes, partition: int) -> None:
+        self._writing[key] = partition
+        try:
+            self[key] = value
+        finally:
+            del self._writing[key]
+
+    def delete(self, key: bytes, partition: int) -> None:
+        self._writing[key] = partition
+        try:
+            self.pop(key, None)
+        finally:
+            del self._writing[key]
+
+    def partition_for_key(self, key: Any) -> int | None:
+        return self._writing.get(key)
+
+
+def _key(state_key: Callable[[str], str], user_id: str) -> bytes:
+    return state_key(user_id).encode("utf-8")
 
 
 def register_agents(
@@ -55,6 +93,7 @@ def register_agents(
     settings: Settings,
     events: EventBatchProcessor,
     catalog: CatalogBatchProcessor,
+    pseudonyms: Pseudonyms,
 ) -> Agents:
     # Control commands are keyed and partitioned like the events, and read by the same agent, so a
     # forget-user is ordered with the user's events and touches the window no other code is writing.
@@ -64,14 +103,18 @@ def register_agents(
     deadletter_topic = _raw_topic(app, settings.deadletter_topic)
     # One window per user, keyed like the events topic. use_partitioner: a micro-batch spans
     # events of several partitions, so each changelog write is partitioned by its own key.
-    windows = app.Table(
-        "user-windows",
+    windows = WindowTable(
+        app,
+        name="user-windows",
         default=None,
+        beacon=app.tables.beacon,
         partitions=settings.topic_partitions,
         key_type=bytes,  # bytes means the raw codec for the changelog
         value_type=bytes,
-        use_partitioner=True,
+        use_partitioner=True,  # reads need no event context; writes name their partition (WindowTable)
     )
+    app.tables.add(windows)
+    state_key = pseudonyms.of
     # One thread per agent: model and store calls run off the loop, and in order.
     stage = events.metrics.stage
     event_worker = ThreadPoolExecutor(1, thread_name_prefix="rtrec-events")
@@ -86,14 +129,16 @@ def register_agents(
         loop = asyncio.get_running_loop()
         async for batch in _batches(stream, settings):
             messages = _incoming(batch)
+            partition_of = {m.key: m.partition for m in messages if m.key is not None}
             with stage("state"):
-                stored = {user: windows.get(user.encode("utf-8")) for user in events.users_in(messages)}
+                stored = {user: windows.get(_key(state_key, user)) for user in events.users_in(messages)}
             outcome = await loop.run_in_executor(event_worker, events.process, messages, stored)
             with stage("state"):
                 for user_id, stored_window in outcome.windows.items():
-                    windows[user_id.encode("utf-8")] = stored_window
-                for user_id in outcome.forgotten:
-                    windows.pop(user_id.encode("utf-8"), None)  # a tombstone in the changelog
+                    partition = partition_of[user_id.encode("utf-8")]
+                    windows.put(_key(state_key, user_id), stored_window, partition)
+                for user_id in outcome.forgotten:  # a tombstone in the changelog
+                    windows.delete(_key(state_key, user_id), partition_of[user_id.encode("utf-8")])
             with stage("produce"):
                 for rec in outcome.recommendations:
                     await recommendations_topic.send(key=rec.user_id.encode("utf-8"), value=encode_recommendation(rec))
@@ -129,7 +174,7 @@ def register_agents(
             done = starts.get(tp, 0) if position is None else position
             lag.labels(tp.topic, str(tp.partition)).set(max(ends.get(tp, done) - done, 0))
 
-    return Agents(windows, event_worker)
+    return Agents(windows, state_key, event_worker)
 
 
 def _committed(app: faust.App, tp: Any) -> int | None:

@@ -24,6 +24,7 @@ from streams.item_vectors import ItemVectorCache
 from streams.metrics import WorkerMetrics
 from streams.ports import InterestEncoderRuntime, ItemEncoderRuntime, TextEmbedder, VectorStore
 from streams.process import CatalogBatchProcessor, EventBatchProcessor, WindowLimits
+from streams.pseudonym import Pseudonyms
 from streams.recommend import Recommender, now_ms
 from streams.settings import Settings
 from streams.store_edge import EdgeVectorStore
@@ -109,6 +110,7 @@ def build_app(settings: Settings, components: Components) -> faust.App:
     store.ensure_collection(settings.items_collection, components.item_encoder.dim)
     store.ensure_collection(settings.users_collection, components.interest_encoder.dim)
     limits = settings.limits()
+    pseudonyms = Pseudonyms(settings.pseudonymize_key)
     item_cache = ItemVectorCache(
         store, settings.items_collection, capacity=settings.item_cache_size, ttl_s=settings.item_cache_ttl_s
     )
@@ -122,6 +124,7 @@ def build_app(settings: Settings, components: Components) -> faust.App:
         metrics=components.metrics,
         policy=settings.rerank_policy(),
         rules=settings.business_rules(),
+        pseudonyms=pseudonyms,
     )
     events = EventBatchProcessor(
         recommender,
@@ -160,9 +163,9 @@ def build_app(settings: Settings, components: Components) -> faust.App:
         web_host=settings.http_host or socket.gethostname(),
         producer_max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
     )
-    agents = register_agents(app, settings, events, catalog)
+    agents = register_agents(app, settings, events, catalog, pseudonyms)
     if settings.http_port:
-        register_http_api(app, settings, agents.windows, events, agents.event_worker, model_info(settings, components))
+        register_http_api(app, settings, agents, events, model_info(settings, components))
 
     def stop_retrying(sender: Any, /, *args: Any, signal: BaseSignalT[Any], **kwargs: Any) -> None:
         store.stop_retrying()

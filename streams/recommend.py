@@ -18,6 +18,7 @@ from encoder.features import WindowArrays, assemble_inputs
 from streams.item_vectors import ItemVectorCache
 from streams.metrics import WorkerMetrics
 from streams.ports import InterestEncoderRuntime, ItemFilter, SearchHit, SearchQuery, VectorPoint, VectorStore
+from streams.pseudonym import Pseudonyms
 from streams.records import Event, Recommendation, RecommendedItem
 from streams.rerank import RerankPolicy, rerank
 from streams.state import UserWindow, WindowEntry
@@ -57,7 +58,9 @@ class Recommender:
         metrics: WorkerMetrics | None = None,
         policy: RerankPolicy | None = None,
         rules: ItemFilter | None = None,
+        pseudonyms: Pseudonyms | None = None,
     ) -> None:
+        self.pseudonyms = pseudonyms or Pseudonyms(None)  # user vectors are stored under the state key
         self.metrics = metrics or WorkerMetrics()
         self.policy = policy or RerankPolicy()
         self.rules = rules  # business rules every list obeys (a request's own filter narrows them)
@@ -76,7 +79,7 @@ class Recommender:
         """Delete the users' vectors from the store (a later refresh writes a fresh one)."""
         if user_ids:
             with self.metrics.stage("upsert"):
-                self.store.delete(self.users_collection, list(user_ids))
+                self.store.delete(self.users_collection, [self.pseudonyms.of(u) for u in user_ids])
 
     def refresh_batch(
         self, requests: Sequence[RefreshRequest], vectors: Mapping[str, np.ndarray]
@@ -91,8 +94,9 @@ class Recommender:
             self.store.upsert(
                 self.users_collection,
                 [
-                    VectorPoint(r.user_id, v, {"user_id": r.user_id, "model": self.encoder.version, "ts": emitted})
+                    VectorPoint(key, v, {"user_id": key, "model": self.encoder.version, "ts": emitted})
                     for (r, _), v in zip(usable, user_vectors, strict=True)
+                    for key in [self.pseudonyms.of(r.user_id)]
                 ],
             )
         return self._search_and_rank(usable, windows, user_vectors, self.top_k, None)

@@ -71,6 +71,8 @@ class Settings:
     control_topic: str = "rec.control"
     events_retention_hours: int = 24 * 7
     app_id: str = "rtrec"
+    # Keyed hash of user ids in state and the vector store (empty: ids kept as given); see streams.pseudonym.
+    pseudonymize_key: Secret | None = None
     # How long a worker that died without leaving (SIGKILL, lost host) keeps its partitions before
     # the group hands them to the others: the longest pause a crash causes.
     kafka_session_timeout_s: float = 10.0

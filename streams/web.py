@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from concurrent.futures import Executor
 from dataclasses import asdict
 from typing import Any, cast
 
@@ -25,6 +24,7 @@ from faust.tables.manager import TableManager
 from faust.web import Request, Response, View
 from multidict import MultiMapping
 
+from streams.agents import Agents
 from streams.errors import InvalidRecord
 from streams.ports import ItemFilter
 from streams.process import EventBatchProcessor
@@ -81,12 +81,12 @@ def parse_request(query: MultiMapping[str], default_k: int, max_k: int) -> tuple
 def register_http_api(
     app: faust.App,
     settings: Settings,
-    windows: faust.types.TableT,
+    agents: Agents,
     events: EventBatchProcessor,
-    executor: Executor,
     model_info: Mapping[str, Any],
 ) -> None:
     recommender = events.recommender
+    windows = agents.windows
 
     @app.page("/users/{user_id}/recommendations")
     @app.table_route(table=windows, match_info="user_id")
@@ -97,7 +97,7 @@ def register_http_api(
             return web.json({"error": str(exc)}, status=400)
         if len(user_id) > settings.max_id_chars:
             return web.json({"error": f"user_id longer than {settings.max_id_chars} characters"}, status=400)
-        raw = windows.get(user_id.encode("utf-8"))
+        raw = windows.get(agents.state_key(user_id).encode("utf-8"))
         if raw is None:
             return web.json({"error": f"unknown user {user_id!r}: no events in the window"}, status=404)
         try:
@@ -106,7 +106,7 @@ def register_http_api(
             return web.json({"error": f"the stored window is unreadable: {exc.reason}"}, status=500)
         loop = asyncio.get_running_loop()
         # On the events agent's thread: model and store calls stay ordered with the stream's.
-        rec = await loop.run_in_executor(executor, recommender.current, user_id, window, k, rules)
+        rec = await loop.run_in_executor(agents.event_worker, recommender.current, user_id, window, k, rules)
         return web.json(
             {
                 "user_id": user_id,
