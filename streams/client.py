@@ -125,6 +125,7 @@ class RecommendationReader:
             self._consumer = KafkaConsumer(
                 **settings.kafka_options(),
                 client_id="rtrec-recommendation-reader",
+                isolation_level="read_committed",  # outputs of an aborted transaction (exactly_once) never show
                 group_id=group_id,
                 auto_offset_reset="earliest" if from_beginning else "latest",
                 enable_auto_commit=group_id is not None,

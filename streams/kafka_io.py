@@ -44,6 +44,7 @@ def make_consumer(settings: Settings, topics: Sequence[str], group_id: str | Non
         consumer = KafkaConsumer(
             **settings.kafka_options(),
             client_id="rtrec-reader",
+            isolation_level="read_committed",  # outputs of an aborted transaction (exactly_once) never show
             group_id=group_id,
             auto_offset_reset="earliest",
             enable_auto_commit=False,
