@@ -13,6 +13,7 @@ import dataclasses
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from streams.recommend import now_ms
 from streams.records import Event, encode_event, encode_item
 from streams.state import UserWindow
 from streams.worker_process import WorkerProcess
+from tests.fake_qdrant import FakeQdrant
 from tests.harness import Pipeline
 
 pytestmark = pytest.mark.integration
@@ -92,14 +94,12 @@ class Sender:
         assert not self._thread.is_alive() and self.error is None, self.error
 
 
-def _account(
-    pipeline: Pipeline, sender: Sender, fault: str, at_fault: int, timeout_s: float = 300.0
-) -> dict[str, object]:
+def _account(pipeline: Pipeline, sender: Sender, fault: str, at_fault: int, **observed: float) -> dict[str, object]:
     """Waits until every event is accounted for; checks the stored windows; returns the figures."""
     ids = {e.event_id for e in sender.events}
-    bad_ids = {f"bad-{n}" for n in range(BAD_EVERY, FAULT_EVENTS + 1, BAD_EVERY)}
+    bad_ids = {f"bad-{n}" for n in range(BAD_EVERY, len(sender.events) + 1, BAD_EVERY)}
     outputs = pipeline.collect_until(
-        lambda out: ids <= out.covered_event_ids() and bad_ids <= out.dead_lettered_event_ids(), timeout_s=timeout_s
+        lambda out: ids <= out.covered_event_ids() and bad_ids <= out.dead_lettered_event_ids(), timeout_s=300
     )
     replayed: dict[str, UserWindow] = {}
     for event in sender.events:
@@ -121,6 +121,7 @@ def _account(
         "lost": len(ids - outputs.covered_event_ids()) + len(bad_ids - outputs.dead_lettered_event_ids()),
         "replayed (reflected twice)": len(delivered) - len(set(delivered)),
         "users": len(replayed),
+        **observed,
     }
     print(f"\nfault-suite figures: {figures}")
     assert 0 < at_fault < len(ids), "the fault must strike mid-stream"
@@ -187,3 +188,47 @@ def test_a_worker_joining_and_leaving_moves_state_with_the_partitions(pipeline: 
     sender.join()
     figures = _account(pipeline, sender, "second worker joined, then left, mid-stream", at_fault)
     assert figures["lost"] == 0
+
+
+def _metric_sum(port: int, prefix: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
+
+
+def test_a_vector_store_outage_pauses_the_stream_and_loses_nothing(
+    kafka: LocalKafka, models_dir: Path, tmp_path: Path
+) -> None:
+    qdrant = FakeQdrant(free_port())  # a Qdrant server the test can take away
+    qdrant.start()
+    metrics_port = free_port()
+    pipeline = Pipeline(
+        kafka.config.bootstrap,
+        models_dir,
+        tmp_path,
+        topic_partitions=4,
+        qdrant_url=qdrant.url,
+        metrics_port=metrics_port,
+    )
+    try:
+        pipeline.start()
+        pipeline.publish_catalog()
+        sender = Sender(pipeline, _stream(pipeline, 6_000), rate=500).start()
+        at_fault = sender.wait_until_sent(2_000)
+        qdrant.stop()  # connections refused from now on
+        down_since = time.monotonic()
+        time.sleep(8)  # longer than the lag gauge's refresh: the pause must show
+        errors = _metric_sum(metrics_port, "rtrec_vector_store_errors_total")
+        lag = _metric_sum(metrics_port, "rtrec_consumer_lag")
+        assert errors > 0 and lag >= 1_000, (errors, lag)  # calls retried, input piling up uncommitted
+        outage_s = time.monotonic() - down_since
+        qdrant.start()
+        sender.join()
+        fault = f"Qdrant server refusing connections for {outage_s:.0f} s"
+        figures = _account(pipeline, sender, fault, at_fault, store_errors_retried=errors, lag_at_outage_end=lag)
+        assert figures["lost"] == 0
+        assert pipeline.worker is not None
+        pipeline.worker.check_alive()  # the same worker, paused and resumed: never crashed
+    finally:
+        pipeline.stop()
+        qdrant.stop()

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from qdrant_client import QdrantClient
 
+from infra.kafka_local import free_port
 from streams.app import open_vector_store
 from streams.errors import VectorStoreError
 from streams.metrics import WorkerMetrics
@@ -26,6 +27,7 @@ from streams.settings import Settings
 from streams.store_edge import EdgeVectorStore
 from streams.store_qdrant import QdrantVectorStore
 from streams.store_retry import RetryingVectorStore
+from tests.fake_qdrant import FakeQdrant
 
 DIM = 8
 
@@ -36,7 +38,7 @@ class StoreUnderTest:
     name: str  # a collection of DIM-d vectors, fresh for each test
 
 
-@pytest.fixture(params=["embedded", "server-adapter", "server"])
+@pytest.fixture(params=["embedded", "server-adapter", "fake-server", "server"])
 def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
     name = f"items-{uuid.uuid4().hex[:8]}"
     if request.param == "server-adapter":
@@ -45,6 +47,16 @@ def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnd
         adapter.ensure_collection(name, DIM)
         yield StoreUnderTest(adapter, name)
         adapter.close()
+        return
+    if request.param == "fake-server":
+        # The server adapter over HTTP, against the stand-in server the fault tests use.
+        fake = FakeQdrant(free_port())
+        fake.start()
+        adapter = QdrantVectorStore(QdrantClient(url=fake.url, check_compatibility=False))  # no stray thread
+        adapter.ensure_collection(name, DIM)
+        yield StoreUnderTest(adapter, name)
+        adapter.close()
+        fake.stop()
         return
     if request.param == "server":
         url = os.environ.get("PYTEST_QDRANT_URL")
