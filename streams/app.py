@@ -30,6 +30,7 @@ from streams.settings import Settings
 from streams.store_edge import EdgeVectorStore
 from streams.store_qdrant import QdrantVectorStore
 from streams.store_retry import RetryingVectorStore
+from streams.trending import Trending
 from streams.web import register_http_api
 
 
@@ -132,6 +133,7 @@ def build_app(settings: Settings, components: Components) -> faust.App:
         limits,
         components.clock,
         control_topic=settings.control_topic,
+        trending=Trending(settings.trending_half_life_s),
     )
     catalog = CatalogBatchProcessor(
         components.text_embedder,

@@ -30,6 +30,7 @@ from streams.records import (
     decode_item,
 )
 from streams.state import AddOutcome, UserWindow
+from streams.trending import Trending
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +110,11 @@ class EventBatchProcessor:
         metrics: WorkerMetrics | None = None,
         restored_capacity: int = 100_000,
         control_topic: str = "rec.control",
+        trending: Trending | None = None,
     ) -> None:
         self.recommender = recommender
         self.control_topic = control_topic
+        self.trending = trending or Trending()
         self.window_limits = windows
         self.limits = limits
         self.clock = clock
@@ -172,12 +175,15 @@ class EventBatchProcessor:
             by_user.setdefault(event.user_id, []).append(event)
 
         requests = []
+        fresh: list[Event] = []  # events new to their windows: what trending counts
         added = duplicates = too_old = 0
         with stage("state"):
             for user_id, events in by_user.items():
                 window = windows[user_id]
                 for event in events:
                     result = window.add(event)
+                    if result is AddOutcome.ADDED:
+                        fresh.append(event)
                     added += result is AddOutcome.ADDED
                     duplicates += result is AddOutcome.DUPLICATE
                     too_old += result is AddOutcome.TOO_OLD
@@ -186,6 +192,7 @@ class EventBatchProcessor:
                 self._keep(user_id, stored_now, window)
                 requests.append(RefreshRequest(user_id, window, events[-1], tuple(e.event_id for e in events)))
 
+        self.trending.add(fresh)
         outcome.recommendations = self.recommender.refresh_batch(requests, vectors)
         outcome.counts = {
             "events": len(messages),

@@ -20,7 +20,7 @@ from streams.metrics import WorkerMetrics
 from streams.ports import InterestEncoderRuntime, ItemFilter, SearchHit, SearchQuery, VectorPoint, VectorStore
 from streams.pseudonym import Pseudonyms
 from streams.records import Event, Recommendation, RecommendedItem
-from streams.rerank import RerankPolicy, rerank
+from streams.rerank import Feedback, RerankPolicy, rerank
 from streams.state import UserWindow, WindowEntry
 
 REASON_VERBS = {
@@ -143,32 +143,38 @@ class Recommender:
         item_filter: ItemFilter | None,
     ) -> list[Recommendation]:
         rules = self.rules.narrowed_by(item_filter) if self.rules else item_filter
-        limit = self.policy.fetch_limit(k)
+        feedback = [_feedback(entries, window) for (_, entries), window in zip(usable, windows, strict=True)]
         with self.metrics.stage("search"):
             hits = self.store.search_batch(
                 self.items_collection,
                 [
-                    SearchQuery(vector=v, limit=limit, exclude_ids=r.window.item_ids, item_filter=rules)
-                    for (r, _), v in zip(usable, user_vectors, strict=True)
+                    SearchQuery(
+                        vector=v,
+                        limit=self.policy.fetch_limit(k, f),
+                        exclude_ids=r.window.item_ids,
+                        item_filter=rules,
+                    )
+                    for (r, _), v, f in zip(usable, user_vectors, feedback, strict=True)
                 ],
             )
         with self.metrics.stage("rerank"):
-            return self._recommendations(usable, windows, hits, k)
+            return self._recommendations(usable, windows, hits, feedback, k)
 
     def _recommendations(
         self,
         usable: Sequence[tuple[RefreshRequest, list[WindowEntry]]],
         windows: Sequence[WindowArrays],
         hits: Sequence[Sequence[SearchHit]],
+        feedback: Sequence[Feedback],
         k: int,
     ) -> list[Recommendation]:
         candidate_vectors = self.item_vectors(sorted({hit.id for candidates in hits for hit in candidates}))
         recommendations = []
         now = self.clock()
-        for (request, entries), window, candidates in zip(usable, windows, hits, strict=True):
+        for (request, entries), window, candidates, signals in zip(usable, windows, hits, feedback, strict=True):
             items = []
-            for hit in rerank(candidates, candidate_vectors, k, self.policy, now):
-                reason = _reason(candidate_vectors.get(hit.id), window.item_vectors, entries)
+            for hit in rerank(candidates, candidate_vectors, k, self.policy, now, signals):
+                reason = reason_for(candidate_vectors.get(hit.id), window.item_vectors, entries)
                 items.append(RecommendedItem(hit.id, round(hit.score, 6), reason))
             recommendations.append(
                 Recommendation(
@@ -184,6 +190,15 @@ class Recommender:
         return recommendations
 
 
+def _feedback(entries: Sequence[WindowEntry], window: WindowArrays) -> Feedback:
+    """The vectors of what the user disliked and bought, from their window."""
+    types = [e.type for e in entries]
+    return Feedback(
+        disliked=window.item_vectors[[i for i, t in enumerate(types) if t == "dislike"]],
+        bought=window.item_vectors[[i for i, t in enumerate(types) if t == "purchase"]],
+    )
+
+
 def _usable(
     requests: Sequence[RefreshRequest], vectors: Mapping[str, np.ndarray]
 ) -> list[tuple[RefreshRequest, list[WindowEntry]]]:
@@ -197,11 +212,22 @@ def _usable(
     return usable
 
 
-def _reason(candidate: np.ndarray | None, window_vectors: np.ndarray, entries: Sequence[WindowEntry]) -> str:
-    """Names the window event whose item is most similar to the candidate."""
+SECOND_REASON_SHARE = 0.8  # a second window event is named when it is at least this similar as the first
+
+
+def reason_for(candidate: np.ndarray | None, window_vectors: np.ndarray, entries: Sequence[WindowEntry]) -> str:
+    """Names the window events whose items are most similar to the candidate (one, or two close ones)."""
     if candidate is None:
-        entry = entries[-1]
+        named = [entries[-1]]
     else:
         similarity = window_vectors @ candidate
-        entry = entries[int(np.argmax(similarity))]
-    return f"because you {REASON_VERBS.get(entry.type, entry.type)} {entry.item_id}"
+        order = np.argsort(-similarity, kind="stable")
+        named = [entries[int(order[0])]]
+        best = float(similarity[order[0]])
+        for i in order[1:]:
+            if entries[int(i)].item_id == named[0].item_id:
+                continue  # the same item seen twice is one reason
+            if best > 0 and float(similarity[i]) >= SECOND_REASON_SHARE * best:
+                named.append(entries[int(i)])
+            break
+    return "because you " + " and ".join(f"{REASON_VERBS.get(e.type, e.type)} {e.item_id}" for e in named)

@@ -1,8 +1,12 @@
 """Re-ranking: from the store's nearest candidates to the list a user sees.
 
-Retrieval ranks by the model's score alone. Two tunable preferences change the order
-of an over-fetched candidate list (``RerankPolicy.candidates`` deep):
+Retrieval ranks by the model's score alone. These tunable preferences change the
+order of an over-fetched candidate list (``RerankPolicy.candidates`` deep):
 
+- feedback: a candidate loses ``dislike_penalty`` of relevance per unit of cosine
+  similarity to an item the user disliked (in their window), so what resembles a
+  dislike sinks; and with ``bought_duplicate_similarity`` set, candidates at least that
+  similar to an item the user bought are left out (near-duplicates of a purchase);
 - freshness: a candidate's relevance is halved for every ``freshness_half_life_s`` of
   its catalogue age (the item's ``ts``), so new items surface sooner;
 - diversity: maximal marginal relevance (MMR) picks, one by one, the candidate with the
@@ -10,14 +14,15 @@ of an over-fetched candidate list (``RerankPolicy.candidates`` deep):
   item already picked)``, so one near-duplicate cluster cannot fill the list.
 
 Relevance is the model's score rescaled to [0, 1] over the candidates, so that the
-trade-off means the same for every user. With both off (the defaults), the list is
-the store's top k, unchanged.
+trade-offs mean the same for every user. For a user with no dislike (and with
+freshness, diversity and duplicate suppression off, their defaults), the list is the
+store's top k, unchanged, and nothing is over-fetched.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,10 +30,23 @@ from streams.ports import SearchHit
 
 
 @dataclass(frozen=True)
+class Feedback:
+    """Vectors of the items a user disliked and bought, from their window ([n, dim] each)."""
+
+    disliked: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
+    bought: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
+
+
+NO_FEEDBACK = Feedback()
+
+
+@dataclass(frozen=True)
 class RerankPolicy:
     diversity: float = 0.0  # 0: relevance only; towards 1: each pick avoids what is already picked
     freshness_half_life_s: float = 0.0  # 0: catalogue age does not matter
     candidates: int = 50  # how deep to fetch when re-ranking is on
+    dislike_penalty: float = 0.5  # relevance lost per unit of cosine similarity to a disliked item
+    bought_duplicate_similarity: float = 0.0  # leave out candidates this similar to a bought item (0: off)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.diversity < 1.0:
@@ -37,17 +55,31 @@ class RerankPolicy:
             raise ValueError(f"freshness half-life must be >= 0, got {self.freshness_half_life_s}")
         if self.candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {self.candidates}")
+        if self.dislike_penalty < 0:
+            raise ValueError(f"dislike penalty must be >= 0, got {self.dislike_penalty}")
+        if not 0.0 <= self.bought_duplicate_similarity <= 1.0:
+            raise ValueError(f"bought-duplicate similarity must be in [0, 1], got {self.bought_duplicate_similarity}")
 
-    @property
-    def active(self) -> bool:
-        return self.diversity > 0 or self.freshness_half_life_s > 0
+    def active(self, feedback: Feedback = NO_FEEDBACK) -> bool:
+        """Whether this user's list is re-ranked (and so fetched deeper than k)."""
+        return (
+            self.diversity > 0
+            or self.freshness_half_life_s > 0
+            or (self.dislike_penalty > 0 and len(feedback.disliked) > 0)
+            or (self.bought_duplicate_similarity > 0 and len(feedback.bought) > 0)
+        )
 
-    def fetch_limit(self, k: int) -> int:
-        return max(k, self.candidates) if self.active else k
+    def fetch_limit(self, k: int, feedback: Feedback = NO_FEEDBACK) -> int:
+        return max(k, self.candidates) if self.active(feedback) else k
 
 
-def relevance(hits: Sequence[SearchHit], policy: RerankPolicy, now_ms: int) -> np.ndarray:
-    """Scores rescaled to [0, 1] over the candidates, then decayed by catalogue age."""
+def relevance(
+    hits: Sequence[SearchHit], unit: np.ndarray, policy: RerankPolicy, now_ms: int, feedback: Feedback
+) -> np.ndarray:
+    """Scores rescaled to [0, 1] over the candidates, decayed by catalogue age, lowered near dislikes.
+
+    ``unit``: the candidates' unit vectors (zero rows for those without a vector).
+    """
     scores = np.array([h.score for h in hits], dtype=np.float64)
     spread = scores.max() - scores.min()
     rel = (scores - scores.min()) / spread if spread > 0 else np.ones_like(scores)
@@ -55,6 +87,9 @@ def relevance(hits: Sequence[SearchHit], policy: RerankPolicy, now_ms: int) -> n
         published = np.array([_published_ms(h, now_ms) for h in hits], dtype=np.float64)
         age_s = np.maximum(now_ms - published, 0) / 1000
         rel = rel * 0.5 ** (age_s / policy.freshness_half_life_s)
+    if policy.dislike_penalty > 0 and len(feedback.disliked):
+        resemblance = np.maximum(unit @ _units(feedback.disliked).T, 0).max(axis=1)
+        rel = rel - policy.dislike_penalty * resemblance
     return rel
 
 
@@ -64,25 +99,27 @@ def rerank(
     k: int,
     policy: RerankPolicy,
     now_ms: int,
+    feedback: Feedback = NO_FEEDBACK,
 ) -> list[SearchHit]:
     """The ``k`` hits to show, in order (``vectors``: item vectors of the hits, for similarity)."""
-    if not policy.active or not hits:
+    if not policy.active(feedback) or not hits:
         return list(hits[:k])
-    rel = relevance(hits, policy, now_ms)
     known = [vectors[h.id] for h in hits if h.id in vectors]
-    if policy.diversity == 0 or not known:
-        order = np.argsort(-rel, kind="stable")[:k]
-        return [hits[i] for i in order]
-    dim = known[0].shape[0]
+    dim = known[0].shape[0] if known else 1
     unit = np.stack([_unit(vectors.get(h.id), dim) for h in hits])
+    rel = relevance(hits, unit, policy, now_ms, feedback)
+    available = np.ones(len(hits), dtype=bool)
+    if policy.bought_duplicate_similarity > 0 and len(feedback.bought):
+        available &= (unit @ _units(feedback.bought).T).max(axis=1) < policy.bought_duplicate_similarity
+    if policy.diversity == 0:
+        order = [i for i in np.argsort(-rel, kind="stable") if available[i]]
+        return [hits[i] for i in order[:k]]
     similarity = unit @ unit.T
     picked: list[int] = []
-    closest = np.full(len(hits), -np.inf)  # each candidate's highest similarity to a picked item
-    available = np.ones(len(hits), dtype=bool)
-    for _ in range(min(k, len(hits))):
-        redundancy = np.where(np.isfinite(closest), closest, 0.0)
-        value = (1 - policy.diversity) * rel - policy.diversity * redundancy
-        value[~available] = -np.inf
+    closest = np.zeros(len(hits))  # each candidate's highest similarity to an item already picked
+    while len(picked) < k and available.any():
+        value = (1 - policy.diversity) * rel - policy.diversity * (closest if picked else 0.0)
+        value = np.where(available, value, -np.inf)
         best = int(np.argmax(value))
         picked.append(best)
         available[best] = False
@@ -95,6 +132,11 @@ def _unit(vector: np.ndarray | None, dim: int) -> np.ndarray:
         return np.zeros(dim)
     norm = np.linalg.norm(vector)
     return vector / norm if norm > 0 else vector
+
+
+def _units(matrix: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return matrix / np.where(norms > 0, norms, 1)
 
 
 def _published_ms(hit: SearchHit, now_ms: int) -> float:

@@ -105,6 +105,12 @@ class Settings:
     rerank_diversity: float = 0.0
     rerank_freshness_half_life_h: float = 0.0
     rerank_candidates: int = 50
+    # Feedback: relevance lost per unit of similarity to a disliked item; and hiding candidates at
+    # least this similar (cosine) to an item the user bought (0: off).
+    rerank_dislike_penalty: float = 0.5
+    rerank_bought_duplicate_similarity: float = 0.0
+    # Trending (the cold-start list): an event's weight halves every this many seconds of event time.
+    trending_half_life_s: float = 3600.0
     # Business rules every list obeys: comma-separated categories to keep (empty: all) and to leave out.
     allow_categories: str = ""
     deny_categories: str = ""
@@ -173,6 +179,15 @@ class Settings:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.rerank_diversity < 1:
             raise ConfigError(f"{ENV_PREFIX}RERANK_DIVERSITY must be in [0, 1), got {self.rerank_diversity}")
+        if self.trending_half_life_s <= 0:
+            raise ConfigError(f"{ENV_PREFIX}TRENDING_HALF_LIFE_S must be > 0, got {self.trending_half_life_s}")
+        if self.rerank_dislike_penalty < 0:
+            raise ConfigError(f"{ENV_PREFIX}RERANK_DISLIKE_PENALTY must be >= 0, got {self.rerank_dislike_penalty}")
+        if not 0 <= self.rerank_bought_duplicate_similarity <= 1:
+            raise ConfigError(
+                f"{ENV_PREFIX}RERANK_BOUGHT_DUPLICATE_SIMILARITY must be in [0, 1], "
+                f"got {self.rerank_bought_duplicate_similarity}"
+            )
         if self.rerank_freshness_half_life_h < 0:
             raise ConfigError(
                 f"{ENV_PREFIX}RERANK_FRESHNESS_HALF_LIFE_H must be >= 0, got {self.rerank_freshness_half_life_h}"
@@ -238,6 +253,8 @@ class Settings:
             diversity=self.rerank_diversity,
             freshness_half_life_s=self.rerank_freshness_half_life_h * 3600,
             candidates=self.rerank_candidates,
+            dislike_penalty=self.rerank_dislike_penalty,
+            bought_duplicate_similarity=self.rerank_bought_duplicate_similarity,
         )
 
     def business_rules(self) -> ItemFilter | None:

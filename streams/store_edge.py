@@ -22,6 +22,7 @@ import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import qdrant_edge as edge
@@ -121,6 +122,19 @@ class EdgeVectorStore:
             str(r.payload[EXTERNAL_ID]): np.asarray(r.vector, dtype=np.float32)
             for r in records
             if r.payload and isinstance(r.vector, list)
+        }
+
+    def fetch_payloads(self, collection: str, ids: Sequence[str], fields: Sequence[str]) -> dict[str, dict[str, Any]]:
+        if not ids:
+            return {}
+        unique = list(dict.fromkeys(ids))
+        records = self._shard(collection).retrieve(
+            [point_id(i) for i in unique], with_payload=[EXTERNAL_ID, *fields], with_vector=False
+        )
+        return {
+            str(payload[EXTERNAL_ID]): {f: payload.get(f) for f in fields}
+            for payload in (r.payload for r in records)
+            if payload
         }
 
     def search_batch(self, collection: str, queries: Sequence[SearchQuery]) -> list[list[SearchHit]]:

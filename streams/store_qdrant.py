@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from qdrant_client import QdrantClient, models
@@ -84,6 +85,22 @@ class QdrantVectorStore:
             str((r.payload or {})[EXTERNAL_ID]): np.asarray(r.vector, dtype=np.float32)
             for r in records
             if r.payload and r.vector is not None
+        }
+
+    def fetch_payloads(self, collection: str, ids: Sequence[str], fields: Sequence[str]) -> dict[str, dict[str, Any]]:
+        if not ids:
+            return {}
+        unique = list(dict.fromkeys(ids))
+        records = self._client.retrieve(
+            self._name(collection),
+            ids=[point_id(i) for i in unique],
+            with_vectors=False,
+            with_payload=[EXTERNAL_ID, *fields],
+        )
+        return {
+            str(payload[EXTERNAL_ID]): {f: payload.get(f) for f in fields}
+            for payload in (r.payload for r in records)
+            if payload
         }
 
     def search_batch(self, collection: str, queries: Sequence[SearchQuery]) -> list[list[SearchHit]]:

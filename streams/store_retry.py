@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -81,6 +81,9 @@ class RetryingVectorStore:
 
     def fetch_vectors(self, collection: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
         return self._call("fetch", lambda: self.inner.fetch_vectors(collection, ids))
+
+    def fetch_payloads(self, collection: str, ids: Sequence[str], fields: Sequence[str]) -> dict[str, dict[str, Any]]:
+        return self._call("fetch", lambda: self.inner.fetch_payloads(collection, ids, fields))
 
     def search_batch(self, collection: str, queries: Sequence[SearchQuery]) -> list[list[SearchHit]]:
         return self._call("search", lambda: self.inner.search_batch(collection, queries))

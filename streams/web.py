@@ -1,6 +1,7 @@
 """The worker's HTTP API (Faust's web server), for services that ask rather than listen.
 
-    GET /users/{user_id}/recommendations?k=&category=&exclude_category=&min_price=&max_price=
+    GET /users/{user_id}/recommendations?k=&category=&exclude_category=&min_price=&max_price=&fallback=trending
+    GET /trending?k=&category=&exclude_category=&min_price=&max_price=   what is popular now (cold start)
     GET /health   the process is up (liveness)
     GET /ready    partitions assigned and the window table recovered (readiness)
     GET /model    the loaded encoders and the settings that shape a list
@@ -55,7 +56,7 @@ def _number(query: MultiMapping[str], name: str) -> float | None:
 
 def parse_request(query: MultiMapping[str], default_k: int, max_k: int) -> tuple[int, ItemFilter | None]:
     """(k, filter) from a request's query string; ``BadParameter`` names what is wrong."""
-    known = {"k", "category", "exclude_category", "min_price", "max_price"}
+    known = {"k", "category", "exclude_category", "min_price", "max_price", "fallback"}
     unknown = sorted(set(query.keys()) - known)
     if unknown:
         raise BadParameter(f"unknown parameter(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
@@ -73,9 +74,28 @@ def parse_request(query: MultiMapping[str], default_k: int, max_k: int) -> tuple
         min_price=_number(query, "min_price"),
         max_price=_number(query, "max_price"),
     )
+    if query.get("fallback", "trending") != "trending":
+        raise BadParameter(f"fallback must be trending, got {query['fallback']!r}")
     if rules.min_price is not None and rules.max_price is not None and rules.min_price > rules.max_price:
         raise BadParameter(f"min_price {rules.min_price:g} is above max_price {rules.max_price:g}")
     return k, (rules if rules != ItemFilter() else None)
+
+
+TRENDING_DEPTH = 200  # popular items looked at for one trending list
+
+
+def _passes(payload: Mapping[str, Any], rules: ItemFilter | None) -> bool:
+    """Whether an item's payload satisfies a filter (the store applies the same rules to searches)."""
+    if rules is None:
+        return True
+    category, price = payload.get("category"), payload.get("price")
+    if rules.categories and category not in rules.categories:
+        return False
+    if category in rules.exclude_categories:
+        return False
+    if rules.min_price is not None and (price is None or price < rules.min_price):
+        return False
+    return not (rules.max_price is not None and (price is None or price > rules.max_price))
 
 
 def register_http_api(
@@ -99,6 +119,8 @@ def register_http_api(
             return web.json({"error": f"user_id longer than {settings.max_id_chars} characters"}, status=400)
         raw = windows.get(agents.state_key(user_id).encode("utf-8"))
         if raw is None:
+            if "fallback" in request.query:  # a user with no history yet: what is popular now
+                return web.json(await trending_answer(k, rules) | {"user_id": user_id})
             return web.json({"error": f"unknown user {user_id!r}: no events in the window"}, status=404)
         try:
             window = events.window_limits.load(raw)
@@ -110,6 +132,7 @@ def register_http_api(
         return web.json(
             {
                 "user_id": user_id,
+                "source": "personal",
                 "k": k,
                 "filter": asdict(rules) if rules else None,
                 "model": recommender.encoder.version,
@@ -119,6 +142,35 @@ def register_http_api(
                 "items": [asdict(item) for item in rec.items] if rec else [],
             }
         )
+
+    async def trending_answer(k: int, rules: ItemFilter | None) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        items = await loop.run_in_executor(agents.event_worker, trending_items, k, rules)
+        return {"source": "trending", "k": k, "filter": asdict(rules) if rules else None, "items": items}
+
+    def trending_items(k: int, request_rules: ItemFilter | None) -> list[dict[str, Any]]:
+        rules = recommender.rules.narrowed_by(request_rules) if recommender.rules else request_rules
+        # Over-fetched: some of the most popular may be filtered out, deleted or unavailable.
+        ranked = events.trending.top(max(TRENDING_DEPTH, 10 * k))
+        payloads = recommender.store.fetch_payloads(
+            recommender.items_collection, [item_id for item_id, _ in ranked], ["category", "price", "available"]
+        )
+        shown = []
+        for item_id, score in ranked:
+            payload = payloads.get(item_id)
+            if payload is not None and payload.get("available") is not False and _passes(payload, rules):
+                shown.append({"item_id": item_id, "score": round(score, 6), "reason": "popular right now"})
+                if len(shown) == k:
+                    break
+        return shown
+
+    @app.page("/trending")
+    async def trending(web: View, request: Request) -> Response:
+        try:
+            k, rules = parse_request(cast(MultiMapping[str], request.query), settings.top_k, settings.max_http_k)
+        except BadParameter as exc:
+            return web.json({"error": str(exc)}, status=400)
+        return web.json(await trending_answer(k, rules))
 
     @app.page("/health")
     async def health(web: View, request: Request) -> Response:

@@ -113,6 +113,9 @@ def _account(pipeline: Pipeline, sender: Sender, fault: str, at_fault: int, **ob
         kept = UserWindow.from_bytes(raw, WINDOW, pipeline.settings.window_horizon_s * 1000, 500)
         assert kept.entries == window.entries, user
     delivered = [event_id for rec in outputs.recommendations for event_id in rec.event_ids if event_id in ids]
+    lists: dict[tuple[str, str], set[tuple[str, ...]]] = {}
+    for rec in outputs.recommendations:
+        lists.setdefault((rec.user_id, rec.trigger_event_id), set()).add(tuple(i.item_id for i in rec.items))
     figures = {
         "fault": fault,
         "events in": len(ids) + len(bad_ids),
@@ -120,6 +123,7 @@ def _account(pipeline: Pipeline, sender: Sender, fault: str, at_fault: int, **ob
         "accounted": len(ids & outputs.covered_event_ids()) + len(bad_ids & outputs.dead_lettered_event_ids()),
         "lost": len(ids - outputs.covered_event_ids()) + len(bad_ids - outputs.dead_lettered_event_ids()),
         "replayed (reflected twice)": len(delivered) - len(set(delivered)),
+        "same (user, trigger) with another list": sum(len(v) > 1 for v in lists.values()),
         "users": len(replayed),
         **observed,
     }

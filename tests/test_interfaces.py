@@ -100,7 +100,10 @@ def test_the_http_api_serves_the_users_current_list_with_k_and_filters(pipeline:
     assert [i["item_id"] for i in body["items"]] == [i.item_id for i in streamed.items]
     assert body["model"] == streamed.model and body["window_events"] == 6
     assert body["as_of_event_id"] == max(events, key=lambda e: (e.ts, e.event_id)).event_id  # the window's order
-    assert all(i["reason"].startswith("because you") for i in body["items"])
+    window_items = {e.item_id for e in events}
+    for item in body["items"]:  # each reason names one or two events that are really in the window
+        named = [part.rsplit(" ", 1)[1] for part in item["reason"].removeprefix("because you ").split(" and ")]
+        assert item["reason"].startswith("because you ") and 1 <= len(named) <= 2 and set(named) <= window_items
 
     status, body = _get(pipeline, f"/users/{user}/recommendations?k=3")
     assert status == 200 and [i["item_id"] for i in body["items"]] == [i.item_id for i in streamed.items[:3]]
@@ -119,7 +122,6 @@ def test_the_http_api_serves_the_users_current_list_with_k_and_filters(pipeline:
     status, body = _get(pipeline, f"/users/{user}/recommendations?min_price=50&max_price=120")
     assert status == 200 and body["items"]
     assert all(50 <= (price[i["item_id"]] or 0) <= 120 for i in body["items"])
-    window_items = {e.item_id for e in events}
     assert not window_items & {i["item_id"] for i in body["items"]}  # filters keep the window exclusion
 
 
@@ -323,3 +325,51 @@ def test_diversity_and_standing_rules_shape_the_streamed_list(
     plain, diverse = ({workload.category_of[i] for i in lists[p]} for p in (pipeline, shaped))
     assert len(lists[shaped]) == 10 and denied not in diverse
     assert len(diverse) > len(plain), (plain, diverse)  # one interest, yet the list spans more kinds
+
+
+def test_a_dislike_pushes_similar_items_down(pipeline: Pipeline) -> None:
+    by_category: dict[str, list[str]] = {}
+    for item_id, category in sorted(pipeline.workload.category_of.items()):
+        by_category.setdefault(category, []).append(item_id)
+    music, gaming = by_category["music"], by_category["gaming"]
+    start = now_ms()
+
+    def history(user: str, last_type: str) -> list[Event]:
+        seen = [(item, "view") for item in music[:4] + gaming[:4]] + [(item, last_type) for item in gaming[4:7]]
+        return [
+            Publisher.event(user, item, kind, ts=start + n, event_id=f"{user}-{n}")
+            for n, (item, kind) in enumerate(seen)
+        ]
+
+    disliking, viewing = history("dislikes-gaming-940", "dislike"), history("views-gaming-941", "view")
+    pipeline.send_events(disliking + viewing)
+    lists = {
+        events[0].user_id: [i.item_id for i in _latest_for(pipeline, events).items] for events in (disliking, viewing)
+    }
+    gaming_in = {user: sum(item in gaming for item in items) for user, items in lists.items()}
+    # Same items seen, but three of them disliked: gaming sinks in that user's list.
+    assert gaming_in["dislikes-gaming-940"] < gaming_in["views-gaming-941"], (gaming_in, lists)
+
+
+def test_a_user_with_no_history_gets_what_is_trending_in_stream(pipeline: Pipeline) -> None:
+    by_category: dict[str, list[str]] = {}
+    for item_id, category in sorted(pipeline.workload.category_of.items()):
+        by_category.setdefault(category, []).append(item_id)
+    hit, runner_up = by_category["kitchen"][-1], by_category["gardening"][-1]
+    start = now_ms()
+    crowd = [
+        Publisher.event(f"crowd-{n}", item, "view", ts=start, event_id=f"crowd-{item}-{n}")
+        for item, times in ((hit, 40), (runner_up, 35))
+        for n in range(times)
+    ]
+    pipeline.send_events(crowd)
+    pipeline.collect_until(lambda out: {e.event_id for e in crowd} <= out.covered_event_ids(), timeout_s=60)
+
+    status, body = _get(pipeline, "/trending?k=2")
+    assert status == 200 and [i["item_id"] for i in body["items"]] == [hit, runner_up], body
+    assert body["items"][0]["score"] == 1.0 and 0.8 < body["items"][1]["score"] < 0.95  # 35 / 40 of the weight
+    status, body = _get(pipeline, "/trending?k=1&category=gardening")
+    assert [i["item_id"] for i in body["items"]] == [runner_up]
+    status, body = _get(pipeline, "/users/newcomer-950/recommendations?k=2&fallback=trending")
+    assert status == 200 and body["source"] == "trending" and [i["item_id"] for i in body["items"]] == [hit, runner_up]
+    assert _get(pipeline, "/users/newcomer-950/recommendations?fallback=popular")[0] == 400

@@ -1,4 +1,4 @@
-"""Re-ranking on hand-built candidates, and how standing rules combine with a request's filter."""
+"""Re-ranking and reasons on hand-built candidates, and how standing rules combine with a request's filter."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from streams.ports import ItemFilter, SearchHit
-from streams.rerank import RerankPolicy, rerank
+from streams.recommend import reason_for
+from streams.rerank import Feedback, RerankPolicy, rerank
+from streams.state import WindowEntry
 
 NOW = 1_000_000_000_000
 HOUR_MS = 3_600_000
@@ -53,7 +55,39 @@ def test_freshness_lifts_new_items_by_their_catalogue_age() -> None:
     ]
 
 
-@pytest.mark.parametrize("bad", [{"diversity": 1.0}, {"diversity": -0.1}, {"freshness_half_life_s": -1}])
+def test_candidates_resembling_a_dislike_sink_and_only_those_users_lists_are_fetched_deeper() -> None:
+    hits, vectors = _clusters()
+    disliked = Feedback(disliked=np.stack([vectors["a0"]]))
+    assert RerankPolicy().fetch_limit(10) == 10 and RerankPolicy().fetch_limit(10, disliked) == 50
+    assert [h.id for h in rerank(hits, vectors, 3, RerankPolicy(), NOW)] == ["a0", "a1", "a2"]
+    strong = RerankPolicy(dislike_penalty=1.0)  # a near-copy of a dislike loses all its (rescaled) relevance
+    sunk = [h.id for h in rerank(hits, vectors, 3, strong, NOW, disliked)]
+    assert sunk[0] == "b0" and "b1" in sunk  # the other kind leads; one near-copy of the dislike is left
+    assert [h.id for h in rerank(hits, vectors, 3, RerankPolicy(dislike_penalty=0), NOW, disliked)] == [
+        "a0",
+        "a1",
+        "a2",
+    ]
+
+
+def test_near_duplicates_of_a_purchase_can_be_left_out() -> None:
+    hits, vectors = _clusters()
+    bought = Feedback(bought=np.stack([np.eye(8)[0]]))  # the item the a-cluster copies
+    assert [h.id for h in rerank(hits, vectors, 3, RerankPolicy(), NOW, bought)] == ["a0", "a1", "a2"]  # off
+    kept = rerank(hits, vectors, 3, RerankPolicy(bought_duplicate_similarity=0.95), NOW, bought)
+    assert [h.id for h in kept] == ["b0", "b1"]  # fewer than k rather than a near-duplicate
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"diversity": 1.0},
+        {"diversity": -0.1},
+        {"freshness_half_life_s": -1},
+        {"dislike_penalty": -0.5},
+        {"bought_duplicate_similarity": 1.5},
+    ],
+)
 def test_policy_values_out_of_range_are_refused(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         RerankPolicy(**bad)
@@ -70,3 +104,17 @@ def test_a_request_can_only_narrow_the_standing_rules() -> None:
     assert ItemFilter(exclude_categories=("adult",)).narrowed_by(ItemFilter(categories=("books",))) == ItemFilter(
         categories=("books",), exclude_categories=("adult",)
     )
+
+
+def test_a_reason_names_the_window_events_most_like_the_item() -> None:
+    entries = [
+        WindowEntry(1, "e1", "lamp", "view"),
+        WindowEntry(2, "e2", "desk", "purchase"),
+        WindowEntry(3, "e3", "sofa", "click"),
+        WindowEntry(4, "e4", "lamp", "click"),
+    ]
+    window = np.array([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    # The lamp twice is one reason; the desk is nearly as close, so it is named too; the sofa is not.
+    assert reason_for(np.array([1.0, 0.05, 0.0]), window, entries) == "because you viewed lamp and bought desk"
+    assert reason_for(np.array([0.0, 1.0, 0.0]), window, entries) == "because you clicked sofa"
+    assert reason_for(None, window, entries) == "because you clicked lamp"  # no vector: the newest event

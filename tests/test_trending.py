@@ -1,0 +1,38 @@
+"""The in-stream popularity behind the cold-start list."""
+
+from __future__ import annotations
+
+import pytest
+
+from streams.records import Event
+from streams.trending import Trending
+
+HOUR_MS = 3_600_000
+
+
+def _event(item_id: str, ts: int, n: int = 0) -> Event:
+    return Event(f"{item_id}-{ts}-{n}", "u", item_id, "view", ts)
+
+
+def test_recent_events_outweigh_older_ones_by_their_half_life() -> None:
+    trending = Trending(half_life_s=3600)
+    now = 1_000 * HOUR_MS
+    trending.add([_event("old-hit", now - 2 * HOUR_MS, n) for n in range(3)])  # 3 events, two half-lives ago
+    trending.add([_event("new", now)])  # 1 event now: worth 1, against 3 x 1/4
+    trending.add([_event("older-hit", now - 2 * HOUR_MS, n) for n in range(5)])  # 5 x 1/4 = 1.25
+    ranked = trending.top(3)
+    assert [item for item, _ in ranked] == ["older-hit", "new", "old-hit"]
+    assert ranked[1][1] == pytest.approx(1 / 1.25) and ranked[2][1] == pytest.approx(0.75 / 1.25)
+    assert [item for item, _ in trending.top(2, exclude=["older-hit"])] == ["new", "old-hit"]
+
+
+def test_only_the_most_popular_are_kept() -> None:
+    trending = Trending(half_life_s=3600, capacity=10)
+    trending.add([_event(f"item-{i}", HOUR_MS, n) for i in range(30) for n in range(i)])  # item-i seen i times
+    assert len(trending) <= 12
+    assert [item for item, _ in trending.top(3)] == ["item-29", "item-28", "item-27"]
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError):
+        Trending(half_life_s=0)
