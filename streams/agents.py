@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, cast
 
 import faust
+from faust import streams as faust_streams
 
 from streams.process import CatalogBatchProcessor, EventBatchProcessor, IncomingMessage
 from streams.pseudonym import Pseudonyms
@@ -59,7 +63,8 @@ class WindowTable(faust.Table):
     any one event's context, so each write names its partition (the one its user's events
     came from) instead of Faust taking the current event's. That keeps changelog partition
     p holding exactly the windows of events partition p, which is what recovery after a
-    rebalance assumes, also when the keys are pseudonyms that hash elsewhere.
+    rebalance assumes, also when the keys are pseudonyms that hash elsewhere. The RocksDB
+    store files a key under "the current event's" partition, so a write also presents one.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -67,21 +72,33 @@ class WindowTable(faust.Table):
         self._writing: dict[bytes, int] = {}
 
     def put(self, key: bytes, value: bytes, partition: int) -> None:
-        self._writing[key] = partition
-        try:
+        with self._writing_to(key, partition):
             self[key] = value
-        finally:
-            del self._writing[key]
 
     def delete(self, key: bytes, partition: int) -> None:
-        self._writing[key] = partition
-        try:
+        with self._writing_to(key, partition):
             self.pop(key, None)
-        finally:
-            del self._writing[key]
 
     def partition_for_key(self, key: Any) -> int | None:
         return self._writing.get(key)
+
+    @contextmanager
+    def _writing_to(self, key: bytes, partition: int) -> Iterator[None]:
+        self._writing[key] = partition
+        stand_in = _EventOnPartition(partition)  # held here: the context keeps only a weak reference
+        token = faust_streams._current_event.set(weakref.ref(cast(Any, stand_in)))  # Faust exposes no setter
+        try:
+            yield
+        finally:
+            faust_streams._current_event.reset(token)
+            del self._writing[key]
+
+
+class _EventOnPartition:
+    """All a table store reads of the current event: its message's partition."""
+
+    def __init__(self, partition: int) -> None:
+        self.message = SimpleNamespace(partition=partition)
 
 
 def _key(state_key: Callable[[str], str], user_id: str) -> bytes:

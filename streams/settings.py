@@ -235,8 +235,8 @@ class Settings:
             )
         if self.encoder_provider not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"{ENV_PREFIX}ENCODER_PROVIDER must be auto, cpu or cuda, got {self.encoder_provider!r}")
-        if not self.table_store.startswith(("memory://", "rocksdb://", "rocksdict://")):
-            raise ConfigError(f"{ENV_PREFIX}TABLE_STORE must be memory://, rocksdb:// or rocksdict://")
+        if not self.table_store.startswith(("memory://", "rocksdb://")):
+            raise ConfigError(f"{ENV_PREFIX}TABLE_STORE must be memory:// or rocksdb://, got {self.table_store!r}")
         return self
 
     def limits(self) -> Limits:

@@ -246,3 +246,31 @@ def test_a_forgotten_user_leaves_no_window_and_starts_afresh(pipeline: Pipeline)
     assert latest[gone[0].user_id.encode()] is None  # a tombstone: nothing of the user is kept
     window = UserWindow.from_bytes(latest[after.user_id.encode()], 50, 10**12, 500)  # type: ignore[arg-type]
     assert window.item_ids == [after.item_id]
+
+
+def test_windows_kept_on_disk_by_rocksdb_survive_a_restart(
+    kafka: LocalKafka, models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    home = tmp_path_factory.mktemp("rocksdb")
+    on_disk = Pipeline(kafka.config.bootstrap, models_dir, home, table_store="rocksdb://", topic_partitions=4)
+    try:
+        on_disk.start()
+        on_disk.publish_catalog()
+        users = [_scripted(on_disk, 730 + n, [("music", 5)]) for n in range(12)]
+        events = [e for user in users for e in user]
+        on_disk.send_events(events)
+        _recommendations_for(on_disk, events)
+        assert any(on_disk.settings.faust_data_path.rglob("*.sst")) or any(
+            on_disk.settings.faust_data_path.rglob("CURRENT")
+        )  # RocksDB files, one database per partition
+        on_disk.restart_worker()
+        # Each user's next event lands on a window that still holds their five earlier ones.
+        follow_ups = [dataclasses.replace(user[-1], event_id=f"{user[-1].event_id}-next") for user in users]
+        on_disk.send_events(follow_ups)
+        on_disk.wait_caught_up(on_disk.settings.events_topic)
+        stored = on_disk.stored_windows({user[0].user_id.encode() for user in users})
+        for user in users:
+            window = UserWindow.from_bytes(stored[user[0].user_id.encode()], 50, 10**12, 500)  # type: ignore[arg-type]
+            assert len(window) == 6, user[0].user_id
+    finally:
+        on_disk.stop()
