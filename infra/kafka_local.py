@@ -66,9 +66,7 @@ def new_cluster_id() -> str:
     """A KRaft cluster id as Kafka makes them: 22 URL-safe base64 characters, never starting with
     '-' (the storage tool, like other command lines, would read such an id as an option)."""
     while True:
-        cluster_id = "-"
-        while cluster_id.startswith("-"):  # the storage tool would read a leading "-" as an option (1 in 64)
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         if not cluster_id.startswith("-"):
             return cluster_id
 
@@ -212,9 +210,7 @@ class LocalKafka:
     def _format_storage(self, libs: Path, properties: Path) -> None:
         if (self.config.data_dir / "logs" / "meta.properties").exists():
             return
-        cluster_id = "-"
-        while cluster_id.startswith("-"):  # the storage tool would read a leading "-" as an option (1 in 64)
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = new_cluster_id()
         result = subprocess.run(
             [
                 self._java(),
