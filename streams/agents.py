@@ -118,8 +118,7 @@ def register_agents(
     items_topic = _raw_topic(app, settings.items_topic)
     recommendations_topic = _raw_topic(app, settings.recommendations_topic)
     deadletter_topic = _raw_topic(app, settings.deadletter_topic)
-    # One window per user, keyed like the events topic. use_partitioner: a micro-batch spans
-    # events of several partitions, so each changelog write is partitioned by its own key.
+    # One window per user, on the changelog partition of the user's events (WindowTable).
     windows = WindowTable(
         app,
         name="user-windows",

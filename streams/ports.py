@@ -7,7 +7,7 @@ in tests. Each Protocol lists only what the stream calls.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -74,6 +74,17 @@ class ItemFilter:
     exclude_categories: tuple[str, ...] = ()
     min_price: float | None = None
     max_price: float | None = None
+
+    def admits(self, payload: Mapping[str, Any]) -> bool:
+        """Whether an item's payload passes, as the stores' payload filters decide it in a search."""
+        category, price = payload.get("category"), payload.get("price")
+        if self.categories and category not in self.categories:
+            return False
+        if category in self.exclude_categories:
+            return False
+        if self.min_price is not None and (price is None or price < self.min_price):
+            return False
+        return not (self.max_price is not None and (price is None or price > self.max_price))
 
     def narrowed_by(self, request: ItemFilter | None) -> ItemFilter:
         """This filter and ``request`` at once: a request can only narrow standing rules."""

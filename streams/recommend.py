@@ -90,16 +90,20 @@ class Recommender:
             return []
         windows, user_vectors = self._encode(usable, vectors)
         emitted = self.clock()
+        keys = [self.pseudonyms.of(r.user_id) for r, _ in usable]
         with self.metrics.stage("upsert"):
             self.store.upsert(
                 self.users_collection,
                 [
                     VectorPoint(key, v, {"user_id": key, "model": self.encoder.version, "ts": emitted})
-                    for (r, _), v in zip(usable, user_vectors, strict=True)
-                    for key in [self.pseudonyms.of(r.user_id)]
+                    for key, v in zip(keys, user_vectors, strict=True)
                 ],
             )
         return self._search_and_rank(usable, windows, user_vectors, self.top_k, None)
+
+    def rules_for(self, request: ItemFilter | None) -> ItemFilter | None:
+        """The standing business rules, narrowed by a request's own filter."""
+        return self.rules.narrowed_by(request) if self.rules else request
 
     def current(
         self, user_id: str, window: UserWindow, k: int, item_filter: ItemFilter | None = None
@@ -142,7 +146,7 @@ class Recommender:
         k: int,
         item_filter: ItemFilter | None,
     ) -> list[Recommendation]:
-        rules = self.rules.narrowed_by(item_filter) if self.rules else item_filter
+        rules = self.rules_for(item_filter)
         feedback = [_feedback(entries, window) for (_, entries), window in zip(usable, windows, strict=True)]
         with self.metrics.stage("search"):
             hits = self.store.search_batch(

@@ -84,20 +84,6 @@ def parse_request(query: MultiMapping[str], default_k: int, max_k: int) -> tuple
 TRENDING_DEPTH = 200  # popular items looked at for one trending list
 
 
-def _passes(payload: Mapping[str, Any], rules: ItemFilter | None) -> bool:
-    """Whether an item's payload satisfies a filter (the store applies the same rules to searches)."""
-    if rules is None:
-        return True
-    category, price = payload.get("category"), payload.get("price")
-    if rules.categories and category not in rules.categories:
-        return False
-    if category in rules.exclude_categories:
-        return False
-    if rules.min_price is not None and (price is None or price < rules.min_price):
-        return False
-    return not (rules.max_price is not None and (price is None or price > rules.max_price))
-
-
 def register_http_api(
     app: faust.App,
     settings: Settings,
@@ -149,7 +135,7 @@ def register_http_api(
         return {"source": "trending", "k": k, "filter": asdict(rules) if rules else None, "items": items}
 
     def trending_items(k: int, request_rules: ItemFilter | None) -> list[dict[str, Any]]:
-        rules = recommender.rules.narrowed_by(request_rules) if recommender.rules else request_rules
+        rules = recommender.rules_for(request_rules)
         # Over-fetched: some of the most popular may be filtered out, deleted or unavailable.
         ranked = events.trending.top(max(TRENDING_DEPTH, 10 * k))
         payloads = recommender.store.fetch_payloads(
@@ -157,11 +143,12 @@ def register_http_api(
         )
         shown = []
         for item_id, score in ranked:
-            payload = payloads.get(item_id)
-            if payload is not None and payload.get("available") is not False and _passes(payload, rules):
-                shown.append({"item_id": item_id, "score": round(score, 6), "reason": "popular right now"})
-                if len(shown) == k:
-                    break
+            payload = payloads.get(item_id)  # None: deleted from the catalogue
+            if payload is None or payload.get("available") is False or (rules and not rules.admits(payload)):
+                continue
+            shown.append({"item_id": item_id, "score": round(score, 6), "reason": "popular right now"})
+            if len(shown) == k:
+                break
         return shown
 
     @app.page("/trending")

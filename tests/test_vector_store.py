@@ -135,7 +135,10 @@ def test_item_filters_keep_only_matching_categories_and_prices(subject: StoreUnd
 
     def search(rules: ItemFilter) -> list[str]:
         query = SearchQuery(_unit(99), limit=60, exclude_ids=["item-1"], item_filter=rules)
-        return [h.id for h in store.search_batch(name, [query])[0]]
+        found = [h.id for h in store.search_batch(name, [query])[0]]
+        # The filter's own reading of a payload (trending lists use it) agrees with the store's.
+        assert set(found) == {i for i in payload if i != "item-1" and rules.admits(payload[i])}
+        return found
 
     music = search(ItemFilter(categories=("music",)))
     assert music and all(payload[i]["category"] == "music" for i in music) and "item-1" not in music
