@@ -19,7 +19,7 @@ from streams.item_vectors import ItemVectorCache
 from streams.metrics import WorkerMetrics
 from streams.ports import InterestEncoderRuntime, ItemFilter, SearchHit, SearchQuery, VectorPoint, VectorStore
 from streams.pseudonym import Pseudonyms
-from streams.records import Event, Recommendation, RecommendedItem
+from streams.records import REJECTION_TYPES, Event, Recommendation, RecommendedItem
 from streams.rerank import Feedback, RerankPolicy, rerank
 from streams.state import UserWindow, WindowEntry
 
@@ -30,6 +30,8 @@ REASON_VERBS = {
     "purchase": "bought",
     "rating": "rated",
     "dislike": "disliked",
+    "skip": "skipped",
+    "return": "returned",
 }
 
 
@@ -153,7 +155,7 @@ class Recommender:
                 self.items_collection,
                 [
                     SearchQuery(
-                        vector=v,
+                        vector=self.policy.query(v, f),
                         limit=self.policy.fetch_limit(k, f),
                         exclude_ids=r.window.item_ids,
                         item_filter=rules,
@@ -195,10 +197,10 @@ class Recommender:
 
 
 def _feedback(entries: Sequence[WindowEntry], window: WindowArrays) -> Feedback:
-    """The vectors of what the user disliked and bought, from their window."""
+    """The vectors of what the user rejected and bought, from their window."""
     types = [e.type for e in entries]
     return Feedback(
-        disliked=window.item_vectors[[i for i, t in enumerate(types) if t == "dislike"]],
+        rejected=window.item_vectors[[i for i, t in enumerate(types) if t in REJECTION_TYPES]],
         bought=window.item_vectors[[i for i, t in enumerate(types) if t == "purchase"]],
     )
 
@@ -220,11 +222,16 @@ SECOND_REASON_SHARE = 0.8  # a second window event is named when it is at least 
 
 
 def reason_for(candidate: np.ndarray | None, window_vectors: np.ndarray, entries: Sequence[WindowEntry]) -> str:
-    """Names the window events whose items are most similar to the candidate (one, or two close ones)."""
+    """Names the window events whose items are most similar to the candidate (one, or two close ones).
+
+    A rejection (a dislike, skip or return) is named only when the window holds nothing else.
+    """
+    welcome = [i for i, e in enumerate(entries) if e.type not in REJECTION_TYPES] or list(range(len(entries)))
+    entries = [entries[i] for i in welcome]
     if candidate is None:
         named = [entries[-1]]
     else:
-        similarity = window_vectors @ candidate
+        similarity = window_vectors[welcome] @ candidate
         order = np.argsort(-similarity, kind="stable")
         named = [entries[int(order[0])]]
         best = float(similarity[order[0]])

@@ -18,7 +18,9 @@ import msgpack
 from streams.errors import InvalidRecord
 
 SCHEMA_VERSION = 1
-EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "rating", "dislike")
+EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "rating", "dislike", "skip", "return")
+# What a user turned away from: similar items sink in their list (streams.rerank), and no reason names them.
+REJECTION_TYPES = frozenset({"dislike", "skip", "return"})
 CONTROL_COMMANDS = ("forget_user",)
 
 

@@ -3,10 +3,13 @@
 Retrieval ranks by the model's score alone. These tunable preferences change the
 order of an over-fetched candidate list (``RerankPolicy.candidates`` deep):
 
-- feedback: a candidate loses ``dislike_penalty`` of relevance per unit of cosine
-  similarity to an item the user disliked (in their window), so what resembles a
-  dislike sinks; and with ``bought_duplicate_similarity`` set, candidates at least that
-  similar to an item the user bought are left out (near-duplicates of a purchase);
+- feedback: the search is steered away from what the user rejected (disliked, skipped or
+  returned, in their window): ``dislike_penalty`` times the mean direction of the rejected
+  items is taken off the query (Rocchio), so candidates beyond them are fetched at all;
+  and a candidate loses ``dislike_penalty`` of relevance per unit of cosine similarity
+  to a rejected item, so what resembles a rejection sinks; and with
+  ``bought_duplicate_similarity`` set, candidates at least that similar to an item the
+  user bought are left out (near-duplicates of a purchase);
 - freshness: a candidate's relevance is halved for every ``freshness_half_life_s`` of
   its catalogue age (the item's ``ts``), so new items surface sooner;
 - diversity: maximal marginal relevance (MMR) picks, one by one, the candidate with the
@@ -14,7 +17,7 @@ order of an over-fetched candidate list (``RerankPolicy.candidates`` deep):
   item already picked)``, so one near-duplicate cluster cannot fill the list.
 
 Relevance is the model's score rescaled to [0, 1] over the candidates, so that the
-trade-offs mean the same for every user. For a user with no dislike (and with
+trade-offs mean the same for every user. For a user with no rejection (and with
 freshness, diversity and duplicate suppression off, their defaults), the list is the
 store's top k, unchanged, and nothing is over-fetched.
 """
@@ -31,9 +34,9 @@ from streams.ports import SearchHit
 
 @dataclass(frozen=True)
 class Feedback:
-    """Vectors of the items a user disliked and bought, from their window ([n, dim] each)."""
+    """Vectors of the items a user rejected (disliked, skipped, returned) and bought ([n, dim] each)."""
 
-    disliked: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
+    rejected: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
     bought: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
 
 
@@ -45,7 +48,7 @@ class RerankPolicy:
     diversity: float = 0.0  # 0: relevance only; towards 1: each pick avoids what is already picked
     freshness_half_life_s: float = 0.0  # 0: catalogue age does not matter
     candidates: int = 50  # how deep to fetch when re-ranking is on
-    dislike_penalty: float = 0.5  # relevance lost per unit of cosine similarity to a disliked item
+    dislike_penalty: float = 0.5  # relevance lost per unit of cosine similarity to a rejected item
     bought_duplicate_similarity: float = 0.0  # leave out candidates this similar to a bought item (0: off)
 
     def __post_init__(self) -> None:
@@ -65,18 +68,26 @@ class RerankPolicy:
         return (
             self.diversity > 0
             or self.freshness_half_life_s > 0
-            or (self.dislike_penalty > 0 and len(feedback.disliked) > 0)
+            or (self.dislike_penalty > 0 and len(feedback.rejected) > 0)
             or (self.bought_duplicate_similarity > 0 and len(feedback.bought) > 0)
         )
 
     def fetch_limit(self, k: int, feedback: Feedback = NO_FEEDBACK) -> int:
         return max(k, self.candidates) if self.active(feedback) else k
 
+    def query(self, user_vector: np.ndarray, feedback: Feedback = NO_FEEDBACK) -> np.ndarray:
+        """The vector to search with: the user's, steered away from what they rejected."""
+        if self.dislike_penalty == 0 or not len(feedback.rejected):
+            return user_vector
+        away = _units(feedback.rejected).mean(axis=0)
+        steered = user_vector - self.dislike_penalty * float(np.linalg.norm(user_vector)) * away
+        return steered.astype(user_vector.dtype)
+
 
 def relevance(
     hits: Sequence[SearchHit], unit: np.ndarray, policy: RerankPolicy, now_ms: int, feedback: Feedback
 ) -> np.ndarray:
-    """Scores rescaled to [0, 1] over the candidates, decayed by catalogue age, lowered near dislikes.
+    """Scores rescaled to [0, 1] over the candidates, decayed by catalogue age, lowered near rejections.
 
     ``unit``: the candidates' unit vectors (zero rows for those without a vector).
     """
@@ -87,8 +98,8 @@ def relevance(
         published = np.array([_published_ms(h, now_ms) for h in hits], dtype=np.float64)
         age_s = np.maximum(now_ms - published, 0) / 1000
         rel = rel * 0.5 ** (age_s / policy.freshness_half_life_s)
-    if policy.dislike_penalty > 0 and len(feedback.disliked):
-        resemblance = np.maximum(unit @ _units(feedback.disliked).T, 0).max(axis=1)
+    if policy.dislike_penalty > 0 and len(feedback.rejected):
+        resemblance = np.maximum(unit @ _units(feedback.rejected).T, 0).max(axis=1)
         rel = rel - policy.dislike_penalty * resemblance
     return rel
 

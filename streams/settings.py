@@ -105,7 +105,7 @@ class Settings:
     rerank_diversity: float = 0.0
     rerank_freshness_half_life_h: float = 0.0
     rerank_candidates: int = 50
-    # Feedback: relevance lost per unit of similarity to a disliked item; and hiding candidates at
+    # Feedback: relevance lost per unit of similarity to a disliked, skipped or returned item; and hiding candidates at
     # least this similar (cosine) to an item the user bought (0: off).
     rerank_dislike_penalty: float = 0.5
     rerank_bought_duplicate_similarity: float = 0.0

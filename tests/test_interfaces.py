@@ -20,7 +20,7 @@ from infra.kafka_local import LocalKafka, free_port
 from streams.cli import main
 from streams.client import Publisher, RecommendationReader
 from streams.errors import InvalidRecord
-from streams.recommend import now_ms
+from streams.recommend import REASON_VERBS, now_ms
 from streams.records import Event, Recommendation
 from streams.settings import Settings
 from streams.worker_process import WorkerProcess
@@ -327,7 +327,7 @@ def test_diversity_and_standing_rules_shape_the_streamed_list(
     assert len(diverse) > len(plain), (plain, diverse)  # one interest, yet the list spans more kinds
 
 
-def test_a_dislike_pushes_similar_items_down(pipeline: Pipeline) -> None:
+def test_a_dislike_skip_or_return_pushes_similar_items_down(pipeline: Pipeline) -> None:
     by_category: dict[str, list[str]] = {}
     for item_id, category in sorted(pipeline.workload.category_of.items()):
         by_category.setdefault(category, []).append(item_id)
@@ -341,14 +341,14 @@ def test_a_dislike_pushes_similar_items_down(pipeline: Pipeline) -> None:
             for n, (item, kind) in enumerate(seen)
         ]
 
-    disliking, viewing = history("dislikes-gaming-940", "dislike"), history("views-gaming-941", "view")
-    pipeline.send_events(disliking + viewing)
-    lists = {
-        events[0].user_id: [i.item_id for i in _latest_for(pipeline, events).items] for events in (disliking, viewing)
-    }
-    gaming_in = {user: sum(item in gaming for item in items) for user, items in lists.items()}
-    # Same items seen, but three of them disliked: gaming sinks in that user's list.
-    assert gaming_in["dislikes-gaming-940"] < gaming_in["views-gaming-941"], (gaming_in, lists)
+    users = {kind: history(f"{kind}s-gaming-940", kind) for kind in ("view", "dislike", "skip", "return")}
+    pipeline.send_events([event for events in users.values() for event in events])
+    lists = {kind: _latest_for(pipeline, events).items for kind, events in users.items()}
+    gaming_in = {kind: sum(item.item_id in gaming for item in items) for kind, items in lists.items()}
+    for rejection in ("dislike", "skip", "return"):
+        # Same items seen, but three of them rejected: gaming sinks in that user's list.
+        assert gaming_in[rejection] < gaming_in["view"], (rejection, gaming_in)
+        assert not any(REASON_VERBS[rejection] in item.reason for item in lists[rejection])
 
 
 def test_a_user_with_no_history_gets_what_is_trending_in_stream(pipeline: Pipeline) -> None:

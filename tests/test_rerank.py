@@ -57,7 +57,7 @@ def test_freshness_lifts_new_items_by_their_catalogue_age() -> None:
 
 def test_candidates_resembling_a_dislike_sink_and_only_those_users_lists_are_fetched_deeper() -> None:
     hits, vectors = _clusters()
-    disliked = Feedback(disliked=np.stack([vectors["a0"]]))
+    disliked = Feedback(rejected=np.stack([vectors["a0"]]))
     assert RerankPolicy().fetch_limit(10) == 10 and RerankPolicy().fetch_limit(10, disliked) == 50
     assert [h.id for h in rerank(hits, vectors, 3, RerankPolicy(), NOW)] == ["a0", "a1", "a2"]
     strong = RerankPolicy(dislike_penalty=1.0)  # a near-copy of a dislike loses all its (rescaled) relevance
@@ -106,6 +106,15 @@ def test_a_request_can_only_narrow_the_standing_rules() -> None:
     )
 
 
+def test_the_search_is_steered_away_from_rejected_items_only_when_there_are_some() -> None:
+    user = np.array([0.8, 0.6], dtype=np.float32)
+    rejected = Feedback(rejected=np.array([[2.0, 0.0]], dtype=np.float32))
+    steered = RerankPolicy(dislike_penalty=0.5).query(user, rejected)
+    np.testing.assert_allclose(steered, [0.3, 0.6], rtol=1e-6)  # half the user's norm taken off along the rejection
+    assert steered.dtype == np.float32
+    assert RerankPolicy().query(user) is user and RerankPolicy(dislike_penalty=0).query(user, rejected) is user
+
+
 def test_a_reason_names_the_window_events_most_like_the_item() -> None:
     entries = [
         WindowEntry(1, "e1", "lamp", "view"),
@@ -118,3 +127,12 @@ def test_a_reason_names_the_window_events_most_like_the_item() -> None:
     assert reason_for(np.array([1.0, 0.05, 0.0]), window, entries) == "because you viewed lamp and bought desk"
     assert reason_for(np.array([0.0, 1.0, 0.0]), window, entries) == "because you clicked sofa"
     assert reason_for(None, window, entries) == "because you clicked lamp"  # no vector: the newest event
+
+
+def test_a_reason_never_names_a_rejection_while_the_window_holds_anything_else() -> None:
+    entries = [WindowEntry(1, "e1", "lamp", "view"), WindowEntry(2, "e2", "sofa", "skip")]
+    window = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert reason_for(np.array([0.0, 1.0]), window, entries) == "because you viewed lamp"
+    assert reason_for(None, window, entries) == "because you viewed lamp"
+    only_returns = [WindowEntry(1, "e1", "sofa", "return")]
+    assert reason_for(np.array([0.0, 1.0]), window[1:], only_returns) == "because you returned sofa"
