@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from encoder.config import INTEREST_BUNDLE, TEXT_BUNDLE, TEXT_DIM, BundleManifest, InterestEncoderConfig
-from encoder.data import Dataset, History, leave_one_out
+from encoder.data import Dataset, EventLog, History, leave_one_out
 from encoder.runtime import OnnxTextEmbedder, cuda_available
 from streams.errors import ConfigError, ModelError
 from streams.records import EVENT_TYPES, Event
@@ -132,13 +132,8 @@ def ensure_interest_encoder(
         histories += catalogue_walks(workload, events_per_user)
     print_ = fingerprint(cfg, embedder.version, content_hash(workload, histories))
     bundle = models / INTEREST_BUNDLE
-    if not force:
-        try:
-            if BundleManifest.read(bundle, "interest-encoder").training.get("fingerprint") == print_:
-                progress(f"reusing the interest encoder in {bundle} (same data and config)")
-                return bundle
-        except ModelError:
-            pass
+    if not force and _reusable(bundle, print_, progress):
+        return bundle
     dataset = workload_dataset(workload, histories)
     text_vectors = None
     if cfg.text_dim:
@@ -147,6 +142,50 @@ def ensure_interest_encoder(
         text_vectors = embedder.embed_batch(dataset.item_texts)
     # A GPU worker runs the float16 user tower (RTREC_ENCODER_PRECISION=auto), so export it where one is.
     train_and_export(dataset, cfg, bundle, text_vectors, print_, progress, fp16=cuda_available())
+    return bundle
+
+
+def _reusable(bundle: Path, fingerprint_: str, progress: Callable[[str], None]) -> bool:
+    """Whether ``bundle`` was trained on the same data with the same config."""
+    try:
+        if BundleManifest.read(bundle, "interest-encoder").training.get("fingerprint") == fingerprint_:
+            progress(f"reusing the interest encoder in {bundle} (same data and config)")
+            return True
+    except ModelError:
+        pass
+    return False
+
+
+def ensure_log_encoder(
+    models: Path,
+    log: EventLog,
+    overrides: dict[str, Any] | None = None,
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> Path:
+    """The stream's model trained on a timestamped log (a leave-one-out split of it), into ``models``.
+
+    Without item text the model is id-only. Reused when trained on the same log with the same config.
+    """
+    defaults = {} if log.item_texts is not None else {"text_dim": 0, "id_dropout": 0.0}
+    cfg = stream_encoder_config(len(log.item_ids), **(defaults | (overrides or {})))
+    embedder = OnnxTextEmbedder(ensure_text_encoder(models, progress), provider="cpu")
+    digest = hashlib.sha256()
+    for item_id, text in zip(log.item_ids, log.item_texts or [""] * len(log.item_ids), strict=True):
+        digest.update(f"{item_id}\t{text}\n".encode())
+    for user in sorted(log.histories):
+        history = log.histories[user]
+        digest.update(f"{user}:{history.items.tobytes().hex()}:{','.join(history.types)}:".encode())
+        digest.update(history.ts_ms.tobytes())
+    print_ = fingerprint(cfg, embedder.version, digest.hexdigest()[:16])
+    bundle = models / INTEREST_BUNDLE
+    if _reusable(bundle, print_, progress):
+        return bundle
+    text_vectors = None
+    if cfg.text_dim:
+        assert log.item_texts is not None
+        progress(f"embedding {len(log.item_ids):,} item texts for training…")
+        text_vectors = embedder.embed_batch(log.item_texts)
+    train_and_export(log.split(), cfg, bundle, text_vectors, print_, progress, fp16=cuda_available())
     return bundle
 
 

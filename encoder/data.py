@@ -91,6 +91,53 @@ class Dataset:
         return seen
 
 
+@dataclass(frozen=True)
+class LoggedEvent:
+    """One event of a timestamped log, as a stream would carry it."""
+
+    user: str
+    item: int  # catalogue row
+    type: str
+    ts_ms: int
+
+
+@dataclass
+class EventLog:
+    """Per-user histories in event time over a catalogue: the raw material of both kinds of evaluation."""
+
+    name: str
+    item_ids: list[str]
+    histories: dict[str, History]
+    item_texts: list[str] | None = None
+    has_time: bool = False
+
+    def split(self) -> Dataset:
+        """The leave-one-out split (offline evaluation and training)."""
+        return leave_one_out(self.name, self.item_ids, self.histories, self.item_texts, self.has_time)
+
+    def before(self, ts_ms: int) -> EventLog:
+        """The same log cut at ``ts_ms``: only events strictly earlier (users with none drop out)."""
+        cut = {}
+        for user, history in self.histories.items():
+            n = int(np.searchsorted(history.ts_ms, ts_ms, side="left"))
+            if n:
+                cut[user] = history.head(n)
+        return EventLog(f"{self.name} before {ts_ms}", self.item_ids, cut, self.item_texts, self.has_time)
+
+    def events(self) -> list[LoggedEvent]:
+        """Every event in event-time order (ties: by user, then by position in the user's history)."""
+        ordered = sorted((int(h.ts_ms[i]), user, i) for user, h in self.histories.items() for i in range(len(h)))
+        return [
+            LoggedEvent(user, int(self.histories[user].items[i]), self.histories[user].types[i], ts)
+            for ts, user, i in ordered
+        ]
+
+    def time_quantile(self, fraction: float) -> int:
+        """The event time before which ``fraction`` of the events happened."""
+        times = np.concatenate([h.ts_ms for h in self.histories.values()])
+        return int(np.quantile(times, fraction, method="higher"))
+
+
 def leave_one_out(
     name: str,
     item_ids: list[str],

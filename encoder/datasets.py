@@ -26,12 +26,24 @@ from typing import Any
 
 import numpy as np
 
-from encoder.data import Dataset, Example, History, leave_one_out
+from encoder.data import Dataset, EventLog, Example, History, leave_one_out
 from streams.errors import DataError
 
 FORMATS = ("s3rec", "sasrec", "unisrec", "ml-100k", "generic")
+TIMED_FORMATS = ("ml-100k", "generic")
 ORDER_ONLY_TYPE = "view"  # the event type given to data sets that record none
 SECONDS_VS_MS = 100_000_000_000  # epoch values below this are seconds (until the year 5138)
+
+
+def load_event_log(path: Path, fmt: str, items: Path | None = None) -> EventLog:
+    """A timestamped log (``ml-100k`` or ``generic`` with ``ts``), for replaying through the stream."""
+    if fmt not in TIMED_FORMATS:
+        raise DataError(f"a replay needs event times: --format {' or '.join(TIMED_FORMATS)}, not {fmt!r}")
+    _check_inputs(path, fmt, items)
+    log = ml100k_log(path) if fmt == "ml-100k" else generic_log(path, items)
+    if not log.has_time:
+        raise DataError(f"{path}: a replay needs a ts on every event")
+    return log
 
 
 def load_dataset(path: Path, fmt: str, items: Path | None = None) -> Dataset:
@@ -44,11 +56,15 @@ def load_dataset(path: Path, fmt: str, items: Path | None = None) -> Dataset:
     }
     if fmt not in loaders:
         raise DataError(f"unknown data format {fmt!r}; one of {', '.join(FORMATS)}")
+    _check_inputs(path, fmt, items)
+    return loaders[fmt](path)
+
+
+def _check_inputs(path: Path, fmt: str, items: Path | None) -> None:
     if not path.exists():
         raise DataError(f"{path} does not exist")
     if items is not None and fmt != "generic":
         raise DataError("--items goes with --format generic only; the other formats carry their own text")
-    return loaders[fmt](path)
 
 
 class ItemCatalogue:
@@ -222,6 +238,10 @@ def load_unisrec(path: Path) -> Dataset:
 
 
 def load_ml100k(path: Path) -> Dataset:
+    return ml100k_log(path).split()
+
+
+def ml100k_log(path: Path) -> EventLog:
     genres = [line.split("|")[0] for _, line in _lines(path / "u.genre", "latin-1")]
     catalogue = ItemCatalogue()
     texts: dict[int, str] = {}
@@ -238,9 +258,7 @@ def load_ml100k(path: Path) -> Dataset:
         if row is None or not parts[3].isdigit():
             raise DataError(f"{path / 'u.data'}:{number}: expected 'user<TAB>known item<TAB>rating<TAB>unix time'")
         events[parts[0]].append((int(parts[3]) * 1000, number, row))
-    return leave_one_out(
-        path.name, catalogue.ids, _histories(events, "view"), [texts[i] for i in range(len(texts))], True
-    )
+    return EventLog(path.name, catalogue.ids, _histories(events, "view"), [texts[i] for i in range(len(texts))], True)
 
 
 def _histories(
@@ -302,6 +320,10 @@ def _epoch_ms(path: Path, number: int, value: Any) -> int:
 
 
 def load_generic(path: Path, items: Path | None = None) -> Dataset:
+    return generic_log(path, items).split()
+
+
+def generic_log(path: Path, items: Path | None = None) -> EventLog:
     catalogue = ItemCatalogue()
     texts: dict[int, str] = {}
     if items is not None:
@@ -325,4 +347,4 @@ def load_generic(path: Path, items: Path | None = None) -> Dataset:
     if not events:
         raise DataError(f"{path}: no events")
     item_texts = [texts[i] for i in range(len(catalogue.ids))] if items is not None else None
-    return leave_one_out(path.stem, catalogue.ids, _histories(events, ORDER_ONLY_TYPE, types), item_texts, bool(timed))
+    return EventLog(path.stem, catalogue.ids, _histories(events, ORDER_ONLY_TYPE, types), item_texts, bool(timed))

@@ -251,16 +251,8 @@ class Bench:
         self.say = say
         run = uuid.uuid4().hex[:8]
         self.run_dir = settings.home / "bench" / run
-        self.settings = settings.with_overrides(
-            app_id=f"rtrec-bench-{run}",
-            events_topic=f"bench-{run}.events",
-            items_topic=f"bench-{run}.items",
-            recommendations_topic=f"bench-{run}.recommendations",
-            deadletter_topic=f"bench-{run}.deadletter",
-            control_topic=f"bench-{run}.control",
-            items_collection=f"bench-{run}-items",
-            users_collection=f"bench-{run}-users",
-            model_dir=str(settings.home / "bench-models" / f"{options.items}-items"),
+        self.settings = settings.isolated(f"bench-{run}").with_overrides(
+            model_dir=str(settings.home / "bench-models" / f"{options.items}-items")
         )
         self.user_ids = [f"bench-user-{i:07d}" for i in range(options.users)]
         self.recall = float("nan")  # of the store's search against an exact ranking, measured after the phases

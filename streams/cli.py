@@ -293,6 +293,23 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stream_eval(settings: Settings, args: argparse.Namespace) -> int:
+    from encoder.datasets import load_event_log
+    from streams.stream_eval import StreamEvalOptions, format_table, run_stream_eval, write_report
+
+    options = StreamEvalOptions(
+        train_fraction=args.train_fraction,
+        rate=args.rate,
+        model_dir=args.model_dir,
+        encoder_overrides=_model_overrides(args),
+    )
+    log = load_event_log(args.data, args.format, args.item_text)
+    result = run_stream_eval(settings, log, options, _say)
+    print(format_table(result))
+    print(f"report: {write_report(result, log, args.report, 'rtrec ' + ' '.join(args.argv))}")
+    return 0
+
+
 def cmd_worker(settings: Settings, _args: argparse.Namespace) -> int:
     import faust
 
@@ -363,6 +380,14 @@ def _add_data_flags(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--item-text", type=Path, help="generic format: a file of item_id, text")
 
 
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    for name, (kind, text) in MODEL_FLAGS.items():
+        if kind is bool:
+            parser.add_argument(_flag(name), action="store_const", const=True, default=None, help=text)
+        else:
+            parser.add_argument(_flag(name), type=kind, default=None, help=text)
+
+
 def _add_generated_stream_flags(parser: argparse.ArgumentParser, *, events: int, events_help: str, rate: float) -> None:
     """The generated workload's shape: the same for the demo and the demo producer."""
     parser.add_argument("--events", type=int, default=events, help=events_help)
@@ -401,11 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--events-per-user", type=int, default=40, help="history length of each training user")
     train.add_argument("--force", action="store_true", help="retrain even if an identical bundle exists")
     train.add_argument("--fp16", action="store_true", help="also export the float16 user tower (for CUDA workers)")
-    for name, (kind, text) in MODEL_FLAGS.items():
-        if kind is bool:
-            train.add_argument(_flag(name), action="store_const", const=True, default=None, help=text)
-        else:
-            train.add_argument(_flag(name), type=kind, default=None, help=text)
+    _add_model_flags(train)
     train.set_defaults(run=cmd_train)
 
     evaluate = sub.add_parser(
@@ -415,6 +436,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--bundle", type=Path, required=True, help="the exported interest-encoder bundle")
     evaluate.add_argument("--report", type=Path, default=Path("report"), help="folder for report.md, plots, JSON")
     evaluate.set_defaults(run=cmd_evaluate)
+
+    stream_eval = sub.add_parser(
+        "stream-eval",
+        help="replay a timestamped log through the broker and a worker; prequential HR@10/NDCG@10 of the lists "
+        "users held, next to the same model offline and a popularity stream",
+    )
+    _add_data_flags(stream_eval, required=True)
+    stream_eval.add_argument(
+        "--train-fraction", type=float, default=0.8, help="events before this quantile of time train and warm up"
+    )
+    stream_eval.add_argument("--rate", type=float, default=200.0, help="events/s of the scored replay (0: max)")
+    stream_eval.add_argument(
+        "--model-dir", type=Path, help="a folder with both bundles to use instead of training on the log"
+    )
+    stream_eval.add_argument("--report", type=Path, default=Path("stream-report"), help="folder for the report")
+    _add_model_flags(stream_eval)
+    stream_eval.set_defaults(run=cmd_stream_eval)
 
     forget = sub.add_parser(
         "forget",

@@ -162,6 +162,19 @@ class Settings:
                 given[name] = _parse(name, value, hints[name])
         return dataclasses.replace(self, **given).validated()
 
+    def isolated(self, run: str) -> Settings:
+        """Topics, collections and a consumer group of the run's own: it meets no state of earlier runs."""
+        return self.with_overrides(
+            app_id=f"rtrec-{run}",
+            events_topic=f"{run}.events",
+            items_topic=f"{run}.items",
+            recommendations_topic=f"{run}.recommendations",
+            deadletter_topic=f"{run}.deadletter",
+            control_topic=f"{run}.control",
+            items_collection=f"{run}-items",
+            users_collection=f"{run}-users",
+        )
+
     def validated(self) -> Settings:
         positive = (
             "topic_partitions",
