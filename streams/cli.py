@@ -300,6 +300,7 @@ def cmd_stream_eval(settings: Settings, args: argparse.Namespace) -> int:
     options = StreamEvalOptions(
         train_fraction=args.train_fraction,
         rate=args.rate,
+        wait_for_answers=not args.no_wait,
         model_dir=args.model_dir,
         encoder_overrides=_model_overrides(args),
     )
@@ -447,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-fraction", type=float, default=0.8, help="events before this quantile of time train and warm up"
     )
     stream_eval.add_argument("--rate", type=float, default=200.0, help="events/s of the scored replay (0: max)")
+    stream_eval.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="send in strict event-time order; by default a user's next event waits for the answer to their last",
+    )
     stream_eval.add_argument(
         "--model-dir", type=Path, help="a folder with both bundles to use instead of training on the log"
     )

@@ -7,7 +7,9 @@ The events after the cut are then replayed at a chosen rate through the real
 broker and worker, and each is scored against what the user was holding just
 before it was sent: the newest recommendation for that user that had *arrived*
 on the output topic by then (none yet: a miss). That is prequential evaluation:
-every event tests the list the stream had already served.
+every event tests the list the stream had already served. By default a user's
+next event waits for the answer to their previous one (``Replay``), as a live
+user's seconds between events let it; ``--no-wait`` sends in strict time order.
 
 Scored by the same code on the same events:
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,12 +53,14 @@ K = 10
 METHODS = ("stream", "offline", "popularity stream")
 TIME_BUCKETS = 10
 OFFLINE_BATCH = 512
+ANSWER_TIMEOUT_S = 10.0  # a user whose answer takes longer goes on (the list they then hold is stale)
 
 
 @dataclass(frozen=True)
 class StreamEvalOptions:
     train_fraction: float = 0.8  # events before this quantile of event time train the model and warm the windows
     rate: float = 200.0  # events/s of the scored replay (0: as fast as the producer sends)
+    wait_for_answers: bool = True  # a user's next event waits for the answer to their previous one (Replay)
     model_dir: Path | None = None  # a folder with both bundles, used instead of training on the log
     encoder_overrides: dict[str, object] = field(default_factory=dict)
     timeout_s: float = 600.0
@@ -102,32 +107,35 @@ class HeldLists:
     def __init__(self, settings: Settings) -> None:
         self._reader = RecommendationReader(settings, from_beginning=True)  # the run's own, fresh topic
         self._lists: dict[str, list[HeldList]] = {}
+        self._accounted: set[str] = set()  # every event id some arrived recommendation accounts for
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self.received = 0
         self._thread = threading.Thread(target=self._run, name="rtrec-stream-eval-reader", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            records = self._reader.poll(0.2)
+            records = self._reader.poll(0.1)
             arrived = now_ms()
             with self._lock:
                 for rec in records:
                     held = HeldList(arrived, tuple(i.item_id for i in rec.items), frozenset(rec.event_ids))
                     self._lists.setdefault(rec.user_id, []).append(held)
-                self.received += len(records)
+                    self._accounted.update(rec.event_ids)
         self._reader.close()
 
     def held_before(self, user: str, ms: int) -> HeldList | None:
         with self._lock:
-            lists = self._lists.get(user, [])
-            before = [h for h in lists if h.arrived_ms < ms]
+            before = [h for h in self._lists.get(user, []) if h.arrived_ms <= ms]
         return before[-1] if before else None
 
-    def accounted(self) -> set[str]:
+    def answered(self, event_id: str) -> bool:
         with self._lock:
-            return {event_id for lists in self._lists.values() for held in lists for event_id in held.event_ids}
+            return event_id in self._accounted
+
+    def unanswered(self, event_ids: set[str]) -> int:
+        with self._lock:
+            return len(event_ids - self._accounted)
 
     def close(self) -> None:
         self._stop.set()
@@ -249,7 +257,9 @@ def _run(settings: Settings, log: EventLog, options: StreamEvalOptions, say: Cal
             worker.wait_caught_up(live.events_topic, options.timeout_s)
             pace = f"{options.rate:g} events/s" if options.rate else "full speed"
             say(f"replaying {len(events) - warm:,} events at {pace} ({len(scored):,} scored)…")
-            sent = _replay(publisher, events, event_ids, warm, options.rate, log, say)
+            sent = Replay(publisher, held, events, event_ids, log).run(
+                warm, options.rate, options.wait_for_answers, say
+            )
         worker.wait_caught_up(live.events_topic, options.timeout_s)
         _wait_accounted(held, set(event_ids), options.timeout_s)
     finally:
@@ -287,40 +297,94 @@ def _scored(events: Sequence[LoggedEvent], event_ids: Sequence[str], warm: int) 
     return scored
 
 
-def _replay(
-    publisher: Publisher,
-    events: Sequence[LoggedEvent],
-    event_ids: Sequence[str],
-    first: int,
-    rate: float,
-    log: EventLog,
-    say: Callable[[str], None],
-) -> dict[int, int]:
-    """Send ``events[first:]`` at ``rate`` per second; when each was handed to the producer (epoch ms)."""
-    sent: dict[int, int] = {}
-    start = time.monotonic()
-    total = len(events) - first
-    for n, position in enumerate(range(first, len(events))):
-        if rate:
-            delay = start + n / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-        sent[position] = now_ms()
-        publisher.publish_event(_event(events[position], event_ids[position], log))
-        if n and n % max(total // 10, 1) == 0:
-            say(f"  replayed {n:,}/{total:,}")
-    publisher.flush()
-    return sent
+class Replay:
+    """Sends the scored part of the log at a rate, optionally waiting for each user's answers.
+
+    With ``wait_for_answers``, a user's next event is held back until the recommendation
+    for their previous one has arrived (other users' events go ahead meanwhile), as live,
+    where a user's seconds between events dwarf the pipeline's latency. Without it, events
+    go strictly in event-time order, and a replay that squeezes months into minutes sends
+    one user's session faster than any pipeline answers: the lists held are then stale.
+    """
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        held: HeldLists,
+        events: Sequence[LoggedEvent],
+        event_ids: Sequence[str],
+        log: EventLog,
+    ) -> None:
+        self.publisher = publisher
+        self.held = held
+        self.events = events
+        self.event_ids = event_ids
+        self.log = log
+        self.awaiting: dict[str, tuple[str, float]] = {}  # user → (their event in flight, when it was sent)
+        self.pending: dict[str, deque[int]] = {}  # user → their events held back, in order
+        self.upcoming = 0
+
+    def run(self, first: int, rate: float, wait_for_answers: bool, say: Callable[[str], None]) -> dict[int, int]:
+        """Send ``events[first:]``; when each was handed to the producer (epoch ms), by position."""
+        sent: dict[int, int] = {}
+        self.upcoming = first
+        total = len(self.events) - first
+        start = time.monotonic()
+        while len(sent) < total:
+            self._release()
+            position = self._next(wait_for_answers)
+            if position is None:
+                time.sleep(0.002)
+                continue
+            if rate:
+                delay = start + len(sent) / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            event = self.events[position]
+            sent[position] = now_ms()
+            self.publisher.publish_event(_event(event, self.event_ids[position], self.log))
+            if wait_for_answers:
+                self.publisher.flush()  # an event waiting in the producer's buffer cannot be answered
+                self.awaiting[event.user] = (self.event_ids[position], time.monotonic())
+            if len(sent) % max(total // 10, 1) == 0:
+                say(f"  replayed {len(sent):,}/{total:,}")
+        self.publisher.flush()
+        return sent
+
+    def _release(self) -> None:
+        """Users whose event in flight was answered (or waited on too long) may send their next."""
+        now = time.monotonic()
+        for user, (event_id, since) in list(self.awaiting.items()):
+            if self.held.answered(event_id) or now - since > ANSWER_TIMEOUT_S:
+                del self.awaiting[user]
+
+    def _next(self, wait_for_answers: bool) -> int | None:
+        if not wait_for_answers:
+            self.upcoming += 1
+            return self.upcoming - 1
+        for user, queued in self.pending.items():
+            if user not in self.awaiting:
+                position = queued.popleft()
+                if not queued:
+                    del self.pending[user]
+                return position
+        while self.upcoming < len(self.events):
+            position, self.upcoming = self.upcoming, self.upcoming + 1
+            user = self.events[position].user
+            if user not in self.awaiting and user not in self.pending:
+                return position
+            self.pending.setdefault(user, deque()).append(position)
+        return None
 
 
 def _wait_accounted(held: HeldLists, event_ids: set[str], timeout_s: float) -> None:
     """Until every replayed event is in some recommendation that arrived (it is scored either way)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if not event_ids - held.accounted():
+        if not held.unanswered(event_ids):
             return
         time.sleep(0.5)
-    missing = len(event_ids - held.accounted())
+    missing = held.unanswered(event_ids)
     raise RtrecError(f"stream-eval: {missing:,} replayed events never showed up in a recommendation")
 
 
