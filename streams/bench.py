@@ -41,7 +41,7 @@ from streams.kafka_io import make_consumer, make_producer
 from streams.metrics import STAGES
 from streams.records import Event, decode_recommendation, encode_event, encode_item
 from streams.settings import Settings
-from streams.worker_process import WorkerProcess
+from streams.worker_process import WorkerProcess, wait_group_ready
 from streams.workload import EVENT_TYPE_WEIGHTS, Workload, WorkloadConfig
 
 # The bench model: the stream's architecture (ids only: the event path never reads text,
@@ -220,8 +220,7 @@ class Workers:
         self.processes = [WorkerProcess(s, log_dir / f"worker-{i}.log") for i, s in enumerate(settings)]
 
     def wait_ready(self, timeout_s: float) -> None:
-        for process in self.processes:
-            process.wait_ready(timeout_s)
+        wait_group_ready(self.processes, timeout_s)
 
     def check_alive(self) -> None:
         for process in self.processes:

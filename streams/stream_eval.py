@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -450,8 +451,10 @@ def write_report(result: StreamEvalResult, log: EventLog, folder: Path, command:
     folder.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(8, 4))
     dates = [_date(int(b["start_ms"]))[:10] for b in result.buckets]
-    for method in METHODS:
-        ax.plot(range(len(dates)), [b[method] for b in result.buckets], marker="o", label=method)
+    styles: dict[str, dict[str, Any]] = {"stream": {"linewidth": 4, "alpha": 0.5}, "offline": {"linestyle": "--"}}
+    for method in METHODS:  # stream and offline often coincide: the styles keep both visible
+        values = [b[method] for b in result.buckets]
+        ax.plot(range(len(dates)), values, marker="o", label=method, **styles.get(method, {}))
     ax.set_xticks(range(len(dates)), dates, rotation=30, fontsize=7)
     ax.set_xlabel("event time (start of each tenth of the scored events)")
     ax.set_ylabel("HR@10")

@@ -10,11 +10,12 @@ demo and the tests send nothing until a worker is ready.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from streams.errors import RtrecError
@@ -22,6 +23,8 @@ from streams.kafka_io import group_lag
 from streams.settings import Settings
 
 READY_LINE = b"[^Worker]: Ready"
+GENERATION = re.compile(r"generation id (\d+) app consumers id")  # logged by Faust on each assignment
+RECOVERED_LINE = "[^---Recovery]: Worker ready"  # logged after each assignment's recovery (READY_LINE only once)
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
@@ -85,6 +88,14 @@ class WorkerProcess:
             time.sleep(0.2)
         raise RtrecError(f"the worker was not ready within {timeout_s:.0f} s; see {self.log_path}")
 
+    def settled_generation(self) -> int | None:
+        """The consumer-group generation this worker is ready in (None while it recovers or has none)."""
+        log = self.log()
+        matches = list(GENERATION.finditer(log))
+        if not matches or RECOVERED_LINE not in log[matches[-1].end() :]:
+            return None
+        return int(matches[-1].group(1))
+
     def wait_caught_up(self, topic: str, timeout_s: float = 120.0) -> None:
         """Until the worker's consumer group has committed everything on ``topic``."""
         wait_group_caught_up(self.settings, topic, timeout_s, self.check_alive, f"; see {self.log_path}")
@@ -97,3 +108,23 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def wait_group_ready(workers: Sequence[WorkerProcess], timeout_s: float = 120.0) -> None:
+    """Until every worker is ready in the same consumer-group generation.
+
+    One worker's "Ready" can come before another's join rebalances the group; input sent
+    while a worker recovers in that rebalance meets faust-streaming's recovery race (#596),
+    which stalled `rtrec bench` with two workers.
+    """
+    deadline = time.monotonic() + timeout_s
+    for worker in workers:
+        worker.wait_ready(timeout_s)
+    while time.monotonic() < deadline:
+        generations = {worker.settled_generation() for worker in workers}
+        if len(generations) == 1 and None not in generations:
+            return
+        for worker in workers:
+            worker.check_alive()
+        time.sleep(0.2)
+    raise RtrecError(f"{len(workers)} workers did not settle in one consumer-group generation within {timeout_s:.0f} s")

@@ -23,7 +23,7 @@ from streams.errors import InvalidRecord
 from streams.recommend import REASON_VERBS, now_ms
 from streams.records import Event, Recommendation
 from streams.settings import Settings
-from streams.worker_process import WorkerProcess
+from streams.worker_process import WorkerProcess, wait_group_ready
 from tests.harness import Pipeline
 
 pytestmark = pytest.mark.integration
@@ -284,7 +284,8 @@ def test_a_request_reaching_the_other_worker_is_forwarded_to_the_users_owner(
     second = dataclasses.replace(pipeline.settings, home=tmp_path, http_port=free_port(), metrics_port=0)
     worker = WorkerProcess(second, tmp_path / "worker.log")
     try:
-        worker.wait_ready()
+        assert pipeline.worker is not None
+        wait_group_ready([pipeline.worker, worker])
         ports = (pipeline.settings.http_port, second.http_port)
         deadline = time.monotonic() + 90
         while True:  # until the rebalance has settled and both answer every user
