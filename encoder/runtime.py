@@ -8,6 +8,7 @@ reported, never assumed.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -143,6 +144,9 @@ class OnnxItemEncoder:
         self.dim = self.manifest.dim
         self.version = self.manifest.version
         self.text_dim = self.config.text_dim
+        # Retraining changes the tower (and so every item vector) even when nothing else changes.
+        files = self.manifest.files
+        self.tower_id = hashlib.sha256(f"{files[ITEM_TOWER_FILE]}:{files[ITEM_IDS_FILE]}".encode()).hexdigest()[:12]
         ids = (bundle / ITEM_IDS_FILE).read_text().splitlines()
         # A blank line is an id the model never learned: such items are placed as unseen (by text).
         self._index = {item_id: i + 1 for i, item_id in enumerate(ids) if item_id} if self.config.n_items else {}

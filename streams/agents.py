@@ -54,6 +54,7 @@ class Agents:
     windows: WindowTable  # user's state key (bytes) → stored window
     state_key: Callable[[str], str]  # user id → the key their state is kept under
     event_worker: ThreadPoolExecutor  # the thread every model and store call of the events agent runs on
+    catalog_worker: ThreadPoolExecutor  # the same for the catalogue agent
 
 
 class WindowTable(faust.Table):
@@ -190,7 +191,7 @@ def register_agents(
             done = starts.get(tp, 0) if position is None else position
             lag.labels(tp.topic, str(tp.partition)).set(max(ends.get(tp, done) - done, 0))
 
-    return Agents(windows, state_key, event_worker)
+    return Agents(windows, state_key, event_worker, catalog_worker)
 
 
 def _committed(app: faust.App, tp: Any) -> int | None:

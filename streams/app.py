@@ -7,9 +7,11 @@ is a module-level global, so a test can wire the app with its own parts.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,9 +21,11 @@ from mode.types.signals import BaseSignalT
 from encoder.config import INTEREST_BUNDLE, TEXT_BUNDLE
 from encoder.runtime import OnnxInterestEncoder, OnnxItemEncoder, OnnxTextEmbedder
 from streams.agents import register_agents
+from streams.catalog_sync import ItemEmbedder, fill_missing, items_collection_name
 from streams.errors import ModelError
 from streams.item_vectors import ItemVectorCache
 from streams.metrics import WorkerMetrics
+from streams.model_swap import ModelSwapper
 from streams.ports import InterestEncoderRuntime, ItemEncoderRuntime, TextEmbedder, VectorStore
 from streams.process import CatalogBatchProcessor, EventBatchProcessor, WindowLimits
 from streams.pseudonym import Pseudonyms
@@ -44,17 +48,19 @@ class Components:
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
 
 
-def load_components(settings: Settings) -> Components:
-    models = settings.models_path
+def load_model(settings: Settings) -> tuple[OnnxInterestEncoder, OnnxItemEncoder]:
+    """The interest encoder bundle in the model folder: its user tower and its item tower."""
+    bundle = settings.models_path / INTEREST_BUNDLE
     threads = settings.encoder_threads
     interest = OnnxInterestEncoder(
-        models / INTEREST_BUNDLE,
-        settings.encoder_provider,
-        intra_op_threads=threads,
-        precision=settings.encoder_precision,
+        bundle, settings.encoder_provider, intra_op_threads=threads, precision=settings.encoder_precision
     )
-    items = OnnxItemEncoder(models / INTEREST_BUNDLE, settings.encoder_provider, intra_op_threads=threads)
-    text = OnnxTextEmbedder(models / TEXT_BUNDLE, settings.encoder_provider)
+    return interest, OnnxItemEncoder(bundle, settings.encoder_provider, intra_op_threads=threads)
+
+
+def load_components(settings: Settings) -> Components:
+    interest, items = load_model(settings)
+    text = OnnxTextEmbedder(settings.models_path / TEXT_BUNDLE, settings.encoder_provider)
     if items.reads_text and items.text_dim != text.dim:
         raise ModelError(
             f"the interest encoder reads {items.text_dim}-dim text vectors; the text encoder gives {text.dim}"
@@ -108,12 +114,15 @@ def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | No
 def build_app(settings: Settings, components: Components) -> faust.App:
     # Outages of the store pause the stream rather than fail it (streams.store_retry).
     store = RetryingVectorStore(components.store, components.metrics)
-    store.ensure_collection(settings.items_collection, components.item_encoder.dim)
+    items_collection = items_collection_name(settings.items_collection, components.item_encoder)
+    store.ensure_collection(items_collection, components.item_encoder.dim)
     store.ensure_collection(settings.users_collection, components.interest_encoder.dim)
+    # Before any event is read: a model with a new item tower starts from an empty collection.
+    fill_missing(settings, store, items_collection, ItemEmbedder(components.text_embedder, components.item_encoder))
     limits = settings.limits()
     pseudonyms = Pseudonyms(settings.pseudonymize_key)
     item_cache = ItemVectorCache(
-        store, settings.items_collection, capacity=settings.item_cache_size, ttl_s=settings.item_cache_ttl_s
+        store, items_collection, capacity=settings.item_cache_size, ttl_s=settings.item_cache_ttl_s
     )
     recommender = Recommender(
         components.interest_encoder,
@@ -139,7 +148,7 @@ def build_app(settings: Settings, components: Components) -> faust.App:
         components.text_embedder,
         components.item_encoder,
         store,
-        items_collection=settings.items_collection,
+        items_collection=items_collection,
         limits=limits,
         item_cache=item_cache,
         clock=components.clock,
@@ -166,8 +175,27 @@ def build_app(settings: Settings, components: Components) -> faust.App:
         producer_max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
     )
     agents = register_agents(app, settings, events, catalog, pseudonyms)
+    info = model_info(settings, components)
     if settings.http_port:
-        register_http_api(app, settings, agents, events, model_info(settings, components))
+        register_http_api(app, settings, agents, events, info)
+    if settings.model_reload_s > 0:
+        swapper = ModelSwapper(
+            settings,
+            store,
+            components.text_embedder,
+            recommender,
+            catalog,
+            event_worker=agents.event_worker,
+            catalog_worker=agents.catalog_worker,
+            load=load_model,
+            metrics=components.metrics,
+            info=info,
+        )
+        swap_worker = ThreadPoolExecutor(1, thread_name_prefix="rtrec-model-swap")
+
+        @app.timer(settings.model_reload_s)
+        async def watch_model_folder() -> None:
+            await asyncio.get_running_loop().run_in_executor(swap_worker, swapper.check)
 
     def stop_retrying(sender: Any, /, *args: Any, signal: BaseSignalT[Any], **kwargs: Any) -> None:
         store.stop_retrying()

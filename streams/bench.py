@@ -36,6 +36,7 @@ import numpy as np
 
 from infra.kafka_local import local_broker_for
 from infra.topics import ensure_pipeline_topics
+from streams.catalog_sync import items_collection_name
 from streams.errors import RtrecError
 from streams.kafka_io import make_consumer, make_producer
 from streams.metrics import STAGES
@@ -409,19 +410,18 @@ def search_recall(settings: Settings, user_ids: Sequence[str], n_items: int, k: 
 
     components = load_components(settings)
     store = components.store
-    store.ensure_collection(settings.items_collection, components.item_encoder.dim)
+    collection = items_collection_name(settings.items_collection, components.item_encoder)
+    store.ensure_collection(collection, components.item_encoder.dim)
     store.ensure_collection(settings.users_collection, components.interest_encoder.dim)
     try:
         users = store.fetch_vectors(settings.users_collection, user_ids)
         item_ids = [f"item-{i:06d}" for i in range(n_items)]
-        items = store.fetch_vectors(settings.items_collection, item_ids)
+        items = store.fetch_vectors(collection, item_ids)
         ids = list(items)
         matrix = np.stack([items[i] for i in ids])
         queries = list(users.values())
         exact = np.argsort(-(np.stack(queries) @ matrix.T), axis=1)[:, :k]
-        found = store.search_batch(
-            settings.items_collection, [SearchQuery(q, k, only_available=False) for q in queries]
-        )
+        found = store.search_batch(collection, [SearchQuery(q, k, only_available=False) for q in queries])
         hits = [len({ids[j] for j in row} & {h.id for h in got}) for row, got in zip(exact, found, strict=True)]
         return float(np.sum(hits)) / (k * len(queries))
     finally:
@@ -435,12 +435,13 @@ def load_catalog(settings: Settings, items: Sequence[tuple[str, bytes]], say: Ca
 
     components = load_components(settings)
     store = components.store
-    store.ensure_collection(settings.items_collection, components.item_encoder.dim)
+    collection = items_collection_name(settings.items_collection, components.item_encoder)
+    store.ensure_collection(collection, components.item_encoder.dim)
     catalog = CatalogBatchProcessor(
         components.text_embedder,
         components.item_encoder,
         store,
-        items_collection=settings.items_collection,
+        items_collection=collection,
         limits=settings.limits(),
     )
     chunk = 2_000
@@ -456,7 +457,7 @@ def load_catalog(settings: Settings, items: Sequence[tuple[str, bytes]], say: Ca
         if done == len(items) or done // chunk % 10 == 0:
             say(f"  catalogue into {settings.qdrant_local_path}: {done:,}/{len(items):,}")
     say("  indexing the catalogue (HNSW)…")
-    store.build_index(settings.items_collection)
+    store.build_index(collection)
     store.close()
 
 

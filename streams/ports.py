@@ -45,6 +45,8 @@ class ItemEncoderRuntime(Protocol):
 
     dim: int
     version: str
+    tower_id: str  # names the space its vectors live in: equal ids, equal vectors for equal input
+    text_dim: int  # the text vectors it reads (0: ids only)
 
     @property
     def reads_text(self) -> bool: ...
@@ -124,6 +126,10 @@ class VectorStore(Protocol):
 
     def build_index(self, collection: str) -> None:
         """Index what was written so far (after a bulk load); blocks searches while it runs."""
+        ...
+
+    def drop_collection(self, name: str) -> None:
+        """Delete a collection and everything in it (a missing one is no error)."""
         ...
 
     def upsert(self, collection: str, points: Sequence[VectorPoint]) -> None: ...

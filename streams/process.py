@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from streams.catalog_sync import ItemEmbedder
 from streams.errors import InvalidRecord
 from streams.item_vectors import ItemVectorCache
 from streams.metrics import WorkerMetrics
@@ -252,9 +253,28 @@ class CatalogBatchOutcome:
     dead_letters: list[DeadLetter] = field(default_factory=list)
 
 
+@dataclass
+class ItemTarget:
+    """Where one item tower's vectors go: its collection, and the cache the event path reads them through."""
+
+    embedder: ItemEmbedder
+    collection: str
+    cache: ItemVectorCache | None = None
+
+
+@dataclass
+class Migration:
+    """A collection being filled for a new item tower while the current one is still served."""
+
+    target: ItemTarget
+    ends: dict[int, int]  # catalogue end offsets when the fill began: it reads up to these
+    settled: set[str] = field(default_factory=set)  # items written here from past those ends: the fill skips them
+
+
 class CatalogBatchProcessor:
     """Item upserts are embedded (text, then the item tower) and written in one batch;
-    a tombstone (null value) deletes."""
+    a tombstone (null value) deletes. During a model swap, every change is written for the
+    new tower too (``begin_migration`` … ``finish_migration``)."""
 
     def __init__(
         self,
@@ -269,53 +289,84 @@ class CatalogBatchProcessor:
         metrics: WorkerMetrics | None = None,
     ) -> None:
         self.metrics = metrics or WorkerMetrics()
-        self.embedder = embedder
-        self.item_encoder = item_encoder
         self.store = store
-        self.items_collection = items_collection
-        self.item_cache = item_cache  # kept in step with what this worker writes
+        # The served tower: what the catalogue's records are checked against, and kept in step with its cache.
+        self.current = ItemTarget(ItemEmbedder(embedder, item_encoder), items_collection, item_cache)
+        self.migration: Migration | None = None
         self.limits = limits
         self.clock = clock
 
+    @property
+    def items_collection(self) -> str:
+        return self.current.collection
+
     def process(self, messages: Sequence[IncomingMessage]) -> CatalogBatchOutcome:
         outcome = CatalogBatchOutcome()
-        latest: dict[str, Item | None] = {}  # the last change to each item in this batch wins
+        latest: dict[str, tuple[IncomingMessage, Item | None]] = {}  # the last change to each item in this batch wins
         for message in messages:
             try:
                 if message.value is None:
-                    latest[self._tombstone_id(message.key)] = None
+                    latest[self._tombstone_id(message.key)] = (message, None)
                 else:
                     item = decode_item(message.value, message.key, self.limits)
-                    if not self.item_encoder.reads_text and not self.item_encoder.knows(item.item_id):
+                    if not self.current.embedder.can_place(item):
                         raise InvalidRecord("the loaded model reads no text and never learned this item_id")
-                    latest[item.item_id] = item
+                    latest[item.item_id] = (message, item)
             except InvalidRecord as exc:
                 _reject(outcome.dead_letters, message, exc, "items", self.metrics, self.clock)
-        upserts = [item for item in latest.values() if item is not None]
-        outcome.deleted = [item_id for item_id, item in latest.items() if item is None]
-        if upserts:
-            ids = [item.item_id for item in upserts]
-            text = (
-                self.embedder.embed_batch([item.text() for item in upserts]) if self.item_encoder.reads_text else None
+        upserts = [item for _, item in latest.values() if item is not None]
+        outcome.deleted = [item_id for item_id, (_, item) in latest.items() if item is None]
+        outcome.upserted = [item.item_id for item in upserts]
+        targets = [self.current] if self.migration is None else [self.current, self.migration.target]
+        for target in targets:
+            self._write(target, upserts, outcome.deleted)
+        if self.migration is not None:
+            ends = self.migration.ends
+            self.migration.settled.update(
+                item_id for item_id, (m, _) in latest.items() if m.offset >= ends.get(m.partition, 0)
             )
-            vectors = self.item_encoder.encode_batch(ids, text)
-            self.store.upsert(
-                self.items_collection,
-                [
-                    VectorPoint(item.item_id, vector, item.payload())
-                    for item, vector in zip(upserts, vectors, strict=True)
-                ],
-            )
-            if self.item_cache is not None:
-                self.item_cache.put(dict(zip(ids, vectors, strict=True)))
-            outcome.upserted = ids
-        self.store.delete(self.items_collection, outcome.deleted)
-        if self.item_cache is not None:
-            self.item_cache.discard(outcome.deleted)
         for name, changes in (("upserted", outcome.upserted), ("deleted", outcome.deleted)):
             self.metrics.catalog.labels(name).inc(len(changes))
         self.metrics.catalog.labels("dead_lettered").inc(len(outcome.dead_letters))
         return outcome
+
+    def begin_migration(self, target: ItemTarget, ends: Callable[[], dict[int, int]]) -> dict[int, int]:
+        """From now on changes are written for ``target`` too; the end offsets its fill must read up to.
+
+        ``ends`` is read here, between batches: every change this processor writes later either comes
+        before those offsets (the fill writes it as well, in order) or at or past them (settled).
+        """
+        self.migration = Migration(target, ends())
+        return dict(self.migration.ends)
+
+    def backfill(self, changes: Mapping[str, tuple[Item | None, VectorPoint | None]]) -> None:
+        """Write a chunk of the fill (the newest change per item, embedded) except the settled items."""
+        assert self.migration is not None, "no migration under way"
+        migration = self.migration
+        fresh = {i: c for i, c in changes.items() if i not in migration.settled}
+        points = [point for _, point in fresh.values() if point is not None]
+        deleted = [i for i, (item, _) in fresh.items() if item is None]
+        self.store.upsert(migration.target.collection, points)
+        self.store.delete(migration.target.collection, deleted)
+
+    def finish_migration(self) -> ItemTarget:
+        """The new tower becomes the served one; the target it replaces is returned."""
+        assert self.migration is not None, "no migration under way"
+        replaced, self.current, self.migration = self.current, self.migration.target, None
+        return replaced
+
+    def abandon_migration(self) -> None:
+        self.migration = None
+
+    def _write(self, target: ItemTarget, upserts: Sequence[Item], deleted: Sequence[str]) -> None:
+        points = target.embedder.points(upserts)
+        if points:
+            self.store.upsert(target.collection, points)
+            if target.cache is not None:
+                target.cache.put({p.id: p.vector for p in points})
+        self.store.delete(target.collection, deleted)
+        if target.cache is not None:
+            target.cache.discard(deleted)
 
     def _tombstone_id(self, key: bytes | None) -> str:
         if not key:

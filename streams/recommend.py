@@ -74,6 +74,10 @@ class Recommender:
         self.top_k = top_k
         self.clock = clock
 
+    def use(self, encoder: InterestEncoderRuntime, items: ItemVectorCache) -> None:
+        """Serve another model from now on; called on the thread that runs the refreshes, between batches."""
+        self.encoder, self.items, self.items_collection = encoder, items, items.collection
+
     def item_vectors(self, item_ids: Sequence[str]) -> dict[str, np.ndarray]:
         return self.items.get(item_ids)
 

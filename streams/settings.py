@@ -90,6 +90,8 @@ class Settings:
     users_collection: str = "users"
     # Models. Empty dir means <home>/models.
     model_dir: str = ""
+    # How often a worker looks for a new bundle in the model folder and swaps it in live (0: never).
+    model_reload_s: float = 30.0
     encoder_provider: str = "auto"
     # auto: the bundle's float16 user tower on CUDA when it has one, else float32.
     encoder_precision: str = "auto"
@@ -207,6 +209,8 @@ class Settings:
             )
         if self.search_ef < 0:
             raise ConfigError(f"{ENV_PREFIX}SEARCH_EF must be >= 0, got {self.search_ef}")
+        if self.model_reload_s < 0:
+            raise ConfigError(f"{ENV_PREFIX}MODEL_RELOAD_S must be >= 0 (0: never), got {self.model_reload_s}")
         if self.encoder_threads < 0:
             raise ConfigError(f"{ENV_PREFIX}ENCODER_THREADS must be >= 0, got {self.encoder_threads}")
         for name in ("metrics_port", "http_port"):

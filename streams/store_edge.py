@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -158,6 +159,14 @@ class EdgeVectorStore:
             return [[_hit(p) for p in r] for r in responses]
 
         return rank_without_unavailable(queries, fetch)
+
+    def drop_collection(self, name: str) -> None:
+        with self._lock:
+            shard = self._shards.pop(name, None)
+            self._dims.pop(name, None)
+            if shard is not None:
+                shard.close()
+            shutil.rmtree(self._path / name, ignore_errors=True)
 
     def close(self) -> None:
         with self._lock:

@@ -54,6 +54,9 @@ class QdrantVectorStore:
     def build_index(self, collection: str) -> None:
         """The server indexes in the background by itself."""
 
+    def drop_collection(self, name: str) -> None:
+        self._client.delete_collection(self._name(name))
+
     def upsert(self, collection: str, points: Sequence[VectorPoint]) -> None:
         if not points:
             return

@@ -73,6 +73,9 @@ class RetryingVectorStore:
     def build_index(self, collection: str) -> None:
         self.inner.build_index(collection)
 
+    def drop_collection(self, name: str) -> None:
+        self._call("drop", lambda: self.inner.drop_collection(name))
+
     def upsert(self, collection: str, points: Sequence[VectorPoint]) -> None:
         self._call("upsert", lambda: self.inner.upsert(collection, points))
 

@@ -22,6 +22,7 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     ("GET", re.compile(r"^/collections/([^/]+)/exists$"), "exists"),
     ("GET", re.compile(r"^/collections/([^/]+)$"), "info"),
     ("PUT", re.compile(r"^/collections/([^/]+)$"), "create"),
+    ("DELETE", re.compile(r"^/collections/([^/]+)$"), "drop"),
     ("PUT", re.compile(r"^/collections/([^/]+)/points$"), "upsert"),
     ("POST", re.compile(r"^/collections/([^/]+)/points/delete$"), "delete"),
     ("POST", re.compile(r"^/collections/([^/]+)/points$"), "retrieve"),
@@ -69,7 +70,7 @@ class FakeQdrant:
                         return
                 self.send_error(404, f"no fake for {self.command} {path}")
 
-            do_GET = do_PUT = do_POST = _handle  # noqa: N815 - the names http.server dispatches to
+            do_GET = do_PUT = do_POST = do_DELETE = _handle  # noqa: N815 - the names http.server dispatches to
 
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
@@ -93,6 +94,8 @@ class FakeQdrant:
         if action == "create":
             request = models.CreateCollection.model_validate(body)
             return engine.create_collection(name, vectors_config=request.vectors)
+        if action == "drop":
+            return engine.delete_collection(name)
         if action == "upsert":
             batch = models.PointsList.model_validate(body)
             return engine.upsert(name, points=batch.points).model_dump(mode="json")

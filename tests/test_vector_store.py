@@ -157,6 +157,15 @@ def test_a_collection_of_another_dimension_is_refused(subject: StoreUnderTest) -
         subject.store.ensure_collection(subject.name, 16)
 
 
+def test_a_dropped_collection_is_gone_and_can_be_made_anew_with_another_dimension(subject: StoreUnderTest) -> None:
+    store, name = subject.store, subject.name
+    store.upsert(name, _points(3))
+    store.drop_collection(name)
+    store.drop_collection(name)  # a missing one is no error
+    store.ensure_collection(name, 16)  # what the old one held binds nothing
+    assert store.fetch_vectors(name, ["item-1"]) == {}
+
+
 def test_embedded_store_keeps_its_points_across_reopen_and_refuses_another_model(tmp_path: Path) -> None:
     store = EdgeVectorStore(tmp_path)
     store.ensure_collection("items", DIM)
