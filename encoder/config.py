@@ -25,7 +25,8 @@ INTEREST_INPUTS = {
     "ages_s": ("float32", ("batch", "length")),
     "mask": ("bool", ("batch", "length")),
 }
-INTEREST_OUTPUT = "user_vector"  # float32 [batch, dim]; ranks items by dot product
+# float32 [batch, dim], or [batch, interests, dim] for a model of several interests; ranks items by dot product
+INTEREST_OUTPUT = "user_vector"
 
 # The ONNX contract of the item tower. item_index is the item's row in the bundle's
 # item list (0: an item the model never saw); text_vectors only when the model reads text.
@@ -66,6 +67,7 @@ class InterestEncoderConfig:
     ffn_mult: int = 4
     max_len: int = 50  # newest events a window keeps (and the longest training sequence)
     dropout: float = 0.2
+    interests: int = 1  # user vectors per window: > 1 gives a user of several interests one per interest
     # Training.
     loss: str = "full"  # full: softmax over the whole catalogue; sampled: shared uniform negatives
     negatives: int = 1024  # per batch, for the sampled loss
@@ -97,7 +99,7 @@ class InterestEncoderConfig:
             raise ValueError(f"loss must be full or sampled, got {self.loss!r}")
         for name in (
             "d_model", "n_heads", "n_layers", "ffn_mult", "max_len", "epochs", "batch_size",
-            "negatives", "patience", "eval_every", "valid_users",
+            "negatives", "patience", "eval_every", "valid_users", "interests",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -116,7 +118,7 @@ class InterestEncoderConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InterestEncoderConfig:
-        return cls(**{**data, "event_types": tuple(data["event_types"])})
+        return cls(**{**data, "event_types": tuple(data["event_types"])})  # older bundles lack later fields
 
 
 @contextmanager

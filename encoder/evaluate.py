@@ -61,7 +61,8 @@ class BundleScorer:
         vocabulary = self.users.vocabulary
         windows = [WindowArrays(self.item_vectors[h.items], vocabulary.ids(list(h.types)), h.ts_ms) for h in histories]
         inputs = assemble_inputs(windows, self.users.dim, self.users.max_len)
-        return self.users.encode_batch(inputs) @ self.item_vectors.T
+        scores = self.users.encode_batch(inputs) @ self.item_vectors.T
+        return scores if scores.ndim == 2 else scores.max(axis=1)  # several interests: the closest scores
 
 
 def score_method(scorer: Scorer, examples: Sequence[Example], progress: Callable[[str], None]) -> MethodResult:

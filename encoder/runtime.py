@@ -113,6 +113,7 @@ class OnnxInterestEncoder:
         self.dim = self.manifest.dim
         self.version = self.manifest.version
         self.max_len = self.config.max_len
+        self.interests = self.config.interests
         if precision not in PRECISIONS:
             raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         has_fp16 = MODEL_FP16_FILE in self.manifest.files
@@ -126,7 +127,7 @@ class OnnxInterestEncoder:
         self.provider = self._session.get_providers()[0]
 
     def encode_batch(self, inputs: EncoderInputs) -> np.ndarray:
-        """[batch, dim] float32 user vectors (ranking items by dot product)."""
+        """[batch, dim] float32 user vectors, [batch, interests, dim] for a model of several (dot-product ranking)."""
         if inputs.item_vectors.shape[-1] != self.dim:
             raise ModelError(f"item vectors have {inputs.item_vectors.shape[-1]} dims, the encoder expects {self.dim}")
         return self._session.run([INTEREST_OUTPUT], inputs.as_feed())[0]

@@ -27,7 +27,7 @@ from encoder.config import InterestEncoderConfig
 from encoder.data import Dataset, Example, History
 from encoder.features import EventTypeVocabulary, ages_from_newest, left_pad
 from encoder.metrics import RankCounts, summarize
-from encoder.model import InterestEncoder, score_all
+from encoder.model import InterestEncoder, routed, score_all, user_scores
 
 Progress = Callable[[str], None]
 
@@ -124,7 +124,7 @@ def rank_examples(
         chunk = examples[start : start + batch_size]
         batch = pad_histories([e.history for e in chunk], vocabulary, model.cfg.max_len).to(device)
         users = model(catalogue.inputs(model, batch.items, 0.0), batch.types, batch.ages_s, batch.mask)
-        scores = score_all(users, item_vectors).cpu().numpy()
+        scores = user_scores(users, item_vectors).cpu().numpy()
         parts.append(RankCounts.from_scores(scores, [e.target for e in chunk], [e.history.items for e in chunk]))
     model.train(was_training)
     return RankCounts.concatenate(parts)
@@ -133,9 +133,7 @@ def rank_examples(
 def next_item_loss(
     hidden: torch.Tensor, targets: torch.Tensor, item_vectors: torch.Tensor, cfg: InterestEncoderConfig
 ) -> torch.Tensor:
-    """Cross-entropy of each position's next item; ``targets`` are catalogue rows (-1 = no target)."""
-    keep = targets >= 0
-    hidden, targets = hidden[keep], targets[keep]
+    """Cross-entropy of each next item; ``hidden`` [N, d] the user vectors, ``targets`` [N] catalogue rows."""
     if cfg.loss == "full":
         return F.cross_entropy(score_all(hidden, item_vectors), targets)
     negatives = torch.randint(0, item_vectors.shape[0], (cfg.negatives,), device=hidden.device)
@@ -197,10 +195,11 @@ def train_epoch(
     for rows in batches:
         batch, targets = sequences.batch(rows)
         batch, targets = batch.to(device), targets.to(device)
-        hidden = model.hidden_states(
+        states = model.interest_states(
             catalogue.inputs(model, batch.items, cfg.id_dropout), batch.types, batch.ages_s, batch.mask
         )
-        loss = next_item_loss(hidden, targets, catalogue.all_items(model), cfg)
+        item_vectors = catalogue.all_items(model)
+        loss = next_item_loss(*routed(states, targets, item_vectors), item_vectors, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

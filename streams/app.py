@@ -25,7 +25,7 @@ from streams.catalog_sync import ItemEmbedder, fill_missing, items_collection_na
 from streams.errors import ModelError
 from streams.item_vectors import ItemVectorCache
 from streams.metrics import WorkerMetrics
-from streams.model_swap import ModelSwapper
+from streams.model_swap import ModelSwapper, served_model_info
 from streams.ports import InterestEncoderRuntime, ItemEncoderRuntime, TextEmbedder, VectorStore
 from streams.process import CatalogBatchProcessor, EventBatchProcessor, WindowLimits
 from streams.pseudonym import Pseudonyms
@@ -79,16 +79,9 @@ def open_vector_store(settings: Settings) -> VectorStore:
 
 def model_info(settings: Settings, components: Components) -> dict[str, Any]:
     """What `GET /model` answers: the loaded encoders and the settings that shape a list."""
-    interest, text = components.interest_encoder, components.text_embedder
+    text = components.text_embedder
     return {
-        "interest_encoder": {
-            "version": interest.version,
-            "provider": interest.provider,
-            "precision": getattr(interest, "precision", "fp32"),
-            "dim": interest.dim,
-            "max_len": interest.max_len,
-        },
-        "item_tower": {"version": components.item_encoder.version, "reads_text": components.item_encoder.reads_text},
+        **served_model_info(components.interest_encoder, components.item_encoder),
         "text_encoder": {"version": text.version, "provider": text.provider, "dim": text.dim},
         "top_k": settings.top_k,
         "max_k": settings.max_http_k,

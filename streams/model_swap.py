@@ -42,6 +42,21 @@ log = logging.getLogger(__name__)
 Loader = Callable[[Settings], tuple[InterestEncoderRuntime, ItemEncoderRuntime]]
 
 
+def served_model_info(interest: InterestEncoderRuntime, items: ItemEncoderRuntime) -> dict[str, Any]:
+    """The served model as `GET /model` describes it."""
+    return {
+        "interest_encoder": {
+            "version": interest.version,
+            "provider": interest.provider,
+            "precision": getattr(interest, "precision", "fp32"),
+            "dim": interest.dim,
+            "max_len": interest.max_len,
+            "interests": interest.interests,
+        },
+        "item_tower": {"version": items.version, "reads_text": items.reads_text, "tower_id": items.tower_id},
+    }
+
+
 class ModelSwapper:
     def __init__(
         self,
@@ -129,8 +144,7 @@ class ModelSwapper:
                 self.store.drop_collection(old.collection)
         self.metrics.model.clear()
         self.metrics.model.labels(interest.version, getattr(interest, "provider", "")).set(1)
-        self.info["interest_encoder"] = {**self.info.get("interest_encoder", {}), "version": interest.version}
-        self.info["item_tower"] = {"version": items.version, "reads_text": items.reads_text}
+        self.info.update(served_model_info(interest, items))
         log.info("now serving model %s", interest.version)
 
     def _fill(self, items: ItemEncoderRuntime, collection: str) -> ItemTarget:

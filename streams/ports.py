@@ -31,12 +31,13 @@ class InterestEncoderRuntime(Protocol):
     version: str
     provider: str
     max_len: int
+    interests: int  # user vectors per window
 
     @property
     def vocabulary(self) -> Any: ...  # EventTypeVocabulary of the loaded model
 
     def encode_batch(self, inputs: EncoderInputs) -> np.ndarray:
-        """[batch, dim] float32 user vectors; items rank by dot product with them."""
+        """[batch, dim] float32 user vectors, or [batch, interests, dim]; items rank by dot product with them."""
         ...
 
 

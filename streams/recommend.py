@@ -20,7 +20,7 @@ from streams.metrics import WorkerMetrics
 from streams.ports import InterestEncoderRuntime, ItemFilter, SearchHit, SearchQuery, VectorPoint, VectorStore
 from streams.pseudonym import Pseudonyms
 from streams.records import REJECTION_TYPES, Event, Recommendation, RecommendedItem
-from streams.rerank import Feedback, RerankPolicy, rerank
+from streams.rerank import Feedback, RerankPolicy, merge_interests, rerank
 from streams.state import UserWindow, WindowEntry
 
 REASON_VERBS = {
@@ -97,12 +97,14 @@ class Recommender:
         windows, user_vectors = self._encode(usable, vectors)
         emitted = self.clock()
         keys = [self.pseudonyms.of(r.user_id) for r, _ in usable]
+        # The users collection holds one vector per user: of several interests, their mean.
+        stored = user_vectors if user_vectors.ndim == 2 else user_vectors.mean(axis=1)
         with self.metrics.stage("upsert"):
             self.store.upsert(
                 self.users_collection,
                 [
                     VectorPoint(key, v, {"user_id": key, "model": self.encoder.version, "ts": emitted})
-                    for key, v in zip(keys, user_vectors, strict=True)
+                    for key, v in zip(keys, stored, strict=True)
                 ],
             )
         return self._search_and_rank(usable, windows, user_vectors, self.top_k, None)
@@ -154,19 +156,21 @@ class Recommender:
     ) -> list[Recommendation]:
         rules = self.rules_for(item_filter)
         feedback = [_feedback(entries, window) for (_, entries), window in zip(usable, windows, strict=True)]
+        interests = user_vectors if user_vectors.ndim == 3 else user_vectors[:, None]  # [users, interests, dim]
+        per_user = interests.shape[1]
+        limits = [self.policy.fetch_limit(k, f) for f in feedback]
         with self.metrics.stage("search"):
-            hits = self.store.search_batch(
+            found = self.store.search_batch(
                 self.items_collection,
                 [
                     SearchQuery(
-                        vector=self.policy.query(v, f),
-                        limit=self.policy.fetch_limit(k, f),
-                        exclude_ids=r.window.item_ids,
-                        item_filter=rules,
+                        vector=self.policy.query(v, f), limit=limit, exclude_ids=r.window.item_ids, item_filter=rules
                     )
-                    for (r, _), v, f in zip(usable, user_vectors, feedback, strict=True)
+                    for (r, _), vs, f, limit in zip(usable, interests, feedback, limits, strict=True)
+                    for v in vs
                 ],
             )
+            hits = [merge_interests(found[n * per_user : (n + 1) * per_user], limit) for n, limit in enumerate(limits)]
         with self.metrics.stage("rerank"):
             return self._recommendations(usable, windows, hits, feedback, k)
 

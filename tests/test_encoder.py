@@ -14,7 +14,7 @@ import torch
 
 from encoder.build import catalogue_walks, train_and_export, workload_dataset, workload_histories
 from encoder.config import INTEREST_BUNDLE, ITEM_IDS_FILE, TEXT_BUNDLE, InterestEncoderConfig
-from encoder.data import Dataset, History, leave_one_out
+from encoder.data import Dataset, Example, History, leave_one_out
 from encoder.export import (
     FP16_RELATIVE_TOLERANCE,
     PARITY_TOLERANCE,
@@ -29,7 +29,9 @@ from encoder.runtime import OnnxInterestEncoder, OnnxItemEncoder, OnnxTextEmbedd
 from encoder.train import CatalogueTensors, TrainingResult, rank_examples, train_interest_encoder
 from streams.cli import main
 from streams.errors import ModelError
+from streams.ports import SearchHit
 from streams.records import EVENT_TYPES
+from streams.rerank import merge_interests
 from streams.workload import Workload, WorkloadConfig
 
 TINY = InterestEncoderConfig(
@@ -74,17 +76,20 @@ def test_model_stays_finite_for_fully_padded_rows() -> None:
         assert torch.isfinite(model(*tensors)).all()
 
 
-def test_encoder_is_causal_every_position_sees_only_its_past() -> None:
+@pytest.mark.parametrize("interests", [1, 2])
+def test_encoder_is_causal_every_position_sees_only_its_past(interests: int) -> None:
     """Training scores every position at once; that is only honest if no position sees the future."""
-    model = InterestEncoder(TINY).eval()
+    model = InterestEncoder(dataclasses.replace(TINY, interests=interests)).eval()
     inputs = random_inputs(TINY, batch=1, length=8, seed=1)
     tensors = to_tensors(inputs)
     with torch.no_grad():
-        full = model.hidden_states(*tensors)
+        full = model.interest_states(*tensors)  # [1, 8, K, d]
         for n in range(1, 8):
             prefix = model(*(t[:, :n] for t in tensors))
             # Ages count from the newest event; the encoder reads only their differences.
-            torch.testing.assert_close(prefix, full[:, n - 1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                prefix, full[:, n - 1] if interests > 1 else full[:, n - 1, 0], atol=1e-5, rtol=0
+            )
 
 
 def _clustered_data(seed: int = 0) -> tuple[Dataset, np.ndarray]:
@@ -152,6 +157,64 @@ def test_both_towers_onnx_match_torch(tmp_path: Path, trained: tuple[Dataset, np
         known = tower(torch.tensor([4]), torch.from_numpy(text[[3]])).numpy()
         text_only = tower(torch.tensor([0]), torch.from_numpy(text[[3]])).numpy()
     np.testing.assert_allclose(got, np.concatenate([known, text_only]), atol=PARITY_TOLERANCE, rtol=0)
+
+
+def _two_interest_data(seed: int = 0) -> tuple[Dataset, np.ndarray]:
+    """The 4 clusters of ``_clustered_data``; each user alternates between two of them, walking each in order."""
+    rng = np.random.default_rng(seed)
+    _, text = _clustered_data(seed)
+    histories = {}
+    for user in range(300):
+        first, second = rng.choice(4, size=2, replace=False)
+        start = rng.integers(10, size=2)
+        steps = np.arange(6)
+        walk = np.stack([first * 10 + (start[0] + steps) % 10, second * 10 + (start[1] + steps) % 10], axis=1)
+        histories[str(user)] = History(walk.reshape(-1).astype(np.int64), ["view"] * 12, np.arange(12) * 60_000)
+    items, texts = [f"i{i}" for i in range(40)], [f"t{i}" for i in range(40)]
+    return leave_one_out("two interests", items, histories, texts, True), text
+
+
+def _shown_both(examples: list[Example], users: np.ndarray, item_vectors: np.ndarray) -> int:
+    """How many users' merged lists (``users`` [n, interests, d]) show ≥ 3 items of each cluster they walk."""
+    both = 0
+    for example, vectors in zip(examples, users, strict=True):
+        seen = set(example.history.items.tolist())
+        per_interest = [
+            [SearchHit(str(i), float(scores[i]), {}) for i in np.argsort(-scores) if i not in seen]
+            for scores in vectors @ item_vectors.T
+        ]
+        shown = [int(h.id) // 10 for h in merge_interests(per_interest, 10)]
+        both += all(shown.count(c) >= 3 for c in set((example.history.items // 10).tolist()))
+    return both
+
+
+def test_a_model_of_two_interests_shows_users_both_at_no_cost_in_accuracy(tmp_path: Path) -> None:
+    data, text = _two_interest_data()
+    examples = data.test[:100]
+    results, shown = {}, {}
+    for k in (1, 2):
+        cfg = dataclasses.replace(TINY, interests=k, epochs=40, patience=40)
+        results[k] = train_interest_encoder(data, cfg, text)
+        bundle = tmp_path / f"bundle-{k}"
+        export_interest_encoder(results[k].model, data.item_ids, bundle, {"fingerprint": "t"}, {})
+        users = OnnxInterestEncoder(bundle, provider="cpu")
+        inputs = random_inputs(cfg, 5, 8, seed=5)
+        with torch.no_grad():
+            expected = results[k].model(*to_tensors(inputs)).numpy()
+        got = users.encode_batch(inputs)
+        assert users.interests == k and got.shape == ((5, 2, cfg.d_model) if k == 2 else (5, cfg.d_model))
+        np.testing.assert_allclose(got, expected, atol=PARITY_TOLERANCE, rtol=0)
+        item_vectors = OnnxItemEncoder(bundle, provider="cpu").encode_batch(data.item_ids, text)
+        vocabulary = EventTypeVocabulary(cfg.event_types)
+        windows = [
+            WindowArrays(item_vectors[e.history.items], vocabulary.ids(list(e.history.types)), e.history.ts_ms)
+            for e in examples
+        ]
+        vectors = users.encode_batch(assemble_inputs(windows, cfg.d_model, cfg.max_len))
+        shown[k] = _shown_both(examples, vectors if k == 2 else vectors[:, None], item_vectors)
+    # Seen: HR@10 0.57 with two interests, 0.55 with one vector; 31 of 100 users shown both clusters, 0.
+    assert results[2].metrics["val_hr@10"] >= results[1].metrics["val_hr@10"] - 0.03, results
+    assert shown[2] >= 15 and shown[1] <= 2, shown
 
 
 def test_float16_user_tower_matches_float32_and_is_chosen_only_where_it_pays(

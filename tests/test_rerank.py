@@ -7,7 +7,7 @@ import pytest
 
 from streams.ports import ItemFilter, SearchHit
 from streams.recommend import reason_for
-from streams.rerank import Feedback, RerankPolicy, rerank
+from streams.rerank import Feedback, RerankPolicy, merge_interests, rerank
 from streams.state import WindowEntry
 
 NOW = 1_000_000_000_000
@@ -136,3 +136,16 @@ def test_a_reason_never_names_a_rejection_while_the_window_holds_anything_else()
     assert reason_for(None, window, entries) == "because you viewed lamp"
     only_returns = [WindowEntry(1, "e1", "sofa", "return")]
     assert reason_for(np.array([0.0, 1.0]), window[1:], only_returns) == "because you returned sofa"
+
+
+def test_interests_merge_by_each_candidates_closest_interest_without_repeats() -> None:
+    def hits(*pairs: tuple[str, float]) -> list[SearchHit]:
+        return [SearchHit(i, s, {}) for i, s in pairs]
+
+    music = hits(("m1", 0.9), ("shared", 0.5), ("m2", 0.7), ("m3", 0.2))
+    games = hits(("g1", 0.95), ("shared", 0.8), ("g2", 0.4))
+    merged = merge_interests([music, games], 5)
+    assert [h.id for h in merged] == ["g1", "m1", "shared", "m2", "g2"]  # "shared" once, at its better score
+    assert merged[2].score == 0.8
+    assert [h.id for h in merge_interests([music], 2)] == ["m1", "m2"]
+    assert [h.id for h in merge_interests([music, []], 9)] == ["m1", "m2", "shared", "m3"]
