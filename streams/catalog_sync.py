@@ -12,23 +12,18 @@ which is compacted and so holds the latest version of every item:
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
 
-from streams.errors import BrokerError, InvalidRecord
+from streams.errors import InvalidRecord
+from streams.kafka_io import TopicRecord, end_offsets, read_until
 from streams.ports import ItemEncoderRuntime, TextEmbedder, VectorPoint, VectorStore
 from streams.records import Item, Limits, decode_item
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
-ConsumerRecord = Any  # kafka-python exports no type for its records
 
 READ_CHUNK = 512
 
@@ -69,9 +64,7 @@ class ItemEmbedder:
 
 def catalogue_ends(settings: Settings) -> dict[int, int]:
     """The catalogue topic's end offset per partition (empty when the topic does not exist yet)."""
-    with _consumer(settings) as consumer:
-        partitions = _partitions(consumer, settings.items_topic)
-        return {tp.partition: offset for tp, offset in consumer.end_offsets(partitions).items()} if partitions else {}
+    return end_offsets(settings, settings.items_topic)
 
 
 def read_catalog(
@@ -81,29 +74,10 @@ def read_catalog(
 
     Records that do not decode are left out: the catalogue agent dead-lettered them when they arrived.
     """
-    remaining = {p: end for p, end in until.items() if end > 0}
-    if not remaining:
-        return
-    with _consumer(settings) as consumer:
-        partitions = [TopicPartition(settings.items_topic, p) for p in remaining]
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
-        deadline = time.monotonic() + timeout_s
-        while remaining:
-            if time.monotonic() > deadline:
-                raise BrokerError(f"reading the catalogue topic {settings.items_topic!r} took over {timeout_s:.0f} s")
-            batches = consumer.poll(timeout_ms=500, max_records=READ_CHUNK)
-            changes = [
-                change
-                for tp, records in batches.items()
-                for record in records
-                if record.offset < until[tp.partition] and (change := _change(tp.partition, record, limits)) is not None
-            ]
-            for tp in partitions:
-                if tp.partition in remaining and consumer.position(tp) >= remaining[tp.partition]:
-                    del remaining[tp.partition]
-            if changes:
-                yield changes
+    for records in read_until(settings, settings.items_topic, until, timeout_s, READ_CHUNK):
+        changes = [change for record in records if (change := _change(record, limits)) is not None]
+        if changes:
+            yield changes
 
 
 def latest(changes: Sequence[CatalogChange]) -> dict[str, CatalogChange]:
@@ -138,40 +112,11 @@ def fill_missing(
     return embedded
 
 
-def _change(partition: int, record: ConsumerRecord, limits: Limits) -> CatalogChange | None:
+def _change(record: TopicRecord, limits: Limits) -> CatalogChange | None:
     try:
         if record.value is None:
-            return CatalogChange(partition, record.offset, record.key.decode("utf-8"), None) if record.key else None
+            return CatalogChange(record.partition, record.offset, record.key.decode(), None) if record.key else None
         item = decode_item(record.value, record.key, limits)
     except (InvalidRecord, UnicodeDecodeError):
         return None
-    return CatalogChange(partition, record.offset, item.item_id, item)
-
-
-@contextmanager
-def _consumer(settings: Settings) -> Iterator[KafkaConsumer]:
-    """A plain consumer of the settings' cluster, closed on exit (no group: nothing is committed)."""
-    try:
-        consumer = KafkaConsumer(
-            **settings.kafka_options(),
-            client_id="rtrec-catalog-sync",
-            group_id=None,
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-        )
-    except KafkaError as exc:
-        raise BrokerError(f"cannot connect a consumer to {settings.bootstrap_servers}: {exc}") from None
-    try:
-        yield consumer
-    finally:
-        consumer.close()
-
-
-def _partitions(consumer: KafkaConsumer, topic: str, wait_s: float = 2.0) -> list[TopicPartition]:
-    """The topic's partitions; none if it does not exist (metadata can take a moment to arrive)."""
-    deadline = time.monotonic() + wait_s
-    ids = consumer.partitions_for_topic(topic)
-    while not ids and time.monotonic() < deadline:
-        time.sleep(0.1)
-        ids = consumer.partitions_for_topic(topic)
-    return [TopicPartition(topic, p) for p in sorted(ids or ())]
+    return CatalogChange(record.partition, record.offset, item.item_id, item)

@@ -226,10 +226,27 @@ def _load_data(args: argparse.Namespace) -> Dataset:
     return load_dataset(args.data, args.format, args.item_text)
 
 
+def _train_from_topics(settings: Settings, args: argparse.Namespace) -> int:
+    from encoder.build import ensure_log_encoder
+    from infra.kafka_local import local_broker_for
+    from streams.topic_log import read_topic_log
+
+    with local_broker_for(settings, _say):
+        _say(f"reading {settings.items_topic} and {settings.events_topic} from their start…")
+        topics = read_topic_log(settings, _say)
+    left_out = ", ".join(f"{n:,} {why}" for why, n in topics.counts.items() if why != "kept") or "none"
+    _say(f"{topics.counts['kept']:,} events of {len(topics.log.histories):,} users kept; left out: {left_out}")
+    bundle = ensure_log_encoder(settings.models_path, topics.log, _model_overrides(args), _say)
+    print(f"interest encoder bundle: {bundle}")
+    return 0
+
+
 def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
     from encoder.build import ensure_interest_encoder, ensure_text_encoder, fingerprint, train_and_export
     from encoder.runtime import OnnxTextEmbedder
 
+    if args.from_topics:
+        return _train_from_topics(settings, args)
     if args.data is None:
         from streams.workload import WorkloadConfig
 
@@ -419,6 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train + export the interest encoder: on the generated workload (the stream's model), or on --data",
     )
     _add_data_flags(train, required=False)
+    train.add_argument(
+        "--from-topics",
+        action="store_true",
+        help="train the stream's model on a replay of the pipeline's own catalogue and events topics "
+        "(into MODELS_DIR/interest-encoder; forgotten users' events are left out)",
+    )
     train.add_argument("--out", type=Path, help="bundle folder for --data (default: MODELS_DIR/interest-encoder-NAME)")
     train.add_argument("--no-text", action="store_true", help="ignore item text: an id-only model")
     train.add_argument("--no-ids", action="store_true", help="no id embeddings: a text-only model")

@@ -4,7 +4,9 @@ catalogue changes, readers of the output topics, and consumer-lag checks."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
@@ -116,3 +118,71 @@ def group_lag(settings: Settings, group_id: str, topic: str) -> int:
         return sum(ends[tp] - (consumer.committed(tp) or 0) for tp in partitions)
     finally:
         consumer.close(autocommit=False)
+
+
+@dataclass(frozen=True)
+class TopicRecord:
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@contextmanager
+def plain_consumer(settings: Settings) -> Iterator[KafkaConsumer]:
+    """A consumer in no group (nothing is committed), closed on exit."""
+    try:
+        consumer = KafkaConsumer(
+            **settings.kafka_options(),
+            client_id="rtrec-topic-reader",
+            group_id=None,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+        )
+    except KafkaError as exc:
+        raise BrokerError(f"cannot connect a consumer to {settings.bootstrap_servers}: {exc}") from None
+    try:
+        yield consumer
+    finally:
+        consumer.close()
+
+
+def end_offsets(settings: Settings, topic: str, wait_s: float = 2.0) -> dict[int, int]:
+    """The topic's end offset per partition; empty when it does not exist (metadata can take a moment)."""
+    with plain_consumer(settings) as consumer:
+        deadline = time.monotonic() + wait_s
+        ids = consumer.partitions_for_topic(topic)
+        while not ids and time.monotonic() < deadline:
+            time.sleep(0.1)
+            ids = consumer.partitions_for_topic(topic)
+        partitions = [TopicPartition(topic, p) for p in sorted(ids or ())]
+        return {tp.partition: offset for tp, offset in consumer.end_offsets(partitions).items()} if partitions else {}
+
+
+def read_until(
+    settings: Settings, topic: str, until: Mapping[int, int], timeout_s: float = 600.0, chunk: int = 2048
+) -> Iterator[list[TopicRecord]]:
+    """The topic from its start up to ``until`` (end offsets per partition), in chunks, in order per partition."""
+    remaining = {p: end for p, end in until.items() if end > 0}
+    if not remaining:
+        return
+    with plain_consumer(settings) as consumer:
+        partitions = [TopicPartition(topic, p) for p in remaining]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        deadline = time.monotonic() + timeout_s
+        while remaining:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"reading the topic {topic!r} took over {timeout_s:.0f} s")
+            batches = consumer.poll(timeout_ms=500, max_records=chunk)
+            records = [
+                TopicRecord(tp.partition, r.offset, r.key, r.value)
+                for tp, polled in batches.items()
+                for r in polled
+                if r.offset < until[tp.partition]
+            ]
+            for tp in partitions:
+                if tp.partition in remaining and consumer.position(tp) >= remaining[tp.partition]:
+                    del remaining[tp.partition]
+            if records:
+                yield records
