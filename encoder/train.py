@@ -199,7 +199,11 @@ def train_epoch(
             catalogue.inputs(model, batch.items, cfg.id_dropout), batch.types, batch.ages_s, batch.mask
         )
         item_vectors = catalogue.all_items(model)
-        loss = next_item_loss(*routed(states, targets, item_vectors), item_vectors, cfg)
+        # The current state learns every target; standing interests, each the targets closest to it. Routing
+        # among all of them let the current state win nearly every target, and the others learnt nothing.
+        loss = next_item_loss(*routed(states[:, :, :1], targets, item_vectors), item_vectors, cfg)
+        if states.shape[2] > 1:
+            loss = loss + next_item_loss(*routed(states[:, :, 1:], targets, item_vectors), item_vectors, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -197,6 +197,8 @@ class WorkloadConfig:
     n_users: int = 200
     n_categories: int = len(CATEGORIES)
     drift_prob: float = 0.05  # chance per event that a user's interest switches category
+    # Chance per event that it comes from the user's second, standing interest instead (0: users of one interest).
+    second_interest_prob: float = 0.0
     popularity_skew: float = 1.1  # Zipf exponent of item popularity within a category
     mean_gap_s: float = 60.0  # mean time between one user's events in generated histories
     start_ms: int = 1_700_000_000_000
@@ -207,8 +209,9 @@ class WorkloadConfig:
             raise ValueError(f"n_categories must be in 1..{len(CATEGORIES)}")
         if self.n_items < self.n_categories:
             raise ValueError("need at least one item per category")
-        if not 0.0 <= self.drift_prob <= 1.0:
-            raise ValueError("drift_prob must be a probability")
+        for name in ("drift_prob", "second_interest_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a probability")
 
 
 @dataclass
@@ -223,6 +226,7 @@ class _UserState:
     interest: str
     ts_ms: int
     rng: random.Random = field(repr=False)
+    second: str | None = None  # a standing interest some of the user's events come from
 
 
 class Workload:
@@ -276,7 +280,10 @@ class Workload:
 
     def _new_user(self, index: int) -> _UserState:
         rng = random.Random(f"{self.config.seed}:{index}")
-        return _UserState(self.user_id(index), rng.choice(self.categories), self.config.start_ms, rng)
+        user = _UserState(self.user_id(index), rng.choice(self.categories), self.config.start_ms, rng)
+        if self.config.second_interest_prob > 0 and len(self.categories) > 1:  # no draw otherwise: same users as before
+            user.second = rng.choice([c for c in self.categories if c != user.interest])
+        return user
 
     def _next_event(self, user: _UserState, ts_ms: int, interest: str | None = None) -> GeneratedEvent:
         rng = user.rng
@@ -284,7 +291,10 @@ class Workload:
             user.interest = interest
         elif rng.random() < self.config.drift_prob and len(self.categories) > 1:
             user.interest = rng.choice([c for c in self.categories if c != user.interest])
-        item_id = rng.choices(self._by_category[user.interest], weights=self._weights[user.interest])[0]
+        category = user.interest
+        if user.second is not None and interest is None and rng.random() < self.config.second_interest_prob:
+            category = user.second
+        item_id = rng.choices(self._by_category[category], weights=self._weights[category])[0]
         event_type = rng.choices(list(EVENT_TYPE_WEIGHTS), weights=list(EVENT_TYPE_WEIGHTS.values()))[0]
         event = Event(
             event_id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
@@ -293,7 +303,7 @@ class Workload:
             type=event_type,
             ts=ts_ms,
         )
-        return GeneratedEvent(event, user.interest)
+        return GeneratedEvent(event, category)
 
     def histories(self, n_users: int, events_per_user: int, first_user: int = 0) -> list[list[GeneratedEvent]]:
         """Whole per-user histories in event time (training data): gaps are exponential."""

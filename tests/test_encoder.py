@@ -188,7 +188,7 @@ def _shown_both(examples: list[Example], users: np.ndarray, item_vectors: np.nda
     return both
 
 
-def test_a_model_of_two_interests_shows_users_both_at_no_cost_in_accuracy(tmp_path: Path) -> None:
+def test_a_model_of_two_interests_predicts_better_and_shows_users_both(tmp_path: Path) -> None:
     data, text = _two_interest_data()
     examples = data.test[:100]
     results, shown = {}, {}
@@ -212,8 +212,8 @@ def test_a_model_of_two_interests_shows_users_both_at_no_cost_in_accuracy(tmp_pa
         ]
         vectors = users.encode_batch(assemble_inputs(windows, cfg.d_model, cfg.max_len))
         shown[k] = _shown_both(examples, vectors if k == 2 else vectors[:, None], item_vectors)
-    # Seen: HR@10 0.57 with two interests, 0.55 with one vector; 31 of 100 users shown both clusters, 0.
-    assert results[2].metrics["val_hr@10"] >= results[1].metrics["val_hr@10"] - 0.03, results
+    # Seen: HR@10 0.90 with two interests, 0.55 with one vector; 33 of 100 users shown both clusters, 0.
+    assert results[2].metrics["val_hr@10"] >= results[1].metrics["val_hr@10"] + 0.2, results
     assert shown[2] >= 15 and shown[1] <= 2, shown
 
 

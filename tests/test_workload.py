@@ -34,3 +34,13 @@ def test_live_stream_is_stamped_by_the_clock_and_scripted_users_switch_on_cue() 
     assert len({g.event.event_id for g in stream}) == 200
     scripted = workload.scripted_user(9, [("kitchen", 3), ("gaming", 2)], clock=lambda: 5)
     assert [workload.category_of[g.event.item_id] for g in scripted] == ["kitchen"] * 3 + ["gaming"] * 2
+
+
+def test_users_of_a_second_standing_interest_draw_that_share_of_their_events_from_it() -> None:
+    plain = Workload(WorkloadConfig(seed=3)).histories(20, 30)
+    assert Workload(WorkloadConfig(seed=3, second_interest_prob=0.0)).histories(20, 30) == plain  # same users
+    mixed = Workload(WorkloadConfig(seed=3, drift_prob=0.0, second_interest_prob=0.3)).histories(200, 30)
+    kinds = [{g.interest for g in history} for history in mixed]
+    assert all(len(k) <= 2 for k in kinds) and sum(len(k) == 2 for k in kinds) > 180
+    share = [min(sum(g.interest == c for g in h) for c in {g.interest for g in h}) / 30 for h in mixed]
+    assert 0.25 < sum(share) / len(share) < 0.35
