@@ -114,9 +114,7 @@ def build_app(settings: Settings, components: Components) -> faust.App:
     fill_missing(settings, store, items_collection, ItemEmbedder(components.text_embedder, components.item_encoder))
     limits = settings.limits()
     pseudonyms = Pseudonyms(settings.pseudonymize_key)
-    item_cache = ItemVectorCache(
-        store, items_collection, capacity=settings.item_cache_size, ttl_s=settings.item_cache_ttl_s
-    )
+    item_cache = ItemVectorCache.sized_by(settings, store, items_collection)
     recommender = Recommender(
         components.interest_encoder,
         store,
@@ -131,7 +129,7 @@ def build_app(settings: Settings, components: Components) -> faust.App:
     )
     events = EventBatchProcessor(
         recommender,
-        WindowLimits(settings.window_size, settings.window_horizon_s * 1000, settings.dedup_capacity),
+        WindowLimits.of(settings),
         limits,
         components.clock,
         control_topic=settings.control_topic,

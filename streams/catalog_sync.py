@@ -34,8 +34,6 @@ def items_collection_name(base: str, item_encoder: ItemEncoderRuntime) -> str:
 
 @dataclass(frozen=True)
 class CatalogChange:
-    partition: int
-    offset: int
     item_id: str
     item: Item | None  # None: the item was deleted
 
@@ -68,12 +66,13 @@ def catalogue_ends(settings: Settings) -> dict[int, int]:
 
 
 def read_catalog(
-    settings: Settings, until: Mapping[int, int], limits: Limits, timeout_s: float = 300.0
+    settings: Settings, until: Mapping[int, int], timeout_s: float = 300.0
 ) -> Iterator[list[CatalogChange]]:
     """The catalogue topic from its start up to ``until`` (end offsets), in chunks, in topic order per partition.
 
     Records that do not decode are left out: the catalogue agent dead-lettered them when they arrived.
     """
+    limits = settings.limits()
     for records in read_until(settings, settings.items_topic, until, timeout_s, READ_CHUNK):
         changes = [change for record in records if (change := _change(record, limits)) is not None]
         if changes:
@@ -98,7 +97,7 @@ def fill_missing(
     """
     ends = catalogue_ends(settings)
     embedded = 0
-    for changes in read_catalog(settings, ends, settings.limits()):
+    for changes in read_catalog(settings, ends):
         newest = latest(changes)
         store.delete(collection, [i for i, c in newest.items() if c.item is None])
         present = store.fetch_vectors(collection, [i for i, c in newest.items() if c.item is not None])
@@ -115,8 +114,8 @@ def fill_missing(
 def _change(record: TopicRecord, limits: Limits) -> CatalogChange | None:
     try:
         if record.value is None:
-            return CatalogChange(record.partition, record.offset, record.key.decode(), None) if record.key else None
+            return CatalogChange(record.key.decode(), None) if record.key else None
         item = decode_item(record.value, record.key, limits)
     except (InvalidRecord, UnicodeDecodeError):
         return None
-    return CatalogChange(record.partition, record.offset, item.item_id, item)
+    return CatalogChange(item.item_id, item)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from streams.ports import VectorStore
+from streams.settings import Settings
 
 
 class ItemVectorCache:
@@ -37,6 +38,11 @@ class ItemVectorCache:
         self.clock = clock
         self._entries: OrderedDict[str, tuple[np.ndarray, float]] = OrderedDict()
         self._lock = threading.Lock()  # the event and catalogue threads both write
+
+    @classmethod
+    def sized_by(cls, settings: Settings, store: VectorStore, collection: str) -> ItemVectorCache:
+        """The cache a worker keeps in front of ``collection``, bounded as the settings say."""
+        return cls(store, collection, capacity=settings.item_cache_size, ttl_s=settings.item_cache_ttl_s)
 
     def get(self, item_ids: Sequence[str]) -> dict[str, np.ndarray]:
         """Vectors of the ids the catalogue holds; unknown (or deleted) ids are absent."""

@@ -122,25 +122,14 @@ def group_lag(settings: Settings, group_id: str, topic: str) -> int:
 
 @dataclass(frozen=True)
 class TopicRecord:
-    partition: int
-    offset: int
     key: bytes | None
     value: bytes | None
 
 
 @contextmanager
 def plain_consumer(settings: Settings) -> Iterator[KafkaConsumer]:
-    """A consumer in no group (nothing is committed), closed on exit."""
-    try:
-        consumer = KafkaConsumer(
-            **settings.kafka_options(),
-            client_id="rtrec-topic-reader",
-            group_id=None,
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-        )
-    except KafkaError as exc:
-        raise BrokerError(f"cannot connect a consumer to {settings.bootstrap_servers}: {exc}") from None
+    """A ``make_consumer`` of no topic yet, closed on exit."""
+    consumer = make_consumer(settings, [])
     try:
         yield consumer
     finally:
@@ -150,13 +139,11 @@ def plain_consumer(settings: Settings) -> Iterator[KafkaConsumer]:
 def end_offsets(settings: Settings, topic: str, wait_s: float = 2.0) -> dict[int, int]:
     """The topic's end offset per partition; empty when it does not exist (metadata can take a moment)."""
     with plain_consumer(settings) as consumer:
-        deadline = time.monotonic() + wait_s
-        ids = consumer.partitions_for_topic(topic)
-        while not ids and time.monotonic() < deadline:
-            time.sleep(0.1)
-            ids = consumer.partitions_for_topic(topic)
-        partitions = [TopicPartition(topic, p) for p in sorted(ids or ())]
-        return {tp.partition: offset for tp, offset in consumer.end_offsets(partitions).items()} if partitions else {}
+        try:
+            partitions = [TopicPartition(topic, p) for p in sorted(topic_partitions(consumer, topic, wait_s))]
+        except BrokerError:
+            return {}
+        return {tp.partition: offset for tp, offset in consumer.end_offsets(partitions).items()}
 
 
 def read_until(
@@ -176,7 +163,7 @@ def read_until(
                 raise BrokerError(f"reading the topic {topic!r} took over {timeout_s:.0f} s")
             batches = consumer.poll(timeout_ms=500, max_records=chunk)
             records = [
-                TopicRecord(tp.partition, r.offset, r.key, r.value)
+                TopicRecord(r.key, r.value)
                 for tp, polled in batches.items()
                 for r in polled
                 if r.offset < until[tp.partition]

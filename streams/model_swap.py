@@ -143,7 +143,7 @@ class ModelSwapper:
             if self._owns_store:
                 self.store.drop_collection(old.collection)
         self.metrics.model.clear()
-        self.metrics.model.labels(interest.version, getattr(interest, "provider", "")).set(1)
+        self.metrics.model.labels(interest.version, interest.provider).set(1)
         self.info.update(served_model_info(interest, items))
         log.info("now serving model %s", interest.version)
 
@@ -153,20 +153,19 @@ class ModelSwapper:
         if self._owns_store:
             self.store.drop_collection(collection)  # what a failed earlier fill left is no base to build on
         self.store.ensure_collection(collection, items.dim)
-        cache = ItemVectorCache(
-            self.store, collection, capacity=settings.item_cache_size, ttl_s=settings.item_cache_ttl_s
+        target = ItemTarget(
+            ItemEmbedder(self.text_embedder, items),
+            collection,
+            ItemVectorCache.sized_by(settings, self.store, collection),
         )
-        target = ItemTarget(ItemEmbedder(self.text_embedder, items), collection, cache)
         ends = self.catalog_worker.submit(self.catalog.begin_migration, target, lambda: catalogue_ends(settings))
         try:
             filled = 0
-            for changes in read_catalog(settings, ends.result(), settings.limits()):
+            for changes in read_catalog(settings, ends.result()):
                 newest = latest(changes)
-                placeable = [
-                    c.item for c in newest.values() if c.item is not None and target.embedder.can_place(c.item)
-                ]
-                points = {p.id: p for p in target.embedder.points(placeable)}
-                chunk = {i: (c.item, points.get(i)) for i, c in newest.items() if c.item is None or i in points}
+                upserts = [c.item for c in newest.values() if c.item is not None]
+                points = {p.id: p for p in target.embedder.points(upserts)}  # the items the tower can place
+                chunk = {i: points.get(i) for i, c in newest.items() if c.item is None or i in points}
                 self.catalog_worker.submit(self.catalog.backfill, chunk).result()
                 filled += len(points)
                 log.info("model swap: %d items embedded into %s", filled, collection)

@@ -30,6 +30,7 @@ from streams.records import (
     decode_event,
     decode_item,
 )
+from streams.settings import Settings
 from streams.state import AddOutcome, UserWindow
 from streams.trending import Trending
 
@@ -50,6 +51,10 @@ class WindowLimits:
     max_events: int
     horizon_ms: int
     dedup_capacity: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> WindowLimits:
+        return cls(settings.window_size, settings.window_horizon_s * 1000, settings.dedup_capacity)
 
     def new_window(self) -> UserWindow:
         return UserWindow(self.max_events, self.horizon_ms, self.dedup_capacity)
@@ -339,13 +344,14 @@ class CatalogBatchProcessor:
         self.migration = Migration(target, ends())
         return dict(self.migration.ends)
 
-    def backfill(self, changes: Mapping[str, tuple[Item | None, VectorPoint | None]]) -> None:
-        """Write a chunk of the fill (the newest change per item, embedded) except the settled items."""
+    def backfill(self, changes: Mapping[str, VectorPoint | None]) -> None:
+        """Write a chunk of the fill (the newest change per item: its point, or None for a deletion)
+        except the settled items."""
         assert self.migration is not None, "no migration under way"
         migration = self.migration
-        fresh = {i: c for i, c in changes.items() if i not in migration.settled}
-        points = [point for _, point in fresh.values() if point is not None]
-        deleted = [i for i, (item, _) in fresh.items() if item is None]
+        fresh = {i: point for i, point in changes.items() if i not in migration.settled}
+        points = [point for point in fresh.values() if point is not None]
+        deleted = [i for i, point in fresh.items() if point is None]
         self.store.upsert(migration.target.collection, points)
         self.store.delete(migration.target.collection, deleted)
 

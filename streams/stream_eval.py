@@ -270,7 +270,7 @@ def _run(settings: Settings, log: EventLog, options: StreamEvalOptions, say: Cal
     for s in scored:
         s.sent_ms = sent[s.position]
     say("ranking the same events offline…")
-    windows = WindowLimits(live.window_size, live.window_horizon_s * 1000, live.dedup_capacity)
+    windows = WindowLimits.of(live)
     model_lists, popular_lists = offline_lists(
         bundle, models, log, events, event_ids, {s.position for s in scored}, windows, say
     )

@@ -34,7 +34,7 @@ class TopicLog:
 def read_topic_log(settings: Settings, progress: Callable[[str], None] = lambda _msg: None) -> TopicLog:
     limits = settings.limits()
     texts: dict[str, str] = {}
-    for changes in read_catalog(settings, catalogue_ends(settings), limits):
+    for changes in read_catalog(settings, catalogue_ends(settings)):
         for change in changes:
             if change.item is None:
                 texts.pop(change.item_id, None)
@@ -46,8 +46,12 @@ def read_topic_log(settings: Settings, progress: Callable[[str], None] = lambda 
     forgotten = _forgotten(settings)
     counts: Counter[str] = Counter()
     events: dict[str, dict[str, tuple[int, str, int, str]]] = defaultdict(dict)  # user → event id → event
+    read = 0
     for records in read_until(settings, settings.events_topic, end_offsets(settings, settings.events_topic)):
         for record in records:
+            read += 1
+            if read % PROGRESS_EVERY == 0:
+                progress(f"  read {read:,} events from {settings.events_topic}")
             try:
                 event = decode_event(record.value, record.key, limits)
             except InvalidRecord:
@@ -62,9 +66,6 @@ def read_topic_log(settings: Settings, progress: Callable[[str], None] = lambda 
             else:
                 events[event.user_id][event.event_id] = (event.ts, event.event_id, row[event.item_id], event.type)
                 counts["kept"] += 1
-            read = sum(counts.values())
-            if read % PROGRESS_EVERY == 0:
-                progress(f"  read {read:,} events from {settings.events_topic}")
     if not counts["kept"]:
         raise DataError(f"the events topic {settings.events_topic!r} holds no event to learn from ({dict(counts)})")
     histories = {}

@@ -57,7 +57,7 @@ def test_a_fill_never_overwrites_a_change_the_agent_wrote_from_past_its_end_offs
 
     catalog.process([_message(renamed, 7)])  # the agent, already past the fill's end offset
     (old_version,) = embedder.points([lamp])
-    catalog.backfill({lamp.item_id: (lamp, old_version)})  # the fill, reading offset 2, comes later
+    catalog.backfill({lamp.item_id: old_version})  # the fill, reading offset 2, comes later
     kept = store.fetch_vectors("new", [lamp.item_id])[lamp.item_id]
     np.testing.assert_allclose(kept, embedder.vectors([renamed])[0], rtol=1e-5)
     assert catalog.finish_migration().collection == "old" and catalog.items_collection == "new"
