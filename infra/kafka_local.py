@@ -93,6 +93,8 @@ class LocalKafkaConfig:
     heap: str = "768m"
     # Extra server.properties lines (e.g. a SASL listener for security tests).
     extra_properties: tuple[str, ...] = ()
+    # Extra `kafka-storage format` arguments: KRaft takes SCRAM credentials there (--add-scram).
+    format_arguments: tuple[str, ...] = ()
 
     @property
     def bootstrap(self) -> str:
@@ -222,6 +224,7 @@ class LocalKafka:
                 cluster_id,
                 "-c",
                 str(properties),
+                *self.config.format_arguments,
             ],
             capture_output=True,
             text=True,

@@ -1,17 +1,21 @@
-"""Kafka with SASL (every client authenticates, the password never shows), and pseudonymised state.
+"""Kafka with SASL and TLS (every client authenticates, the password never shows), and pseudonymised state.
 
-A second local broker whose only client listener is SASL_PLAINTEXT with the PLAIN
-mechanism (the broker itself authenticates on it too). The topic bootstrap (admin
+A second local broker with two client listeners: SASL_PLAINTEXT with the PLAIN
+mechanism (the broker itself authenticates on it too), and SASL_SSL with
+SCRAM-SHA-512 behind a certificate of a throw-away CA. The topic bootstrap (admin
 client), the producers, the readers and the Faust worker all connect with the same
-settings; a wrong password is one clear error line that does not repeat it.
+settings; a wrong password, or a CA that did not sign the broker's certificate, is
+one clear error line that does not repeat the password.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import tempfile
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,49 +37,98 @@ pytestmark = pytest.mark.integration
 PASSWORD = "s3cret-pw-for-rtrec"
 
 
-def _sasl_properties(port: int, controller_port: int) -> tuple[str, ...]:
+def _tls_material(folder: Path) -> tuple[Path, Path]:
+    """A throw-away CA (its certificate for the clients) and the broker's key and certificate for
+    127.0.0.1 signed by it, in one PEM file as Kafka's PEM keystore reads it."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    ca_extensions = ("-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=rtrec test CA", *ca_extensions)  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "broker.key", "-out", "broker.csr",
+            "-subj", "/CN=127.0.0.1")  # fmt: skip
+    (folder / "broker.ext").write_text(
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
+    )
+    openssl("x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "broker.pem", "-days", "2", "-extfile", "broker.ext")  # fmt: skip
+    keystore = folder / "broker-keystore.pem"
+    keystore.write_text("".join((folder / name).read_text() for name in ("broker.key", "broker.pem", "ca.pem")))
+    return folder / "ca.pem", keystore
+
+
+def _sasl_properties(ports: SecurityPorts, keystore: Path) -> tuple[str, ...]:
+    """SASL_PLAINTEXT with PLAIN (also the broker's own listener), and SASL_SSL with SCRAM-SHA-512."""
     jaas = (
         "org.apache.kafka.common.security.plain.PlainLoginModule required "
         'username="broker" password="broker-pw" user_broker="broker-pw" '
         f'user_rtrec="{PASSWORD}";'
     )
     return (
-        f"listeners=SASL_PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-        f"advertised.listeners=SASL_PLAINTEXT://127.0.0.1:{port}",
+        f"listeners=SASL_PLAINTEXT://127.0.0.1:{ports.plain},SASL_SSL://127.0.0.1:{ports.scram_tls},"
+        f"CONTROLLER://127.0.0.1:{ports.controller}",
+        f"advertised.listeners=SASL_PLAINTEXT://127.0.0.1:{ports.plain},SASL_SSL://127.0.0.1:{ports.scram_tls}",
         "inter.broker.listener.name=SASL_PLAINTEXT",
-        "listener.security.protocol.map=CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT",
-        "sasl.enabled.mechanisms=PLAIN",
+        "listener.security.protocol.map=CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SASL_SSL:SASL_SSL",
         "sasl.mechanism.inter.broker.protocol=PLAIN",
+        "listener.name.sasl_plaintext.sasl.enabled.mechanisms=PLAIN",
         f"listener.name.sasl_plaintext.plain.sasl.jaas.config={jaas}",
+        "listener.name.sasl_ssl.sasl.enabled.mechanisms=SCRAM-SHA-512",
+        "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config="
+        "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+        "listener.name.sasl_ssl.ssl.keystore.type=PEM",
+        f"listener.name.sasl_ssl.ssl.keystore.location={keystore}",
     )
 
 
+@dataclass(frozen=True)
+class SecurityPorts:
+    plain: int
+    scram_tls: int
+    controller: int
+
+
+@dataclass(frozen=True)
+class SecureBroker:
+    broker: LocalKafka
+    ports: SecurityPorts
+    ca_file: Path
+
+    @property
+    def plain_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.ports.plain}"
+
+    @property
+    def scram_tls_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.ports.scram_tls}"
+
+
 @pytest.fixture(scope="module")
-def sasl_kafka() -> Iterator[LocalKafka]:
-    port, controller_port = free_port(), free_port()
+def sasl_kafka() -> Iterator[SecureBroker]:
+    data = Path(tempfile.mkdtemp(prefix="rtrec-kafka-sasl-"))
+    ports = SecurityPorts(free_port(), free_port(), free_port())
+    ca_file, keystore = _tls_material(Path(tempfile.mkdtemp(prefix="rtrec-tls-")))
     config = LocalKafkaConfig(
-        data_dir=Path(tempfile.mkdtemp(prefix="rtrec-kafka-sasl-")),
-        port=port,
-        controller_port=controller_port,
-        extra_properties=_sasl_properties(port, controller_port),
+        data_dir=data,
+        port=ports.plain,
+        controller_port=ports.controller,
+        extra_properties=_sasl_properties(ports, keystore),
+        # KRaft takes SCRAM credentials when the storage is formatted.
+        format_arguments=("--add-scram", f"SCRAM-SHA-512=[name=rtrec,password={PASSWORD}]"),
     )
     broker = LocalKafka(config)
     broker.start()
     try:
-        yield broker
+        yield SecureBroker(broker, ports, ca_file)
     finally:
         broker.stop()
 
 
-def test_every_client_authenticates_with_sasl(sasl_kafka: LocalKafka, models_dir: Path, tmp_path: Path) -> None:
-    pipeline = Pipeline(
-        sasl_kafka.config.bootstrap,
-        models_dir,
-        tmp_path,
-        kafka_security_protocol="SASL_PLAINTEXT",
-        kafka_sasl_username="rtrec",
-        kafka_sasl_password=Secret(PASSWORD),
-    )
+def _run_securely(pipeline: Pipeline) -> None:
+    """Topics by the admin client, the catalogue and events by producers, lists read back: every client."""
     try:
         pipeline.start()  # the admin client creates the topics; the worker joins its group
         pipeline.publish_catalog()
@@ -89,10 +142,38 @@ def test_every_client_authenticates_with_sasl(sasl_kafka: LocalKafka, models_dir
         pipeline.stop()
 
 
+def test_every_client_authenticates_with_sasl(sasl_kafka: SecureBroker, models_dir: Path, tmp_path: Path) -> None:
+    _run_securely(
+        Pipeline(
+            sasl_kafka.plain_bootstrap,
+            models_dir,
+            tmp_path,
+            kafka_security_protocol="SASL_PLAINTEXT",
+            kafka_sasl_username="rtrec",
+            kafka_sasl_password=Secret(PASSWORD),
+        )
+    )
+
+
+def test_every_client_speaks_tls_with_scram(sasl_kafka: SecureBroker, models_dir: Path, tmp_path: Path) -> None:
+    _run_securely(
+        Pipeline(
+            sasl_kafka.scram_tls_bootstrap,
+            models_dir,
+            tmp_path,
+            kafka_security_protocol="SASL_SSL",
+            kafka_sasl_mechanism="SCRAM-SHA-512",
+            kafka_sasl_username="rtrec",
+            kafka_sasl_password=Secret(PASSWORD),
+            kafka_ssl_cafile=str(sasl_kafka.ca_file),
+        )
+    )
+
+
 def test_a_wrong_password_is_one_line_without_the_password(
-    sasl_kafka: LocalKafka, capsys: pytest.CaptureFixture[str]
+    sasl_kafka: SecureBroker, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    flags = ["--kafka-bootstrap", sasl_kafka.config.bootstrap, "--kafka-security-protocol", "SASL_PLAINTEXT"]
+    flags = ["--kafka-bootstrap", sasl_kafka.plain_bootstrap, "--kafka-security-protocol", "SASL_PLAINTEXT"]
     wrong = "not-the-password-42"
     assert main([*flags, "--kafka-sasl-username", "rtrec", "--kafka-sasl-password", wrong, "topics"]) == 2
     captured = capsys.readouterr()
@@ -100,6 +181,19 @@ def test_a_wrong_password_is_one_line_without_the_password(
     assert wrong not in captured.err + captured.out
     assert main([*flags, "topics"]) == 2  # SASL without credentials is refused before connecting
     assert "needs RTREC_KAFKA_SASL_USERNAME and RTREC_KAFKA_SASL_PASSWORD" in capsys.readouterr().err
+
+
+def test_a_broker_certificate_the_ca_did_not_sign_is_one_line(
+    sasl_kafka: SecureBroker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = ["--kafka-bootstrap", sasl_kafka.scram_tls_bootstrap, "--kafka-security-protocol", "SASL_SSL"]
+    scram = ["--kafka-sasl-mechanism", "SCRAM-SHA-512", "--kafka-sasl-username", "rtrec"]
+    # Without --kafka-ssl-cafile the system's CAs are trusted, and none of them signed the broker's certificate.
+    assert main([*flags, *scram, "--kafka-sasl-password", PASSWORD, "topics"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("rtrec: error: ") and captured.err.count("\n") == 1, captured.err
+    assert PASSWORD not in captured.err + captured.out
+    print(captured.err)
 
 
 def test_pseudonymised_state_holds_no_user_id_and_survives_a_restart(
