@@ -20,7 +20,15 @@ import numpy as np
 from encoder.baselines import Popularity, Scorer, baselines
 from encoder.data import Dataset, Example, History
 from encoder.features import WindowArrays, assemble_inputs
-from encoder.metrics import RankCounts, coverage, intra_list_diversity, per_example, summarize, top_k
+from encoder.metrics import (
+    RankCounts,
+    coverage,
+    expected_rank,
+    intra_list_diversity,
+    per_example,
+    summarize,
+    top_k,
+)
 from encoder.runtime import OnnxInterestEncoder, OnnxItemEncoder, OnnxTextEmbedder
 
 K = 10
@@ -134,7 +142,9 @@ def evaluate(
         result.metrics[f"coverage@{K}"] = coverage(result.lists, dataset.n_items)
         result.metrics[f"diversity@{K}"] = intra_list_diversity(result.lists, model.item_vectors)
         if cold.any():
-            result.metrics[f"cold_hr@{K}"] = summarize(result.counts.subset(cold))[f"hr@{K}"]
+            cold_counts = result.counts.subset(cold)
+            result.metrics[f"cold_hr@{K}"] = summarize(cold_counts)[f"hr@{K}"]
+            result.metrics["cold_median_rank"] = float(np.median(expected_rank(cold_counts)))
             result.metrics["cold_users"] = float(cold.sum())
         for group, keep in dataset.test_groups.items():
             of_group = summarize(result.counts.subset(keep))
@@ -148,7 +158,9 @@ def evaluate(
     return Evaluation(dataset, results, breakdowns, model.users.manifest.training, model.users.manifest.metrics)
 
 
-COLUMNS = ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr", "coverage@10", "diversity@10", "cold_hr@10")
+COLUMNS = (
+    "hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr", "coverage@10", "diversity@10", "cold_hr@10", "cold_median_rank",
+)  # fmt: skip
 GROUP_METRICS = ("hr@10", "ndcg@10", "users")
 
 
@@ -170,12 +182,17 @@ def write_report(evaluation: Evaluation, folder: Path, command: str) -> Path:
         "ties between scores count at their expected rank.",
         "",
         "| method | "
-        + " | ".join(c.replace("hr@", "Recall@").replace("ndcg@", "NDCG@").replace("mrr", "MRR") for c in columns)
+        + " | ".join(
+            c.replace("hr@", "Recall@").replace("ndcg@", "NDCG@").replace("mrr", "MRR").replace("_", " ")
+            for c in columns
+        )
         + " | seconds |",
         "|---" * (len(columns) + 2) + "|",
     ]
     for r in evaluation.results:
-        cells = [f"{r.metrics[c]:.4f}" if c in r.metrics else "" for c in columns]
+        cells = [
+            (f"{r.metrics[c]:.0f}" if "rank" in c else f"{r.metrics[c]:.4f}") if c in r.metrics else "" for c in columns
+        ]
         lines.append(f"| {r.name} | " + " | ".join(cells) + f" | {r.seconds:.1f} |")
     facts = {**evaluation.dataset.describe()}
     training = evaluation.training
@@ -187,7 +204,10 @@ def write_report(evaluation: Evaluation, folder: Path, command: str) -> Path:
         )
     lines += [f"Note: {n}" for n in evaluation.dataset.notes]
     if "cold_hr@10" in columns:
-        lines.append("cold_hr@10: Recall@10 over users whose test item never occurs in training.")
+        lines.append(
+            "cold_hr@10, cold_median_rank: Recall@10 and the median rank of the target (1 = first, of "
+            f"{evaluation.dataset.n_items:,} items) over users whose test item never occurs in training."
+        )
     for group, keep in evaluation.dataset.test_groups.items():
         lines.append(f"{group}: the {int(keep.sum()):,} test users of the group '{group}' alone.")
     lines.append("diversity@10: mean pairwise cosine distance of the top 10, measured with the model's item vectors.")

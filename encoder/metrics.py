@@ -70,6 +70,11 @@ def per_example(counts: RankCounts, k: int) -> dict[str, np.ndarray]:
     }
 
 
+def expected_rank(counts: RankCounts) -> np.ndarray:
+    """Each target's rank (1 = first) at the middle of its ties."""
+    return counts.greater + counts.ties / 2.0 + 1.0
+
+
 def reciprocal_rank(counts: RankCounts) -> np.ndarray:
     longest = int((counts.greater + counts.ties).max(initial=0)) + 1
     return _expected(1.0 / np.arange(1, longest + 1), counts)

@@ -1,10 +1,11 @@
 """Train the two towers on training sequences with a next-item objective.
 
 Every position of a sequence predicts the item that follows it, all positions at
-once (the encoder is causal). The loss is a softmax over the whole catalogue
-("full", exact, the default up to a few hundred thousand items) or over the
-true item and negatives drawn uniformly from the catalogue and shared by the
-batch ("sampled"; uniform sampling needs no logQ correction). Validation is the
+once (the encoder is causal). The loss is a softmax over every item the training
+sequences hold ("full", exact, the default up to a few hundred thousand items)
+or over the true item and negatives drawn uniformly from those and shared by the
+batch ("sampled"; uniform sampling needs no logQ correction). Items the training
+data never shows are no negatives: they are placed by their text, as a new item is. Validation is the
 evaluation protocol itself (full ranking, history removed), on a seeded sample
 of validation users; its NDCG@10 drives early stopping and picks the epoch kept.
 Seeded and reproducible on CPU; uses a GPU when one is present.
@@ -87,6 +88,11 @@ class CatalogueTensors:
     ) -> None:
         learned = torch.from_numpy(dataset.trained_items(refit)).to(device)
         self.index = torch.arange(1, dataset.n_items + 1, device=device) * learned
+        # The training softmax ranks only these: an item published after training is not there to
+        # be pushed down, and pushing cold items down at every step taught the model to bury them.
+        self.candidates = learned.nonzero().squeeze(1)
+        self.candidate_of = torch.full_like(self.index, -1)  # catalogue row -> position among the candidates
+        self.candidate_of[self.candidates] = torch.arange(len(self.candidates), device=device)
         # Indexed by model item index: row 0 (padding / unseen) reads a zero text vector.
         self.text_by_index = (
             None
@@ -96,6 +102,13 @@ class CatalogueTensors:
 
     def all_items(self, model: InterestEncoder) -> torch.Tensor:  # [n_items, d]
         return model.items(self.index, None if self.text_by_index is None else self.text_by_index[1:])
+
+    def routed_loss(
+        self, interests: torch.Tensor, targets: torch.Tensor, item_vectors: torch.Tensor, cfg: InterestEncoderConfig
+    ) -> torch.Tensor:
+        """The next-item loss of the user vectors ``interests`` [B, L, K, d] (each target trains the closest)."""
+        users, rows = routed(interests, targets, item_vectors)
+        return next_item_loss(users, self.candidate_of[rows], item_vectors[self.candidates], cfg)
 
     def inputs(self, model: InterestEncoder, items: torch.Tensor, id_dropout: float) -> torch.Tensor:
         """Item vectors for a batch of indices; with id dropout some items lose their id (as if unseen)."""
@@ -133,7 +146,7 @@ def rank_examples(
 def next_item_loss(
     hidden: torch.Tensor, targets: torch.Tensor, item_vectors: torch.Tensor, cfg: InterestEncoderConfig
 ) -> torch.Tensor:
-    """Cross-entropy of each next item; ``hidden`` [N, d] the user vectors, ``targets`` [N] catalogue rows."""
+    """Cross-entropy of each next item; ``hidden`` [N, d] the user vectors, ``targets`` [N] rows of ``item_vectors``."""
     if cfg.loss == "full":
         return F.cross_entropy(score_all(hidden, item_vectors), targets)
     negatives = torch.randint(0, item_vectors.shape[0], (cfg.negatives,), device=hidden.device)
@@ -201,9 +214,9 @@ def train_epoch(
         item_vectors = catalogue.all_items(model)
         # The current state learns every target; standing interests, each the targets closest to it. Routing
         # among all of them let the current state win nearly every target, and the others learnt nothing.
-        loss = next_item_loss(*routed(states[:, :, :1], targets, item_vectors), item_vectors, cfg)
+        loss = catalogue.routed_loss(states[:, :, :1], targets, item_vectors, cfg)
         if states.shape[2] > 1:
-            loss = loss + next_item_loss(*routed(states[:, :, 1:], targets, item_vectors), item_vectors, cfg)
+            loss = loss + catalogue.routed_loss(states[:, :, 1:], targets, item_vectors, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

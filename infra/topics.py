@@ -8,6 +8,8 @@ fewer partitions than asked is grown, and its configs are brought in line.
 from __future__ import annotations
 
 import contextlib
+import socket
+import ssl
 from dataclasses import dataclass, field
 
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
@@ -49,7 +51,31 @@ def admin_client(settings: Settings, timeout_s: float = 30.0) -> KafkaAdminClien
             bootstrap_timeout_ms=int(timeout_s * 1000),
         )
     except KafkaError as exc:
-        raise BrokerError(f"no Kafka broker reachable at {settings.bootstrap_servers} ({type(exc).__name__})") from None
+        raise BrokerError(
+            f"no Kafka broker reachable at {settings.bootstrap_servers} ({type(exc).__name__}){_tls_failure(settings)}"
+        ) from None
+
+
+def _tls_failure(settings: Settings) -> str:
+    """Why a TLS handshake with the first bootstrap server fails ('' if it does not): kafka-python only
+    logs it, and then times out as if no broker were there."""
+    context = settings.kafka_ssl_context()
+    if context is None:
+        return ""
+    host, _, port = settings.bootstrap_servers.split(",")[0].strip().rpartition(":")
+    try:
+        with (
+            socket.create_connection((host, int(port)), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname=host),
+        ):
+            return ""
+    except ssl.SSLCertVerificationError as exc:
+        return (
+            f"; the TLS handshake failed: {exc.verify_message} "
+            "(RTREC_KAFKA_SSL_CAFILE must name the CA that signed the broker's certificate)"
+        )
+    except (OSError, ValueError) as exc:
+        return f"; the TLS handshake failed: {exc}"
 
 
 def ensure_topics(settings: Settings, specs: list[TopicSpec]) -> dict[str, str]:

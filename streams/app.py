@@ -92,7 +92,7 @@ def model_info(settings: Settings, components: Components) -> dict[str, Any]:
 def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
     """The worker's Kafka security, from the same settings as every other client's."""
     protocol = settings.kafka_security_protocol
-    context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None) if "SSL" in protocol else None
+    context = settings.kafka_ssl_context()
     if protocol.startswith("SASL"):
         assert settings.kafka_sasl_password is not None  # validated
         return faust.SASLCredentials(

@@ -192,7 +192,10 @@ MODEL_FLAGS = {  # flag → (config field, type, help); unset flags keep the con
     "n_heads": (int, "attention heads"),
     "dropout": (float, "dropout rate"),
     "max_len": (int, "newest events a window (and a training sequence) keeps"),
-    "interests": (int, "user vectors per window: > 1 for users of several interests (hard-routed, merged in turns)"),
+    "interests": (
+        int,
+        "user vectors per window: > 1 for users of several interests (hard-routed, merged by closest interest)",
+    ),
     "learning_rate": (float, "Adam learning rate"),
     "batch_size": (int, "sequences per step"),
     "epochs": (int, "maximum epochs (early stopping may end sooner)"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,6 +295,12 @@ class Settings:
         if self.kafka_security_protocol.endswith("SSL") and self.kafka_ssl_cafile:
             options["ssl_cafile"] = self.kafka_ssl_cafile
         return options
+
+    def kafka_ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of a client that speaks SSL or SASL_SSL (None for a plaintext protocol)."""
+        if not self.kafka_security_protocol.endswith("SSL"):
+            return None
+        return ssl.create_default_context(cafile=self.kafka_ssl_cafile or None)
 
     # Derived locations: one place decides where each piece of local state lives.
     @property

@@ -325,7 +325,8 @@ def test_a_failed_export_leaves_the_previous_bundle_in_place(tmp_path: Path) -> 
 
 
 def test_items_never_in_training_are_exported_and_scored_as_unseen(tmp_path: Path) -> None:
-    """An item only ever seen as a held-out target has no learned id: training and serving place it by text."""
+    """An item only ever seen as a held-out target has no learned id: training and serving place it by text,
+    and training never pushes it down as a negative (an item published after training would not be there)."""
     data, text = _clustered_data()
     cold = data.item_ids.index("i39")
     histories = {
@@ -337,6 +338,14 @@ def test_items_never_in_training_are_exported_and_scored_as_unseen(tmp_path: Pat
     assert not dataset.trained_items()[cold]
     catalogue = CatalogueTensors(dataset, text, torch.device("cpu"))
     assert int(catalogue.index[cold]) == 0 and int(catalogue.index[cold - 1]) == cold
+    # Nor is it a negative of the training softmax: whatever its vector, the loss is the same.
+    states, targets = torch.randn(2, 3, 1, TINY.d_model), torch.tensor([[0, 1, -1], [2, 3, 38]])
+    vectors = torch.randn(len(data.item_ids), TINY.d_model)
+    moved = vectors.clone()
+    moved[cold] = states[0, 0, 0] * 100.0
+    assert torch.equal(
+        catalogue.routed_loss(states, targets, vectors, TINY), catalogue.routed_loss(states, targets, moved, TINY)
+    )
 
     train_and_export(dataset, dataclasses.replace(TINY, epochs=1), tmp_path / "bundle", text, "t", lambda _m: None)
     lines = (tmp_path / "bundle" / ITEM_IDS_FILE).read_text().splitlines()
