@@ -7,7 +7,7 @@ plus one, because index 0 stands for an item the model never saw.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -57,6 +57,7 @@ class Dataset:
     train_and_valid: list[History] = field(default_factory=list)
     # Named subsets of the test users (a bool mask over ``test``), each also reported on its own.
     test_groups: dict[str, np.ndarray] = field(default_factory=dict)
+    new_items: int = 0  # items held out of every training sequence (``with_new_items``)
 
     @property
     def n_items(self) -> int:
@@ -75,13 +76,38 @@ class Dataset:
             "test_users": len(self.test),
             "text": self.item_texts is not None,
             "time": self.has_time,
-        }
+        } | ({"new_items": self.new_items} if self.new_items else {})
 
     def training_sequences(self, refit: bool) -> list[History]:
         """What a model trains on: the training part, or with ``refit`` also the validation targets."""
         if refit and not self.train_and_valid:
             raise ValueError(f"{self.name} has no training + validation sequences to refit on")
         return self.train_and_valid if refit else self.train
+
+    def with_new_items(self, fraction: float, seed: int = 0) -> Dataset:
+        """The same split with a seeded random share of the items taken out of every training sequence,
+        as if published after training; the test users whose target is one of them measure cold start."""
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"the share of new items must be in (0, 1), got {fraction}")
+        held = np.zeros(self.n_items, dtype=bool)
+        count = max(1, round(fraction * self.n_items))
+        held[np.random.default_rng(seed).choice(self.n_items, size=count, replace=False)] = True
+
+        def without_held(history: History) -> History:
+            keep = ~held[history.items]
+            types = [t for t, kept in zip(history.types, keep, strict=True) if kept]
+            return History(history.items[keep], types, history.ts_ms[keep])
+
+        note = f"{count:,} items ({fraction:.0%}, seed {seed}) held out of training as new items: text only."
+        return replace(
+            self,
+            train=[without_held(h) for h in self.train],
+            # Validation picks the epoch on what training knows; new items are the test's question.
+            valid=[e for e in self.valid if not held[e.target]],
+            train_and_valid=[without_held(h) for h in self.train_and_valid],
+            notes=[*self.notes, note],
+            new_items=count,
+        )
 
     def trained_items(self, refit: bool = False) -> np.ndarray:
         """Rows that occur in some training sequence; the others are cold for the model."""

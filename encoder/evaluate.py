@@ -30,6 +30,7 @@ from encoder.metrics import (
     top_k,
 )
 from encoder.runtime import OnnxInterestEncoder, OnnxItemEncoder, OnnxTextEmbedder
+from streams.errors import ModelError
 
 K = 10
 BATCH = 512
@@ -129,6 +130,12 @@ def evaluate(
 ) -> Evaluation:
     progress(f"evaluating on {dataset.name}: {len(dataset.test):,} test users, {dataset.n_items:,} items")
     model = BundleScorer(bundle, dataset, text_embedder)
+    trained_without = model.users.manifest.training.get("new_items", 0)
+    if trained_without != dataset.new_items:
+        raise ModelError(
+            f"{bundle} was trained with {trained_without} items held out as new, this evaluation holds out "
+            f"{dataset.new_items}: give evaluate the --new-items that train had"
+        )
     # A refit model also learned the validation targets; the baselines then count them too.
     refit = bool(model.users.manifest.config.get("refit", False))
     scorers: list[Scorer] = [model, *baselines(dataset, refit)]

@@ -226,7 +226,11 @@ def _encoder_config(args: argparse.Namespace, **fields: Any) -> InterestEncoderC
 def _load_data(args: argparse.Namespace) -> Dataset:
     from encoder.datasets import load_dataset
 
-    return load_dataset(args.data, args.format, args.item_text)
+    dataset = load_dataset(args.data, args.format, args.item_text)
+    new_items = getattr(args, "new_items", 0.0)
+    if not 0.0 <= new_items < 1.0:
+        raise ConfigError(f"--new-items is a share of the items in [0, 1), got {new_items}")
+    return dataset.with_new_items(new_items) if new_items else dataset
 
 
 def _train_from_topics(settings: Settings, args: argparse.Namespace) -> int:
@@ -402,6 +406,16 @@ def _add_data_flags(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--item-text", type=Path, help="generic format: a file of item_id, text")
 
 
+def _add_new_items_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--new-items",
+        type=float,
+        default=0.0,
+        help="hold this share of the items (seeded) out of training, as if published after it; "
+        "evaluate the bundle with the same value to rank them cold",
+    )
+
+
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     for name, (kind, text) in MODEL_FLAGS.items():
         if kind is bool:
@@ -439,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train + export the interest encoder: on the generated workload (the stream's model), or on --data",
     )
     _add_data_flags(train, required=False)
+    _add_new_items_flag(train)
     train.add_argument(
         "--from-topics",
         action="store_true",
@@ -461,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="leave-one-out, full-ranking evaluation of an exported model next to baselines"
     )
     _add_data_flags(evaluate, required=True)
+    _add_new_items_flag(evaluate)
     evaluate.add_argument("--bundle", type=Path, required=True, help="the exported interest-encoder bundle")
     evaluate.add_argument("--report", type=Path, default=Path("report"), help="folder for report.md, plots, JSON")
     evaluate.set_defaults(run=cmd_evaluate)

@@ -250,6 +250,31 @@ def test_refit_trains_on_validation_targets_and_baselines_follow(tmp_path: Path)
     assert "popularity" in {m["method"] for m in results["methods"]}
 
 
+def test_new_items_are_held_out_of_training_and_ranked_cold(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "events.csv"
+    _sequential_csv(data, users=120)
+    dataset = load_dataset(data, "generic")
+    held_out = dataset.with_new_items(0.2)
+    new = ~held_out.trained_items(refit=True)
+    assert held_out.new_items == new.sum() == round(0.2 * dataset.n_items) and dataset.trained_items().all()
+    assert not any(new[e.target] for e in held_out.valid) and len(held_out.test) == len(dataset.test)
+    assert np.array_equal(~dataset.with_new_items(0.2).trained_items(), new)  # seeded
+
+    bundle, report = tmp_path / "bundle", tmp_path / "report"
+    flags = ["--d-model", "16", "--epochs", "3", "--patience", "1", "--max-len", "10", "--no-text"]
+    assert main(["train", "--data", str(data), "--out", str(bundle), "--new-items", "0.2", *flags]) == 0
+    blanks = [line == "" for line in (bundle / "item_ids.txt").read_text().splitlines()]
+    assert blanks == new.tolist()
+    capsys.readouterr()
+    assert main(["evaluate", "--data", str(data), "--bundle", str(bundle), "--report", str(report)]) == 2
+    assert "give evaluate the --new-items that train had" in capsys.readouterr().err
+    flags = ["--bundle", str(bundle), "--report", str(report), "--new-items", "0.2"]
+    assert main(["evaluate", "--data", str(data), *flags]) == 0
+    model = json.loads((report / "results.json").read_text())["methods"][0]
+    assert model["cold_users"] == sum(new[e.target] for e in dataset.test) > 0
+    assert 1 <= model["cold_median_rank"] <= dataset.n_items
+
+
 def test_id_only_model_scores_items_it_never_learned_as_zero(tmp_path: Path) -> None:
     file = tmp_path / "Tiny.txt"
     # Items 13 and 14 are only ever a validation or test target: an id-only model never learns them.
