@@ -209,6 +209,7 @@ def train_and_export(
     progress: Callable[[str], None],
     device: str | None = None,
     fp16: bool = False,
+    int8: bool = False,
 ) -> BundleManifest:
     from encoder.export import export_interest_encoder
     from encoder.train import train_interest_encoder
@@ -231,6 +232,7 @@ def train_and_export(
         },
         metrics=result.metrics,
         fp16=fp16,
+        int8=int8,
     )
     progress(
         f"interest encoder {manifest.version}: validation NDCG@10 {result.metrics['val_ndcg@10']:.4f} "

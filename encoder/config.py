@@ -48,7 +48,9 @@ OPSET = 18
 BUNDLE_MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 MODEL_FP16_FILE = "model.fp16.onnx"  # the user tower computing in half precision, for CUDA (same contract)
-PRECISIONS = ("auto", "fp32", "fp16")  # auto: fp16 on CUDA when the bundle has it, else fp32
+# The user tower with int8 weights (dynamic quantization, for CPU): 2.4x smaller, no faster at this size.
+MODEL_INT8_FILE = "model.int8.onnx"
+PRECISIONS = ("auto", "fp32", "fp16", "int8")  # auto: fp16 on CUDA when the bundle has it, else fp32; int8 on request
 TOKENIZER_FILE = "tokenizer.json"
 TEXT_BUNDLE = "text-encoder"  # folder names inside the models directory
 INTEREST_BUNDLE = "interest-encoder"

@@ -50,10 +50,12 @@ class MethodResult:
 class BundleScorer:
     """The exported towers as a ``Scorer``: what the live stream would rank for each history."""
 
-    def __init__(self, bundle: Path, dataset: Dataset, text_embedder: OnnxTextEmbedder | None) -> None:
-        self.users = OnnxInterestEncoder(bundle, provider="cpu")
+    def __init__(
+        self, bundle: Path, dataset: Dataset, text_embedder: OnnxTextEmbedder | None, precision: str = "fp32"
+    ) -> None:
+        self.users = OnnxInterestEncoder(bundle, provider="cpu", precision=precision)
         items = OnnxItemEncoder(bundle, provider="cpu")
-        self.name = f"interest encoder ({self.users.version})"
+        self.name = f"interest encoder ({self.users.version}{'' if precision == 'fp32' else ', ' + precision})"
         if items.reads_text:
             if dataset.item_texts is None or text_embedder is None:
                 raise ValueError("this model reads item text, but the data set has none")
@@ -127,9 +129,10 @@ def evaluate(
     bundle: Path,
     text_embedder: OnnxTextEmbedder | None = None,
     progress: Callable[[str], None] = lambda _msg: None,
+    precision: str = "fp32",
 ) -> Evaluation:
     progress(f"evaluating on {dataset.name}: {len(dataset.test):,} test users, {dataset.n_items:,} items")
-    model = BundleScorer(bundle, dataset, text_embedder)
+    model = BundleScorer(bundle, dataset, text_embedder, precision)
     trained_without = model.users.manifest.training.get("new_items", 0)
     if trained_without != dataset.new_items:
         raise ModelError(

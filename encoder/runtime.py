@@ -25,6 +25,7 @@ from encoder.config import (
     ITEM_TOWER_FILE,
     MODEL_FILE,
     MODEL_FP16_FILE,
+    MODEL_INT8_FILE,
     PRECISIONS,
     TEXT_OUTPUT,
     TOKENIZER_FILE,
@@ -117,12 +118,13 @@ class OnnxInterestEncoder:
         if precision not in PRECISIONS:
             raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         has_fp16 = MODEL_FP16_FILE in self.manifest.files
-        if precision == "fp16" and not has_fp16:
-            raise ModelError(f"{bundle} has no float16 user tower ({MODEL_FP16_FILE}); export it with --fp16")
+        for wanted, file, flag in (("fp16", MODEL_FP16_FILE, "--fp16"), ("int8", MODEL_INT8_FILE, "--int8")):
+            if precision == wanted and file not in self.manifest.files:
+                raise ModelError(f"{bundle} has no {wanted} user tower ({file}); export it with `rtrec train {flag}`")
         # Half precision pays on a GPU's tensor cores; on a CPU it only adds casts.
         auto_fp16 = precision == "auto" and has_fp16 and wants_cuda(provider)
-        self.precision = "fp16" if precision == "fp16" or auto_fp16 else "fp32"
-        model_file = MODEL_FP16_FILE if self.precision == "fp16" else MODEL_FILE
+        self.precision = "fp16" if auto_fp16 else "fp32" if precision == "auto" else precision
+        model_file = {"fp16": MODEL_FP16_FILE, "int8": MODEL_INT8_FILE}.get(self.precision, MODEL_FILE)
         self._session = make_session(bundle / model_file, provider, intra_op_threads)
         self.provider = self._session.get_providers()[0]
 

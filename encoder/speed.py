@@ -1,8 +1,9 @@
 """User vectors per second of the exported interest encoder, for each provider and precision this
-machine has (`rtrec bench-encoder`): CPU float32 always, CUDA float32 and float16 where ONNX Runtime
-can start CUDA. Every row's speed-up is against CPU float32 at the same batch size, measured in the
-same run. The cost of a forward pass depends on the architecture, not on the weights, so without a
-bundle an untrained model of the stream's architecture is exported and measured.
+machine has (`rtrec bench-encoder`): CPU float32 always, CPU int8 when the bundle has it, CUDA
+float32 and float16 where ONNX Runtime can start CUDA. Every row's speed-up is against CPU float32
+at the same batch size, measured in the same run. The cost of a forward pass depends on the
+architecture, not on the weights, so without a bundle an untrained model of the stream's
+architecture is exported and measured.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from encoder.config import MODEL_FP16_FILE, BundleManifest, InterestEncoderConfig
+from encoder.config import MODEL_FP16_FILE, MODEL_INT8_FILE, BundleManifest, InterestEncoderConfig
 from encoder.features import EncoderInputs, WindowArrays, assemble_inputs
 from encoder.runtime import OnnxInterestEncoder, cuda_available
 
@@ -63,23 +64,25 @@ def time_calls(encoder: OnnxInterestEncoder, inputs: EncoderInputs, seconds: flo
 
 
 def variants(bundle: Path) -> list[tuple[str, str]]:
-    found = [("cpu", "fp32")]
+    files = BundleManifest.read(bundle, "interest-encoder").files
+    found = [("cpu", "fp32")] + ([("cpu", "int8")] if MODEL_INT8_FILE in files else [])
     if cuda_available():
         found.append(("cuda", "fp32"))
-        if MODEL_FP16_FILE in BundleManifest.read(bundle, "interest-encoder").files:
+        if MODEL_FP16_FILE in files:
             found.append(("cuda", "fp16"))
     return found
 
 
 def untrained_stream_bundle(folder: Path, max_len: int) -> Path:
-    """An untrained id-only model of the stream's architecture, exported with its float16 tower."""
+    """An untrained id-only model of the stream's architecture, exported with its float16 and int8 towers."""
     from encoder.build import stream_encoder_config
     from encoder.export import export_interest_encoder
     from encoder.model import InterestEncoder
 
     cfg = stream_encoder_config(1_000, text_dim=0, max_len=max_len)
     bundle = folder / "untrained"
-    export_interest_encoder(InterestEncoder(cfg), [str(i) for i in range(cfg.n_items)], bundle, {}, {}, fp16=True)
+    ids = [str(i) for i in range(cfg.n_items)]
+    export_interest_encoder(InterestEncoder(cfg), ids, bundle, {}, {}, fp16=True, int8=True)
     return bundle
 
 

@@ -285,7 +285,8 @@ def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
         _say(f"embedding the text of {dataset.n_items:,} items…")
         text_vectors = embedder.embed_batch(dataset.item_texts)
     bundle = args.out or settings.models_path / f"interest-encoder-{dataset.name}"
-    train_and_export(dataset, cfg, bundle, text_vectors, fingerprint(cfg, dataset.describe()), _say, fp16=args.fp16)
+    fingerprint_ = fingerprint(cfg, dataset.describe())
+    train_and_export(dataset, cfg, bundle, text_vectors, fingerprint_, _say, fp16=args.fp16, int8=args.int8)
     print(f"interest encoder bundle: {bundle}")
     return 0
 
@@ -299,7 +300,7 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
     embedder = None
     if dataset.item_texts is not None:
         embedder = OnnxTextEmbedder(ensure_text_encoder(settings.models_path, _say), "cpu")
-    evaluation = evaluate(dataset, args.bundle, embedder, _say)
+    evaluation = evaluate(dataset, args.bundle, embedder, _say, args.precision)
     report = write_report(evaluation, args.report, "rtrec " + " ".join(args.argv))
     width = max(len(r.name) for r in evaluation.results)
     print(f"{'method':<{width}}  Recall@10  NDCG@10  Recall@20  NDCG@20     MRR")
@@ -469,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--events-per-user", type=int, default=40, help="history length of each training user")
     train.add_argument("--force", action="store_true", help="retrain even if an identical bundle exists")
     train.add_argument("--fp16", action="store_true", help="also export the float16 user tower (for CUDA workers)")
+    train.add_argument("--int8", action="store_true", help="also export the user tower with int8 weights (for CPU)")
     _add_model_flags(train)
     train.set_defaults(run=cmd_train)
 
@@ -479,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_new_items_flag(evaluate)
     evaluate.add_argument("--bundle", type=Path, required=True, help="the exported interest-encoder bundle")
     evaluate.add_argument("--report", type=Path, default=Path("report"), help="folder for report.md, plots, JSON")
+    evaluate.add_argument(
+        "--precision", choices=("fp32", "fp16", "int8"), default="fp32", help="which exported user tower to score"
+    )
     evaluate.set_defaults(run=cmd_evaluate)
 
     stream_eval = sub.add_parser(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from encoder.config import PRECISIONS
 from streams.errors import ConfigError
 from streams.ports import ItemFilter
 from streams.records import Limits
@@ -94,7 +95,7 @@ class Settings:
     # How often a worker looks for a new bundle in the model folder and swaps it in live (0: never).
     model_reload_s: float = 30.0
     encoder_provider: str = "auto"
-    # auto: the bundle's float16 user tower on CUDA when it has one, else float32.
+    # auto: the bundle's float16 user tower on CUDA when it has one, else float32; int8 only when asked.
     encoder_precision: str = "auto"
     # ONNX Runtime threads per encoder call (0: one per core; 1 when running one worker per core).
     encoder_threads: int = 0
@@ -247,9 +248,9 @@ class Settings:
                 raise ConfigError(f"{ENV_PREFIX}{name.upper()}: no such file {getattr(self, name)!r}")
         if self.batch_within_s <= 0:
             raise ConfigError(f"{ENV_PREFIX}BATCH_WITHIN_S must be > 0, got {self.batch_within_s}")
-        if self.encoder_precision not in ("auto", "fp32", "fp16"):
+        if self.encoder_precision not in PRECISIONS:
             raise ConfigError(
-                f"{ENV_PREFIX}ENCODER_PRECISION must be auto, fp32 or fp16, got {self.encoder_precision!r}"
+                f"{ENV_PREFIX}ENCODER_PRECISION must be one of {', '.join(PRECISIONS)}, got {self.encoder_precision!r}"
             )
         if self.encoder_provider not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"{ENV_PREFIX}ENCODER_PROVIDER must be auto, cpu or cuda, got {self.encoder_provider!r}")

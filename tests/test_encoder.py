@@ -17,6 +17,7 @@ from encoder.config import INTEREST_BUNDLE, ITEM_IDS_FILE, TEXT_BUNDLE, Interest
 from encoder.data import Dataset, Example, History, leave_one_out
 from encoder.export import (
     FP16_RELATIVE_TOLERANCE,
+    INT8_RELATIVE_TOLERANCE,
     PARITY_TOLERANCE,
     export_interest_encoder,
     random_inputs,
@@ -217,15 +218,18 @@ def test_a_model_of_two_interests_predicts_better_and_shows_users_both(tmp_path:
     assert shown[2] >= 15 and shown[1] <= 2, shown
 
 
-def test_float16_user_tower_matches_float32_and_is_chosen_only_where_it_pays(
+def test_float16_and_int8_user_towers_match_float32_and_are_chosen_only_where_asked(
     tmp_path: Path, trained: tuple[Dataset, np.ndarray, TrainingResult], capsys: pytest.CaptureFixture[str]
 ) -> None:
     data, _, result = trained
     bundle = tmp_path / "bundle"
-    manifest = export_interest_encoder(result.model, data.item_ids, bundle, {"fingerprint": "t"}, {}, fp16=True)
-    half = manifest.parity["fp16"]
+    manifest = export_interest_encoder(
+        result.model, data.item_ids, bundle, {"fingerprint": "t"}, {}, fp16=True, int8=True
+    )
+    half, quantized = manifest.parity["fp16"], manifest.parity["int8"]
     assert 0 < half["max_abs_diff"] <= FP16_RELATIVE_TOLERANCE * half["max_abs_output"]
-    assert "model.fp16.onnx" in manifest.files
+    assert 0 < quantized["max_abs_diff"] <= INT8_RELATIVE_TOLERANCE * quantized["max_abs_output"]
+    assert {"model.fp16.onnx", "model.int8.onnx"} <= set(manifest.files)
     automatic = OnnxInterestEncoder(bundle, provider="cpu")
     forced = OnnxInterestEncoder(bundle, provider="cpu", precision="fp16")
     assert (automatic.precision, forced.precision) == ("fp32", "fp16")  # on a CPU, auto keeps float32
@@ -237,15 +241,24 @@ def test_float16_user_tower_matches_float32_and_is_chosen_only_where_it_pays(
         automatic.encode_batch(inputs),
         atol=FP16_RELATIVE_TOLERANCE * half["max_abs_output"],
     )
-    # The encoder benchmark measures what this machine has: here, CPU float32.
+    int8 = OnnxInterestEncoder(bundle, provider="cpu", precision="int8")
+    assert int8.precision == "int8"
+    np.testing.assert_allclose(
+        int8.encode_batch(inputs),
+        automatic.encode_batch(inputs),
+        atol=INT8_RELATIVE_TOLERANCE * quantized["max_abs_output"],
+    )
+    # The encoder benchmark measures what this machine has: here, CPU float32 and int8.
     assert main(["bench-encoder", "--bundle", str(bundle), "--batches", "1,4", "--seconds", "0.01"]) == 0
     table = capsys.readouterr().out
-    assert "user vectors/s" in table and "CPU      fp32" in table
+    assert "user vectors/s" in table and "CPU      fp32" in table and "CPU      int8" in table
     assert main(["bench-encoder", "--batches", "1,x"]) == 2
     plain = tmp_path / "plain"
     export_interest_encoder(result.model, data.item_ids, plain, {"fingerprint": "t"}, {})
-    with pytest.raises(ModelError, match="no float16 user tower"):
+    with pytest.raises(ModelError, match="no fp16 user tower"):
         OnnxInterestEncoder(plain, provider="cpu", precision="fp16")
+    with pytest.raises(ModelError, match="no int8 user tower"):
+        OnnxInterestEncoder(plain, provider="cpu", precision="int8")
 
 
 def test_id_only_bundle_refuses_items_it_never_learned(tmp_path: Path) -> None:

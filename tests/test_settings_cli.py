@@ -32,7 +32,7 @@ def test_environment_values_are_parsed_and_typed() -> None:
         ({"RTREC_TOPIC_PARTITION": "4"}, "unknown setting(s): RTREC_TOPIC_PARTITION"),
         ({"RTREC_WINDOW_SIZE": "0"}, "RTREC_WINDOW_SIZE must be >= 1"),
         ({"RTREC_ENCODER_PROVIDER": "tpu"}, "RTREC_ENCODER_PROVIDER must be auto, cpu or cuda"),
-        ({"RTREC_ENCODER_PRECISION": "int4"}, "RTREC_ENCODER_PRECISION must be auto, fp32 or fp16"),
+        ({"RTREC_ENCODER_PRECISION": "int4"}, "RTREC_ENCODER_PRECISION must be one of auto, fp32, fp16, int8"),
     ],
 )
 def test_bad_settings_are_clear_errors(env: dict[str, str], message: str) -> None:
