@@ -186,17 +186,21 @@ class EventBatchProcessor:
         with stage("state"):
             for user_id, events in by_user.items():
                 window = windows[user_id]
-                for event in events:
-                    result = window.add(event)
-                    if result is AddOutcome.ADDED:
-                        fresh.append(event)
-                    added += result is AddOutcome.ADDED
-                    duplicates += result is AddOutcome.DUPLICATE
-                    too_old += result is AddOutcome.TOO_OLD
+                results = [window.add(event) for event in events]
+                fresh += [e for e, r in zip(events, results, strict=True) if r is AddOutcome.ADDED]
+                added += results.count(AddOutcome.ADDED)
+                duplicates += results.count(AddOutcome.DUPLICATE)
+                too_old += results.count(AddOutcome.TOO_OLD)
                 stored_now = window.to_bytes()
                 outcome.windows[user_id] = stored_now
                 self._keep(user_id, stored_now, window)
-                requests.append(RefreshRequest(user_id, window, events[-1], tuple(e.event_id for e in events)))
+                # Redelivered events only (a replay after a crash): answer from the window they first met,
+                # so that a (user, trigger) pair gets the list it got before, not one of a later window.
+                redelivered = all(r is AddOutcome.DUPLICATE for r in results)
+                then = window.as_of(events[-1].event_id) if redelivered else None
+                ids = tuple(e.event_id for e in events)
+                served = window if then is None else then
+                requests.append(RefreshRequest(user_id, served, events[-1], ids, replayed=then is not None))
 
         self.trending.add(fresh)
         outcome.recommendations = self.recommender.refresh_batch(requests, vectors)

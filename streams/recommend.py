@@ -45,6 +45,9 @@ class RefreshRequest:
     window: UserWindow
     trigger: Event  # the user's last event to arrive in this micro-batch
     event_ids: tuple[str, ...]  # every event of the user this refresh accounts for
+    # A redelivery answered from the window the events first met: the users collection already holds a
+    # newer vector for this user, which the answer must not overwrite.
+    replayed: bool = False
 
 
 class Recommender:
@@ -96,7 +99,6 @@ class Recommender:
             return []
         windows, user_vectors = self._encode(usable, vectors)
         emitted = self.clock()
-        keys = [self.pseudonyms.of(r.user_id) for r, _ in usable]
         # The users collection holds one vector per user: of several interests, their mean.
         stored = user_vectors if user_vectors.ndim == 2 else user_vectors.mean(axis=1)
         with self.metrics.stage("upsert"):
@@ -104,7 +106,9 @@ class Recommender:
                 self.users_collection,
                 [
                     VectorPoint(key, v, {"user_id": key, "model": self.encoder.version, "ts": emitted})
-                    for key, v in zip(keys, stored, strict=True)
+                    for (request, _), v in zip(usable, stored, strict=True)
+                    if not request.replayed
+                    for key in [self.pseudonyms.of(request.user_id)]
                 ],
             )
         return self._search_and_rank(usable, windows, user_vectors, self.top_k, None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 from collections import deque
 from enum import Enum
 from typing import Any, NamedTuple
@@ -21,9 +22,11 @@ from streams.errors import InvalidRecord
 from streams.records import Event
 
 # v2 remembers event ids as 64-bit digests: a stored window shrank from ~22 KB to ~6 KB
-# (500 remembered ids), and every micro-batch writes one per touched user. v1 is still read.
-WINDOW_FORMAT_VERSION = 2
-_READABLE_VERSIONS = (1, 2)
+# (500 remembered ids), and every micro-batch writes one per touched user. v3 also keeps the
+# entries evicted last, so that a replayed event's list is rebuilt from the window it saw
+# (``as_of``). v1 and v2 are still read.
+WINDOW_FORMAT_VERSION = 3
+_READABLE_VERSIONS = (1, 2, 3)
 
 
 def event_digest(event_id: str) -> int:
@@ -51,16 +54,19 @@ class UserWindow:
     """The newest ``max_events`` events within ``horizon_ms`` of the newest one, oldest first.
 
     Event ids seen recently (up to ``dedup_capacity`` of them, also those already
-    evicted) are remembered so that a redelivered event changes nothing.
+    evicted) are remembered, in the order they arrived, so that a redelivered event changes
+    nothing. The newest ``max_events`` evicted entries are kept too: with the arrival order
+    they rebuild the window as it was when an earlier event arrived (``as_of``).
     """
 
-    __slots__ = ("_entries", "_seen", "_seen_order", "dedup_capacity", "horizon_ms", "max_events")
+    __slots__ = ("_entries", "_evicted", "_seen", "_seen_order", "dedup_capacity", "horizon_ms", "max_events")
 
     def __init__(self, max_events: int, horizon_ms: int, dedup_capacity: int) -> None:
         self.max_events = max_events
         self.horizon_ms = horizon_ms
         self.dedup_capacity = max(dedup_capacity, max_events)
         self._entries: list[WindowEntry] = []
+        self._evicted: list[WindowEntry] = []  # oldest first, at most max_events
         self._seen: set[int] = set()
         self._seen_order: deque[int] = deque()
 
@@ -99,13 +105,41 @@ class UserWindow:
         while len(self._seen_order) > self.dedup_capacity:
             self._seen.discard(self._seen_order.popleft())
 
+    def as_of(self, event_id: str) -> UserWindow | None:
+        """The window as it was once ``event_id`` had been added (a redelivered event's list is then
+        the one first sent), or None when that can no longer be told: the id is forgotten, or an
+        entry that window held may have been evicted past those kept."""
+        digest = event_digest(event_id)
+        if digest not in self._seen:
+            return None
+        arrived = set(itertools.takewhile(lambda d: d != digest, self._seen_order)) | {digest}
+        kept = sorted(e for e in self._evicted + self._entries if event_digest(e.event_id) in arrived)
+        then = UserWindow(self.max_events, self.horizon_ms, self.dedup_capacity)
+        then._entries = list(kept)
+        if kept:
+            then._evict()
+        # Entries evicted past those kept are older than all of them: that window could have held one
+        # only if it was neither full nor cut by the horizon, and some were dropped.
+        none_dropped = len(self._evicted) < self.max_events
+        full = len(then._entries) == self.max_events
+        cut_by_horizon = bool(kept) and kept[0].ts < then._entries[-1].ts - self.horizon_ms
+        if not (none_dropped or full or cut_by_horizon):
+            return None
+        then._evicted = []
+        return then
+
     def _evict(self) -> None:
+        evicted = []
         if len(self._entries) > self.max_events:
-            del self._entries[: len(self._entries) - self.max_events]
+            evicted = self._entries[: len(self._entries) - self.max_events]
+            del self._entries[: len(evicted)]
         cutoff = self._entries[-1].ts - self.horizon_ms
         first_kept = bisect.bisect_left([e.ts for e in self._entries], cutoff)
         if first_kept:
+            evicted += self._entries[:first_kept]
             del self._entries[:first_kept]
+        if evicted:
+            self._evicted = sorted(self._evicted + evicted)[-self.max_events :]
 
     # ------------------------------------------------------------ storage format
 
@@ -114,6 +148,7 @@ class UserWindow:
             {
                 "v": WINDOW_FORMAT_VERSION,
                 "entries": [[e.ts, e.event_id, e.item_id, e.type, e.value] for e in self._entries],
+                "evicted": [[e.ts, e.event_id, e.item_id, e.type, e.value] for e in self._evicted],
                 "seen": np.fromiter(self._seen_order, dtype="<u8", count=len(self._seen_order)).tobytes(),
             },
             use_bin_type=True,
@@ -128,11 +163,12 @@ class UserWindow:
                 raise InvalidRecord(f"unsupported window format version {obj.get('v')!r}")
             window = cls(max_events, horizon_ms, dedup_capacity)
             seen = obj["seen"]  # oldest first
-            digests = np.frombuffer(seen, dtype="<u8").tolist() if obj["v"] == 2 else [event_digest(i) for i in seen]
+            digests = np.frombuffer(seen, dtype="<u8").tolist() if obj["v"] >= 2 else [event_digest(i) for i in seen]
             kept = digests[-window.dedup_capacity :]
             window._seen_order = deque(kept)
             window._seen = set(kept)
             window._entries = sorted(WindowEntry(*row) for row in obj["entries"])
+            window._evicted = sorted(WindowEntry(*row) for row in obj.get("evicted", ()))[-window.max_events :]
         except (ValueError, KeyError, TypeError, msgpack.ExtraData, msgpack.FormatError) as exc:
             raise InvalidRecord(f"corrupt stored window ({type(exc).__name__}: {exc})") from None
         if window._entries:

@@ -89,3 +89,23 @@ def test_forget_user_erases_what_came_before_it_and_starts_afresh(tmp_path: Path
     fourth = processor.process([bad, *_messages(_event(5, 5))], {})
     assert [d.error for d in fourth.dead_letters] == ["field 'command': unknown command 'None' (known: forget_user)"]
     assert fourth.recommendations
+
+
+def test_a_redelivered_batch_gets_the_list_it_got_first_and_leaves_the_user_vector(
+    tmp_path: Path, models_dir: Path
+) -> None:
+    """A worker killed after writing its windows replays events its stored windows already hold."""
+    processor = _processor(tmp_path, models_dir)
+    store, users = processor.recommender.store, processor.recommender.users_collection
+    first = processor.process(_messages(_event(1, 1), _event(2, 2)), {})
+    later = processor.process(_messages(*(_event(n, n) for n in range(3, 12))), {"u1": first.windows["u1"]})
+    newest = store.fetch_vectors(users, ["u1"])["u1"]
+    # 11 events in a window of 10: e1 was evicted, yet the window e2 met is rebuilt.
+    replay = processor.process(_messages(_event(1, 1), _event(2, 2)), {"u1": later.windows["u1"]})
+    assert replay.counts["duplicates"] == 2 and replay.windows["u1"] == later.windows["u1"]
+    (again,) = replay.recommendations
+    (original,) = first.recommendations
+    assert again.trigger_event_id == original.trigger_event_id == "e2"
+    assert [i.item_id for i in again.items] == [i.item_id for i in original.items]
+    assert [i.item_id for i in again.items] != [i.item_id for i in later.recommendations[0].items]
+    assert (store.fetch_vectors(users, ["u1"])["u1"] == newest).all()  # the answer did not overwrite it

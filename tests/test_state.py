@@ -86,7 +86,7 @@ def test_windows_stored_in_format_1_are_still_read() -> None:
     restored = UserWindow.from_bytes(stored_v1, 5, 100 * HOUR, 10)
     assert restored.item_ids == ["i0", "i1", "i2"]
     assert restored.add(Event("e-evicted", "u", "i9", "view", 40)) is AddOutcome.DUPLICATE
-    assert msgpack.unpackb(restored.to_bytes())["v"] == 2
+    assert msgpack.unpackb(restored.to_bytes())["v"] == 3
 
 
 @settings(max_examples=200, deadline=None)
@@ -107,3 +107,31 @@ def test_arrival_order_and_redelivery_do_not_change_the_window(
     for event in shuffled:
         replayed.add(event)
     assert replayed == in_order
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 40), st.integers(1, 20 * HOUR)), min_size=1, max_size=60),
+    st.integers(1, 8),
+)
+def test_as_of_rebuilds_the_window_an_event_met_or_says_it_cannot(events: list[tuple[int, int]], limit: int) -> None:
+    """What a redelivered event is answered from: the window just after it first arrived, exactly."""
+    window, prefixes = UserWindow(max_events=limit, horizon_ms=5 * HOUR, dedup_capacity=100), {}
+    for n, ts in events:
+        if window.add(ev(n, ts)) is not AddOutcome.DUPLICATE:
+            prefixes[f"e{n}"] = window.entries
+    stored = UserWindow.from_bytes(window.to_bytes(), limit, 5 * HOUR, 100)  # evicted entries are stored too
+    for event_id, entries in prefixes.items():
+        then = stored.as_of(event_id)
+        assert then is None or then.entries == entries, event_id
+    assert stored.as_of(list(prefixes)[-1]) is not None and stored.as_of("e-never") is None
+
+
+def test_as_of_covers_as_many_later_events_as_the_window_holds() -> None:
+    window = UserWindow(max_events=5, horizon_ms=100 * HOUR, dedup_capacity=100)
+    prefixes = []
+    for n in range(20):
+        window.add(ev(n, 1000 + n))
+        prefixes.append(window.entries)
+    assert all(window.as_of(f"e{n}").entries == prefixes[n] for n in range(14, 20))  # type: ignore[union-attr]
+    assert window.as_of("e2") is None  # its window's oldest entries were evicted past those kept
