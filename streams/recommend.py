@@ -190,10 +190,11 @@ class Recommender:
         recommendations = []
         now = self.clock()
         for (request, entries), window, candidates, signals in zip(usable, windows, hits, feedback, strict=True):
-            items = []
-            for hit in rerank(candidates, candidate_vectors, k, self.policy, now, signals):
-                reason = reason_for(candidate_vectors.get(hit.id), window.item_vectors, entries)
-                items.append(RecommendedItem(hit.id, round(hit.score, 6), reason))
+            shown = rerank(candidates, candidate_vectors, k, self.policy, now, signals)
+            reasons = reasons_for([candidate_vectors.get(hit.id) for hit in shown], window.item_vectors, entries)
+            items = [
+                RecommendedItem(hit.id, round(hit.score, 6), reason) for hit, reason in zip(shown, reasons, strict=True)
+            ]
             recommendations.append(
                 Recommendation(
                     user_id=request.user_id,
@@ -233,24 +234,36 @@ def _usable(
 SECOND_REASON_SHARE = 0.8  # a second window event is named when it is at least this similar as the first
 
 
-def reason_for(candidate: np.ndarray | None, window_vectors: np.ndarray, entries: Sequence[WindowEntry]) -> str:
-    """Names the window events whose items are most similar to the candidate (one, or two close ones).
+def reasons_for(
+    candidates: Sequence[np.ndarray | None], window_vectors: np.ndarray, entries: Sequence[WindowEntry]
+) -> list[str]:
+    """For each candidate, the window events whose items are most similar to it (one, or two close ones);
+    a candidate without a vector gets the newest event. One product for all of a list's candidates:
+    reasons computed one by one took as long as the search.
 
     A rejection (a dislike, skip or return) is named only when the window holds nothing else.
     """
     welcome = [i for i, e in enumerate(entries) if e.type not in REJECTION_TYPES] or list(range(len(entries)))
-    entries = [entries[i] for i in welcome]
-    if candidate is None:
-        named = [entries[-1]]
-    else:
-        similarity = window_vectors[welcome] @ candidate
-        order = np.argsort(-similarity, kind="stable")
-        named = [entries[int(order[0])]]
-        best = float(similarity[order[0]])
-        for i in order[1:]:
-            if entries[int(i)].item_id == named[0].item_id:
-                continue  # the same item seen twice is one reason
-            if best > 0 and float(similarity[i]) >= SECOND_REASON_SHARE * best:
-                named.append(entries[int(i)])
-            break
-    return "because you " + " and ".join(f"{REASON_VERBS.get(e.type, e.type)} {e.item_id}" for e in named)
+    named_entries = [entries[i] for i in welcome]
+    known = [i for i, c in enumerate(candidates) if c is not None]
+    similarity = np.zeros((len(candidates), len(welcome)), dtype=np.result_type(window_vectors, np.float32))
+    if known:
+        similarity[known] = np.stack([c for c in candidates if c is not None]) @ window_vectors[welcome].T
+    reasons = []
+    for row, candidate in zip(similarity, candidates, strict=True):
+        named = [named_entries[-1]] if candidate is None else _most_similar(row, named_entries)
+        reasons.append("because you " + " and ".join(f"{REASON_VERBS.get(e.type, e.type)} {e.item_id}" for e in named))
+    return reasons
+
+
+def _most_similar(similarity: np.ndarray, entries: Sequence[WindowEntry]) -> list[WindowEntry]:
+    order = np.argsort(-similarity, kind="stable")
+    named = [entries[int(order[0])]]
+    best = float(similarity[order[0]])
+    for i in order[1:]:
+        if entries[int(i)].item_id == named[0].item_id:
+            continue  # the same item seen twice is one reason
+        if best > 0 and float(similarity[i]) >= SECOND_REASON_SHARE * best:
+            named.append(entries[int(i)])
+        break
+    return named

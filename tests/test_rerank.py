@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from streams.ports import ItemFilter, SearchHit
-from streams.recommend import reason_for
+from streams.recommend import reasons_for
 from streams.rerank import Feedback, RerankPolicy, merge_interests, rerank
 from streams.state import WindowEntry
 
@@ -124,18 +124,21 @@ def test_a_reason_names_the_window_events_most_like_the_item() -> None:
     ]
     window = np.array([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     # The lamp twice is one reason; the desk is nearly as close, so it is named too; the sofa is not.
-    assert reason_for(np.array([1.0, 0.05, 0.0]), window, entries) == "because you viewed lamp and bought desk"
-    assert reason_for(np.array([0.0, 1.0, 0.0]), window, entries) == "because you clicked sofa"
-    assert reason_for(None, window, entries) == "because you clicked lamp"  # no vector: the newest event
+    # A candidate without a vector (deleted meanwhile) gets the newest event.
+    assert reasons_for([np.array([1.0, 0.05, 0.0]), np.array([0.0, 1.0, 0.0]), None], window, entries) == [
+        "because you viewed lamp and bought desk",
+        "because you clicked sofa",
+        "because you clicked lamp",
+    ]
 
 
 def test_a_reason_never_names_a_rejection_while_the_window_holds_anything_else() -> None:
     entries = [WindowEntry(1, "e1", "lamp", "view"), WindowEntry(2, "e2", "sofa", "skip")]
     window = np.array([[1.0, 0.0], [0.0, 1.0]])
-    assert reason_for(np.array([0.0, 1.0]), window, entries) == "because you viewed lamp"
-    assert reason_for(None, window, entries) == "because you viewed lamp"
+    assert reasons_for([np.array([0.0, 1.0]), None], window, entries) == ["because you viewed lamp"] * 2
     only_returns = [WindowEntry(1, "e1", "sofa", "return")]
-    assert reason_for(np.array([0.0, 1.0]), window[1:], only_returns) == "because you returned sofa"
+    assert reasons_for([np.array([0.0, 1.0])], window[1:], only_returns) == ["because you returned sofa"]
+    assert reasons_for([], window, entries) == []
 
 
 def test_interests_merge_by_each_candidates_closest_interest_without_repeats() -> None:
