@@ -73,7 +73,10 @@ class InterestEncoderConfig:
     # Training.
     loss: str = "full"  # full: softmax over the whole catalogue; sampled: shared uniform negatives
     negatives: int = 1024  # per batch, for the sampled loss
-    id_dropout: float = 0.0  # share of items trained as unseen (index 0), so the text path stands alone
+    id_dropout: float = 0.0  # share of input items trained as unseen (index 0), so the text path stands alone
+    # Share of the training softmax's candidates scored without their id each step, so that an item placed by
+    # its text alone also learns to win as the next item (what a new item must do).
+    candidate_id_dropout: float = 0.0
     epochs: int = 200
     batch_size: int = 128
     learning_rate: float = 1e-3
@@ -94,7 +97,7 @@ class InterestEncoderConfig:
             raise ValueError("an item tower needs ids (n_items > 0), text (text_dim > 0), or both")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} must be divisible by n_heads {self.n_heads}")
-        for name in ("dropout", "id_dropout"):
+        for name in ("dropout", "id_dropout", "candidate_id_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.loss not in ("full", "sampled"):

@@ -100,8 +100,10 @@ class CatalogueTensors:
             else torch.from_numpy(np.concatenate([np.zeros_like(text_vectors[:1]), text_vectors])).to(device)
         )
 
-    def all_items(self, model: InterestEncoder) -> torch.Tensor:  # [n_items, d]
-        return model.items(self.index, None if self.text_by_index is None else self.text_by_index[1:])
+    def all_items(self, model: InterestEncoder, id_dropout: float = 0.0) -> torch.Tensor:  # [n_items, d]
+        """Every item's vector; with id dropout (in training) a share of them placed by text alone."""
+        text = None if self.text_by_index is None else self.text_by_index[1:]
+        return model.items(_without_ids(self.index, id_dropout, model), text)
 
     def routed_loss(
         self, interests: torch.Tensor, targets: torch.Tensor, item_vectors: torch.Tensor, cfg: InterestEncoderConfig
@@ -113,10 +115,14 @@ class CatalogueTensors:
     def inputs(self, model: InterestEncoder, items: torch.Tensor, id_dropout: float) -> torch.Tensor:
         """Item vectors for a batch of indices; with id dropout some items lose their id (as if unseen)."""
         text = None if self.text_by_index is None else self.text_by_index[items]
-        index = items
-        if id_dropout and model.training:
-            index = items.masked_fill(torch.rand(items.shape, device=items.device) < id_dropout, 0)
-        return model.items(index, text)
+        return model.items(_without_ids(items, id_dropout, model), text)
+
+
+def _without_ids(index: torch.Tensor, id_dropout: float, model: InterestEncoder) -> torch.Tensor:
+    """``index`` with a random ``id_dropout`` share set to 0 (unseen) while training."""
+    if not id_dropout or not model.training:
+        return index
+    return index.masked_fill(torch.rand(index.shape, device=index.device) < id_dropout, 0)
 
 
 @torch.no_grad()
@@ -211,7 +217,7 @@ def train_epoch(
         states = model.interest_states(
             catalogue.inputs(model, batch.items, cfg.id_dropout), batch.types, batch.ages_s, batch.mask
         )
-        item_vectors = catalogue.all_items(model)
+        item_vectors = catalogue.all_items(model, cfg.candidate_id_dropout)
         # The current state learns every target; standing interests, each the targets closest to it. Routing
         # among all of them let the current state win nearly every target, and the others learnt nothing.
         loss = catalogue.routed_loss(states[:, :, :1], targets, item_vectors, cfg)

@@ -203,6 +203,10 @@ MODEL_FLAGS = {  # flag → (config field, type, help); unset flags keep the con
     "loss": (str, "full (softmax over the catalogue) or sampled (uniform negatives)"),
     "negatives": (int, "negatives per batch for the sampled loss"),
     "id_dropout": (float, "share of items trained without their id, so the text path stands alone"),
+    "candidate_id_dropout": (
+        float,
+        "share of the training softmax's items scored without their id, so new items (text only) learn to win",
+    ),
     "valid_users": (int, "validation users scored each epoch"),
     "weight_decay": (float, "Adam weight decay"),
     "refit": (bool, "after early stopping, train afresh on training + validation targets for the best epoch count"),

@@ -359,6 +359,14 @@ def test_items_never_in_training_are_exported_and_scored_as_unseen(tmp_path: Pat
     assert torch.equal(
         catalogue.routed_loss(states, targets, vectors, TINY), catalogue.routed_loss(states, targets, moved, TINY)
     )
+    # Candidate id dropout: in training, a share of the candidates is placed by text alone, as the cold item is.
+    model = InterestEncoder(dataclasses.replace(TINY, n_items=len(data.item_ids), text_dim=text.shape[1]))
+    with torch.no_grad():
+        text_only = model.items(torch.zeros(len(data.item_ids), dtype=torch.long), torch.from_numpy(text))
+        dropped = catalogue.all_items(model.train(), 0.5)
+        placed_by_text = torch.isclose(dropped, text_only).all(dim=1)
+        assert placed_by_text[cold] and 0.3 < placed_by_text.float().mean() < 0.7
+        assert torch.equal(catalogue.all_items(model.eval(), 0.5), catalogue.all_items(model))
 
     train_and_export(dataset, dataclasses.replace(TINY, epochs=1), tmp_path / "bundle", text, "t", lambda _m: None)
     lines = (tmp_path / "bundle" / ITEM_IDS_FILE).read_text().splitlines()
