@@ -101,16 +101,13 @@ class Recommender:
         emitted = self.clock()
         # The users collection holds one vector per user: of several interests, their mean.
         stored = user_vectors if user_vectors.ndim == 2 else user_vectors.mean(axis=1)
+        points = []
+        for (request, _), vector in zip(usable, stored, strict=True):
+            if not request.replayed:
+                key = self.pseudonyms.of(request.user_id)
+                points.append(VectorPoint(key, vector, {"user_id": key, "model": self.encoder.version, "ts": emitted}))
         with self.metrics.stage("upsert"):
-            self.store.upsert(
-                self.users_collection,
-                [
-                    VectorPoint(key, v, {"user_id": key, "model": self.encoder.version, "ts": emitted})
-                    for (request, _), v in zip(usable, stored, strict=True)
-                    if not request.replayed
-                    for key in [self.pseudonyms.of(request.user_id)]
-                ],
-            )
+            self.store.upsert(self.users_collection, points)
         return self._search_and_rank(usable, windows, user_vectors, self.top_k, None)
 
     def rules_for(self, request: ItemFilter | None) -> ItemFilter | None:
