@@ -27,6 +27,7 @@ the user's previous event. Events of users with no earlier event are not scored.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 import uuid
@@ -126,9 +127,11 @@ class HeldLists:
         self._reader.close()
 
     def held_before(self, user: str, ms: int) -> HeldList | None:
+        """The newest list of ``user`` that had arrived by ``ms`` (a user's lists are kept in arrival order)."""
         with self._lock:
-            before = [h for h in self._lists.get(user, []) if h.arrived_ms <= ms]
-        return before[-1] if before else None
+            lists = self._lists.get(user, [])
+            arrived = bisect.bisect_right(lists, ms, key=lambda held: held.arrived_ms)
+            return lists[arrived - 1] if arrived else None
 
     def answered(self, event_id: str) -> bool:
         with self._lock:
