@@ -117,14 +117,16 @@ class OnnxInterestEncoder:
         self.interests = self.config.interests
         if precision not in PRECISIONS:
             raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        has_fp16 = MODEL_FP16_FILE in self.manifest.files
-        for wanted, file, flag in (("fp16", MODEL_FP16_FILE, "--fp16"), ("int8", MODEL_INT8_FILE, "--int8")):
-            if precision == wanted and file not in self.manifest.files:
-                raise ModelError(f"{bundle} has no {wanted} user tower ({file}); export it with `rtrec train {flag}`")
+        tower_files = {"fp32": MODEL_FILE, "fp16": MODEL_FP16_FILE, "int8": MODEL_INT8_FILE}
+        if precision in ("fp16", "int8") and tower_files[precision] not in self.manifest.files:
+            raise ModelError(
+                f"{bundle} has no {precision} user tower ({tower_files[precision]}); "
+                f"export it with `rtrec train --{precision}`"
+            )
         # Half precision pays on a GPU's tensor cores; on a CPU it only adds casts.
-        auto_fp16 = precision == "auto" and has_fp16 and wants_cuda(provider)
+        auto_fp16 = precision == "auto" and MODEL_FP16_FILE in self.manifest.files and wants_cuda(provider)
         self.precision = "fp16" if auto_fp16 else "fp32" if precision == "auto" else precision
-        model_file = {"fp16": MODEL_FP16_FILE, "int8": MODEL_INT8_FILE}.get(self.precision, MODEL_FILE)
+        model_file = tower_files[self.precision]
         self._session = make_session(bundle / model_file, provider, intra_op_threads)
         self.provider = self._session.get_providers()[0]
 

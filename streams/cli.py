@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from encoder.config import PRECISIONS
 from infra.kafka_local import LocalKafka, LocalKafkaConfig
 from streams.errors import ConfigError, RtrecError
 from streams.settings import ENV_PREFIX, Settings
@@ -486,7 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--bundle", type=Path, required=True, help="the exported interest-encoder bundle")
     evaluate.add_argument("--report", type=Path, default=Path("report"), help="folder for report.md, plots, JSON")
     evaluate.add_argument(
-        "--precision", choices=("fp32", "fp16", "int8"), default="fp32", help="which exported user tower to score"
+        "--precision",
+        choices=[p for p in PRECISIONS if p != "auto"],
+        default="fp32",
+        help="which exported user tower to score",
     )
     evaluate.set_defaults(run=cmd_evaluate)
 

@@ -138,8 +138,10 @@ class UserWindow:
         if first_kept:
             evicted += self._entries[:first_kept]
             del self._entries[:first_kept]
-        if evicted:
-            self._evicted = sorted(self._evicted + evicted)[-self.max_events :]
+        # Every add to a full window evicts one entry: insert it, rather than re-sort what is kept.
+        for entry in evicted:
+            bisect.insort(self._evicted, entry)
+        del self._evicted[: -self.max_events]
 
     # ------------------------------------------------------------ storage format
 
