@@ -7,7 +7,7 @@ and ages are measured from it in event time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +31,22 @@ class EncoderInputs:
 
     def __len__(self) -> int:
         return int(self.mask.shape[0])
+
+    def fixed_shape_chunks(self, rows: int, length: int) -> Iterator[tuple[EncoderInputs, int]]:
+        """Chunks of exactly [rows, length]: positions left-padded, empty windows after the last one;
+        each with how many of its windows are real."""
+        extra = length - self.mask.shape[1]
+        if extra < 0:
+            raise ValueError(f"windows of {self.mask.shape[1]} positions do not fit in {length}")
+        for start in range(0, len(self), rows):
+            real = min(rows, len(self) - start)
+
+            def fit(array: np.ndarray, start: int = start, real: int = real) -> np.ndarray:
+                padding = [(0, rows - real), (extra, 0)] + [(0, 0)] * (array.ndim - 2)
+                return np.pad(array[start : start + real], padding)
+
+            chunk = EncoderInputs(fit(self.item_vectors), fit(self.event_types), fit(self.ages_s), fit(self.mask))
+            yield chunk, real
 
 
 @dataclass(frozen=True)

@@ -202,6 +202,12 @@ class EventBatchProcessor:
                 served = window if then is None else then
                 requests.append(RefreshRequest(user_id, served, events[-1], ids, replayed=then is not None))
 
+        with stage("lookup"):
+            # A replay's window may hold entries evicted since, whose vectors the fetch above left out.
+            then_items = {e.item_id for r in requests if r.replayed for e in r.window.entries} - vectors.keys()
+            if then_items:
+                vectors = {**vectors, **self.recommender.item_vectors(sorted(then_items))}
+
         self.trending.add(fresh)
         outcome.recommendations = self.recommender.refresh_batch(requests, vectors)
         outcome.counts = {

@@ -185,9 +185,9 @@ class Recommender:
     ) -> list[Recommendation]:
         candidate_vectors = self.item_vectors(sorted({hit.id for candidates in hits for hit in candidates}))
         recommendations = []
-        now = self.clock()
         for (request, entries), window, candidates, signals in zip(usable, windows, hits, feedback, strict=True):
-            shown = rerank(candidates, candidate_vectors, k, self.policy, now, signals)
+            # Catalogue age at the time of the user's event, not of processing: a replay ranks as the first pass did.
+            shown = rerank(candidates, candidate_vectors, k, self.policy, request.trigger.ts, signals)
             reasons = reasons_for([candidate_vectors.get(hit.id) for hit in shown], window.item_vectors, entries)
             items = [
                 RecommendedItem(hit.id, round(hit.score, 6), reason) for hit, reason in zip(shown, reasons, strict=True)

@@ -11,7 +11,7 @@ order of an over-fetched candidate list (``RerankPolicy.candidates`` deep):
   ``bought_duplicate_similarity`` set, candidates at least that similar to an item the
   user bought are left out (near-duplicates of a purchase);
 - freshness: a candidate's relevance is halved for every ``freshness_half_life_s`` of
-  its catalogue age (the item's ``ts``), so new items surface sooner;
+  its catalogue age (from the item's ``ts`` to the user's event), so new items surface sooner;
 - diversity: maximal marginal relevance (MMR) picks, one by one, the candidate with the
   best ``(1 - diversity) * relevance - diversity * (its highest cosine similarity to an
   item already picked)``, so one near-duplicate cluster cannot fill the list.

@@ -8,11 +8,13 @@ store). Collections rank by dot product, as the model scores.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from streams.errors import VectorStoreError
 from streams.ports import SearchHit, SearchQuery, VectorPoint
@@ -23,33 +25,62 @@ DISTANCE = models.Distance.DOT
 
 
 class QdrantVectorStore:
-    def __init__(self, client: QdrantClient, *, prefix: str = "", search_ef: int = 0) -> None:
+    def __init__(self, client: QdrantClient, *, prefix: str = "", search_ef: int = 0, url: str = "") -> None:
         self._client = client
         self._search_params = models.SearchParams(hnsw_ef=search_ef) if search_ef else None
         self._prefix = prefix  # lets several pipelines (or tests) share one Qdrant
+        self._url = url or "the Qdrant server"
 
     @classmethod
     def connect(
         cls, url: str, api_key: str | None = None, search_ef: int = 0, verify: ssl.SSLContext | bool = True
     ) -> QdrantVectorStore:
         """``verify``: how an https server's certificate is checked (passed to the HTTP client)."""
-        return cls(QdrantClient(url=url, api_key=api_key, timeout=30, verify=verify), search_ef=search_ef)
+        # No version check: it runs on a thread of its own and, against a server that refuses the key or
+        # the certificate, only warns from there; ensure_collection says what is wrong instead.
+        client = QdrantClient(url=url, api_key=api_key, timeout=30, verify=verify, check_compatibility=False)
+        return cls(client, search_ef=search_ef, url=url)
 
     def _name(self, collection: str) -> str:
         return self._prefix + collection
 
     def ensure_collection(self, name: str, dim: int) -> None:
         full = self._name(name)
-        if self._client.collection_exists(full):
-            params = self._client.get_collection(full).config.params.vectors
-            existing = (getattr(params, "size", None), getattr(params, "distance", None))
-            if existing != (dim, DISTANCE):
+        with self._explained():
+            if self._client.collection_exists(full):
+                params = self._client.get_collection(full).config.params.vectors
+                existing = (getattr(params, "size", None), getattr(params, "distance", None))
+                if existing != (dim, DISTANCE):
+                    raise VectorStoreError(
+                        f"collection {full!r} holds {existing[0]}-d vectors ranked by {existing[1]}; the model makes "
+                        f"{dim}-d vectors ranked by {DISTANCE} (a different model: delete the collection to re-embed)"
+                    )
+                return
+            self._client.create_collection(full, vectors_config=models.VectorParams(size=dim, distance=DISTANCE))
+
+    @contextmanager
+    def _explained(self) -> Iterator[None]:
+        """A server that cannot be reached or refuses the key, as one line naming the setting to check.
+
+        Only where a collection is opened: on the data path, failures are retried (``store_retry``).
+        """
+        try:
+            yield
+        except UnexpectedResponse as exc:
+            if exc.status_code not in (401, 403):
+                raise
+            raise VectorStoreError(
+                f"Qdrant at {self._url} refused the request ({exc.status_code} {exc.reason_phrase}): "
+                "RTREC_QDRANT_API_KEY must be a key it accepts"
+            ) from None
+        except ResponseHandlingException as exc:
+            reason = str(exc.source) or type(exc.source).__name__
+            if "CERTIFICATE_VERIFY_FAILED" in reason:
                 raise VectorStoreError(
-                    f"collection {full!r} holds {existing[0]}-d vectors ranked by {existing[1]}; the model makes "
-                    f"{dim}-d vectors ranked by {DISTANCE} (a different model: delete the collection to re-embed)"
-                )
-            return
-        self._client.create_collection(full, vectors_config=models.VectorParams(size=dim, distance=DISTANCE))
+                    f"the TLS handshake with Qdrant at {self._url} failed: {reason} "
+                    "(RTREC_QDRANT_CA_CERT must name the CA that signed the server's certificate)"
+                ) from None
+            raise VectorStoreError(f"Qdrant at {self._url} is unreachable: {reason}") from None
 
     def build_index(self, collection: str) -> None:
         """The server indexes in the background by itself."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -31,16 +32,22 @@ ROUTES: list[tuple[str, re.Pattern[str], str]] = [
 
 
 class FakeQdrant:
-    def __init__(self, port: int) -> None:
+    """``api_key``: requests without it in their ``api-key`` header are refused (401), as Qdrant does;
+    ``tls``: the server's side of TLS (https only)."""
+
+    def __init__(self, port: int, *, api_key: str | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.port = port
+        self.api_key = api_key
+        self.tls = tls
         self.engine = QdrantClient(location=":memory:")
         self.lock = threading.Lock()  # the in-memory engine is not meant for concurrent writers
         self.requests = 0
+        self.refused = 0
         self._server: ThreadingHTTPServer | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         fake = self
@@ -53,6 +60,11 @@ class FakeQdrant:
                 path = self.path.split("?")[0]
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length)) if length else {}
+                if fake.api_key is not None and self.headers.get("api-key") != fake.api_key:
+                    with fake.lock:
+                        fake.refused += 1
+                    self.send_error(401, "Unauthorized", "Must provide an API key or an Authorization bearer token")
+                    return
                 for method, pattern, action in ROUTES:
                     match = pattern.match(path)
                     if method == self.command and match:
@@ -73,6 +85,8 @@ class FakeQdrant:
             do_GET = do_PUT = do_POST = do_DELETE = _handle  # noqa: N815 - the names http.server dispatches to
 
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        if self.tls is not None:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:

@@ -11,25 +11,31 @@ one clear error line that does not repeat the password.
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import tempfile
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from kafka import KafkaConsumer
 
 from encoder.config import INTEREST_BUNDLE, BundleManifest
 from infra.kafka_local import LocalKafka, LocalKafkaConfig, free_port
+from streams.app import open_vector_store
 from streams.cli import main
+from streams.errors import VectorStoreError
 from streams.kafka_io import make_consumer
+from streams.ports import VectorPoint
 from streams.pseudonym import Pseudonyms
 from streams.recommend import now_ms
-from streams.settings import Secret
+from streams.settings import Secret, Settings
 from streams.store_edge import EdgeVectorStore
+from tests.fake_qdrant import FakeQdrant
 from tests.harness import Pipeline
 
 pytestmark = pytest.mark.integration
@@ -194,6 +200,46 @@ def test_a_broker_certificate_the_ca_did_not_sign_is_one_line(
     assert captured.err.startswith("rtrec: error: ") and captured.err.count("\n") == 1, captured.err
     assert PASSWORD not in captured.err + captured.out
     assert "the TLS handshake failed: self-signed certificate in certificate chain" in captured.err, captured.err
+
+
+QDRANT_KEY = "qdrant-key-for-rtrec"
+
+
+def test_the_qdrant_server_is_reached_over_tls_with_its_api_key(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ca_file, _ = _tls_material(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(tmp_path / "broker.pem", tmp_path / "broker.key")
+    qdrant = FakeQdrant(free_port(), api_key=QDRANT_KEY, tls=tls)  # https only, the key required
+    qdrant.start()
+    try:
+        settings = Settings(
+            home=tmp_path, qdrant_url=qdrant.url, qdrant_api_key=Secret(QDRANT_KEY), qdrant_ca_cert=str(ca_file)
+        )
+        store = open_vector_store(settings)
+        store.ensure_collection("items", 4)
+        store.upsert("items", [VectorPoint("i1", np.ones(4, dtype=np.float32), {})])
+        assert list(store.fetch_vectors("items", ["i1"])) == ["i1"]
+        assert qdrant.requests >= 3 and qdrant.refused == 0
+        wrong_key = "not-the-qdrant-key"
+        failures = {
+            r"refused the request \(401 Unauthorized\): RTREC_QDRANT_API_KEY": replace(
+                settings, qdrant_api_key=Secret(wrong_key)
+            ),
+            # Without a CA file the system's CAs are trusted, and none of them signed the server's certificate.
+            r"TLS handshake with Qdrant at https://.* certificate verify failed.*RTREC_QDRANT_CA_CERT": (
+                replace(settings, qdrant_ca_cert="")
+            ),
+        }
+        for expected, wrong in failures.items():
+            with pytest.raises(VectorStoreError, match=expected) as failure:
+                open_vector_store(wrong).ensure_collection("items", 4)
+            assert wrong_key not in str(failure.value) and QDRANT_KEY not in str(failure.value)
+        assert qdrant.refused >= 1
+        assert QDRANT_KEY not in caplog.text and wrong_key not in caplog.text
+    finally:
+        qdrant.stop()
 
 
 def test_pseudonymised_state_holds_no_user_id_and_survives_a_restart(
