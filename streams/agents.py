@@ -20,7 +20,11 @@ from typing import Any, cast
 
 import faust
 from faust import streams as faust_streams
+from faust.types import TP
 
+from streams.errors import BrokerError
+from streams.kafka_io import TopicRecord, read_uncommitted
+from streams.offset_holes import OffsetHoles
 from streams.process import CatalogBatchProcessor, EventBatchProcessor, IncomingMessage
 from streams.pseudonym import Pseudonyms
 from streams.records import encode_deadletter, encode_recommendation
@@ -141,26 +145,50 @@ def register_agents(
         for letter in letters:
             await deadletter_topic.send(key=letter.key, value=encode_deadletter(letter))
 
+    async def process_event_batch(messages: Sequence[IncomingMessage]) -> None:
+        loop = asyncio.get_running_loop()
+        partition_of = {m.key: m.partition for m in messages if m.key is not None}
+        with stage("state"):
+            stored = {user: windows.get(_key(state_key, user)) for user in events.users_in(messages)}
+        outcome = await loop.run_in_executor(event_worker, events.process, messages, stored)
+        with stage("state"):
+            for user_id, stored_window in outcome.windows.items():
+                partition = partition_of[user_id.encode("utf-8")]
+                windows.put(_key(state_key, user_id), stored_window, partition)
+            for user_id in outcome.forgotten:  # a tombstone in the changelog
+                windows.delete(_key(state_key, user_id), partition_of[user_id.encode("utf-8")])
+        with stage("produce"):
+            for rec in outcome.recommendations:
+                await recommendations_topic.send(key=rec.user_id.encode("utf-8"), value=encode_recommendation(rec))
+            await dead_letter(outcome.dead_letters)
+        log.debug("events batch: %s", outcome.counts)
+
+    holes: OffsetHoles[TP] = OffsetHoles()
+
+    async def recover_skipped(messages: Sequence[IncomingMessage]) -> None:
+        """Process the messages the stream jumped over before this batch (see ``streams.offset_holes``)."""
+        consumer = cast(Any, app.consumer)  # Faust exposes no public accessor for what follows
+        delivered = [(consumer._new_topicpartition(m.topic, m.partition), m.offset) for m in messages]
+        skipped = holes.skipped(app.consumer_generation_id, delivered, lambda tp: _committed(app, tp))
+        for tp, start, stop in skipped:
+            records = await _read_back(settings, tp, start, stop)
+            lost = [IncomingMessage(r.key, r.value, tp.topic, r.partition, r.offset) for r in records]
+            log.warning(
+                "%s partition %d: the stream skipped offsets %d to %d (faust-streaming #596); "
+                "%d messages no worker had committed read back from the broker and processed",
+                tp.topic, tp.partition, start, stop - 1, len(lost),
+            )  # fmt: skip
+            events.metrics.skipped_messages.labels(tp.topic).inc(len(lost))
+            if lost:
+                await process_event_batch(lost)
+            await consumer._add_gap(tp, start, stop - 1)  # done: Faust's commits may move past them
+
     @app.agent(events_topic, name="rtrec.events")
     async def process_events(stream: faust.StreamT) -> None:
-        loop = asyncio.get_running_loop()
         async for batch in _batches(stream, settings):
             messages = _incoming(batch)
-            partition_of = {m.key: m.partition for m in messages if m.key is not None}
-            with stage("state"):
-                stored = {user: windows.get(_key(state_key, user)) for user in events.users_in(messages)}
-            outcome = await loop.run_in_executor(event_worker, events.process, messages, stored)
-            with stage("state"):
-                for user_id, stored_window in outcome.windows.items():
-                    partition = partition_of[user_id.encode("utf-8")]
-                    windows.put(_key(state_key, user_id), stored_window, partition)
-                for user_id in outcome.forgotten:  # a tombstone in the changelog
-                    windows.delete(_key(state_key, user_id), partition_of[user_id.encode("utf-8")])
-            with stage("produce"):
-                for rec in outcome.recommendations:
-                    await recommendations_topic.send(key=rec.user_id.encode("utf-8"), value=encode_recommendation(rec))
-                await dead_letter(outcome.dead_letters)
-            log.debug("events batch: %s", outcome.counts)
+            await recover_skipped(messages)
+            await process_event_batch(messages)
 
     @app.agent(items_topic, name="rtrec.catalog")
     async def process_catalog(stream: faust.StreamT) -> None:
@@ -192,6 +220,21 @@ def register_agents(
             lag.labels(tp.topic, str(tp.partition)).set(max(ends.get(tp, done) - done, 0))
 
     return Agents(windows, state_key, event_worker, catalog_worker)
+
+
+async def _read_back(settings: Settings, tp: TP, start: int, stop: int) -> list[TopicRecord]:
+    """The records at offsets ``start`` to ``stop - 1`` that no worker of the group has committed past,
+    read until the broker answers (the batch waits)."""
+    backoff = 0.5
+    while True:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                None, read_uncommitted, settings, settings.app_id, tp.topic, tp.partition, start, stop
+            )
+        except BrokerError as exc:
+            log.warning("reading skipped messages back failed (%s); retrying in %.1f s", exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
 
 
 def _committed(app: faust.App, tp: Any) -> int | None:

@@ -124,6 +124,8 @@ def group_lag(settings: Settings, group_id: str, topic: str) -> int:
 class TopicRecord:
     key: bytes | None
     value: bytes | None
+    partition: int = 0
+    offset: int = 0
 
 
 @contextmanager
@@ -146,24 +148,56 @@ def end_offsets(settings: Settings, topic: str, wait_s: float = 2.0) -> dict[int
         return {tp.partition: offset for tp, offset in consumer.end_offsets(partitions).items()}
 
 
+def read_offsets(settings: Settings, topic: str, partition: int, start: int, stop: int) -> list[TopicRecord]:
+    """The records of one partition at offsets ``start`` to ``stop - 1`` (fewer where some are gone)."""
+    chunks = read_until(settings, topic, {partition: stop}, timeout_s=60.0, starts={partition: start})
+    return [record for chunk in chunks for record in chunk]
+
+
+def read_uncommitted(
+    settings: Settings, group_id: str, topic: str, partition: int, start: int, stop: int
+) -> list[TopicRecord]:
+    """``read_offsets``, less the offsets consumer group ``group_id`` has committed past (processed, by
+    any of its members)."""
+    try:
+        consumer = KafkaConsumer(**settings.kafka_options(), group_id=group_id, enable_auto_commit=False)
+    except KafkaError as exc:
+        raise BrokerError(f"cannot connect a consumer to {settings.bootstrap_servers}: {exc}") from None
+    try:
+        committed = consumer.committed(TopicPartition(topic, partition)) or 0
+    finally:
+        consumer.close(autocommit=False)
+    return read_offsets(settings, topic, partition, max(start, committed), stop) if committed < stop else []
+
+
 def read_until(
-    settings: Settings, topic: str, until: Mapping[int, int], timeout_s: float = 600.0, chunk: int = 2048
+    settings: Settings,
+    topic: str,
+    until: Mapping[int, int],
+    timeout_s: float = 600.0,
+    chunk: int = 2048,
+    starts: Mapping[int, int] | None = None,
 ) -> Iterator[list[TopicRecord]]:
-    """The topic from its start up to ``until`` (end offsets per partition), in chunks, in order per partition."""
-    remaining = {p: end for p, end in until.items() if end > 0}
+    """The topic from its start (or ``starts``) up to ``until`` (end offsets per partition), in chunks, in order
+    per partition."""
+    remaining = {p: end for p, end in until.items() if end > (starts or {}).get(p, 0)}
     if not remaining:
         return
     with plain_consumer(settings) as consumer:
         partitions = [TopicPartition(topic, p) for p in remaining]
         consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
+        for tp in partitions:
+            if starts and tp.partition in starts:
+                consumer.seek(tp, starts[tp.partition])
+            else:
+                consumer.seek_to_beginning(tp)
         deadline = time.monotonic() + timeout_s
         while remaining:
             if time.monotonic() > deadline:
                 raise BrokerError(f"reading the topic {topic!r} took over {timeout_s:.0f} s")
             batches = consumer.poll(timeout_ms=500, max_records=chunk)
             records = [
-                TopicRecord(r.key, r.value)
+                TopicRecord(r.key, r.value, tp.partition, r.offset)
                 for tp, polled in batches.items()
                 for r in polled
                 if r.offset < until[tp.partition]

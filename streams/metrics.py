@@ -58,6 +58,12 @@ class WorkerMetrics:
             ["operation"],
             registry=self.registry,
         )
+        self.skipped_messages = Counter(
+            "rtrec_skipped_messages",
+            "Input messages the stream skipped (faust-streaming #596), read back from the broker and processed",
+            ["topic"],
+            registry=self.registry,
+        )
         self.model = Gauge(
             "rtrec_model_info", "The loaded interest encoder (value 1)", ["version", "provider"], registry=self.registry
         )

@@ -196,11 +196,13 @@ class EventBatchProcessor:
                 self._keep(user_id, stored_now, window)
                 # Redelivered events only (a replay after a crash): answer from the window they first met,
                 # so that a (user, trigger) pair gets the list it got before, not one of a later window.
-                redelivered = all(r is AddOutcome.DUPLICATE for r in results)
-                then = window.as_of(events[-1].event_id) if redelivered else None
+                # Otherwise the trigger is the last event new to the window, a pair not answered before.
+                new = [e for e, r in zip(events, results, strict=True) if r is not AddOutcome.DUPLICATE]
+                then = None if new else window.as_of(events[-1].event_id)
                 ids = tuple(e.event_id for e in events)
                 served = window if then is None else then
-                requests.append(RefreshRequest(user_id, served, events[-1], ids, replayed=then is not None))
+                trigger = new[-1] if new else events[-1]
+                requests.append(RefreshRequest(user_id, served, trigger, ids, replayed=then is not None))
 
         with stage("lookup"):
             # A replay's window may hold entries evicted since, whose vectors the fetch above left out.

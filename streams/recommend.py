@@ -43,7 +43,7 @@ def now_ms() -> int:
 class RefreshRequest:
     user_id: str
     window: UserWindow
-    trigger: Event  # the user's last event to arrive in this micro-batch
+    trigger: Event  # the user's last event in this micro-batch that was new to their window (if any was)
     event_ids: tuple[str, ...]  # every event of the user this refresh accounts for
     # A redelivery answered from the window the events first met: the users collection already holds a
     # newer vector for this user, which the answer must not overwrite.

@@ -13,6 +13,10 @@ Two measured facts shape this adapter (2-core CPU, 100k × 64-d items):
   (seconds per 100k points). So it runs only where nothing is being served: after
   a bulk load and when a worker opens a collection with many unindexed points.
   Points upserted while serving sit in an exactly-searched segment until then.
+
+One process holds a shard at a time (Qdrant Edge locks its write-ahead log). A worker
+that finds its store locked, say by a predecessor still shutting down, waits for it
+with backoff for up to ``lock_wait_s`` before it gives up with an error.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import logging
 import re
 import shutil
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,11 +41,16 @@ log = logging.getLogger(__name__)
 
 # Collections holding more unindexed points than this are indexed when opened.
 INDEX_WHEN_UNINDEXED = 20_000
+LOCK_WAIT_S = 120.0
+MAX_LOCK_BACKOFF_S = 5.0
 
 
 class EdgeVectorStore:
-    def __init__(self, path: Path, *, search_threads: int = 1, search_ef: int = 0) -> None:
+    def __init__(
+        self, path: Path, *, search_threads: int = 1, search_ef: int = 0, lock_wait_s: float = LOCK_WAIT_S
+    ) -> None:
         self._path = path
+        self._lock_wait_s = lock_wait_s
         self._search_params = edge.SearchParams(hnsw_ef=search_ef) if search_ef else None
         self._search_threads = search_threads  # one worker process per core: no thread pool per search
         self._shards: dict[str, edge.EdgeShard] = {}
@@ -70,19 +80,32 @@ class EdgeVectorStore:
             vectors=edge.EdgeVectorParams(size=dim, distance=edge.Distance.Dot),
             max_search_threads=self._search_threads,
         )
-        try:
-            if folder.exists() and any(folder.iterdir()):
-                shard = edge.EdgeShard.load(str(folder), config)  # checks the stored vectors against config
-            else:
-                shard = edge.EdgeShard.create(str(folder), config)
-        except Exception as exc:  # the binding raises plain Exception with Qdrant's message
-            stored = re.search(
-                r"expected vector size \d+, but got (\d+)|expected distance \w+, but got (\w+)", str(exc)
-            )
-            if stored:
-                held = f"{stored[1]}-d vectors" if stored[1] else f"{dim}-d vectors ranked by {stored[2]}"
-                raise _other_model(name, held, dim) from None
-            raise VectorStoreError(f"embedded Qdrant at {folder} is unavailable: {exc}") from None
+        deadline = time.monotonic() + self._lock_wait_s
+        backoff = 0.1
+        while True:
+            try:
+                if folder.exists() and any(folder.iterdir()):
+                    shard = edge.EdgeShard.load(str(folder), config)  # checks the stored vectors against config
+                else:
+                    shard = edge.EdgeShard.create(str(folder), config)
+                break
+            except Exception as exc:  # the binding raises plain Exception with Qdrant's message
+                stored = re.search(
+                    r"expected vector size \d+, but got (\d+)|expected distance \w+, but got (\w+)", str(exc)
+                )
+                if stored:
+                    held = f"{stored[1]}-d vectors" if stored[1] else f"{dim}-d vectors ranked by {stored[2]}"
+                    raise _other_model(name, held, dim) from None
+                if "WouldBlock" not in str(exc):
+                    raise VectorStoreError(f"embedded Qdrant at {folder} is unavailable: {exc}") from None
+                if time.monotonic() + backoff > deadline:
+                    raise VectorStoreError(
+                        f"embedded Qdrant at {folder} stayed locked by another process for {self._lock_wait_s:.0f} s: "
+                        "each worker needs its own RTREC_QDRANT_PATH (workers can share a Qdrant server instead)"
+                    ) from None
+                log.warning("embedded Qdrant at %s is locked by another process; retrying in %.1f s", folder, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, MAX_LOCK_BACKOFF_S)
         self._dims[name] = dim
         return shard
 

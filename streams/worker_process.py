@@ -2,9 +2,10 @@
 
 Readiness is Faust's own "[^Worker]: Ready" line, logged once table recovery is
 over and the stream partitions are seeked to their committed offsets. Input sent
-before that point can hit faust-streaming's recovery race (its issue #596: offsets
-fetched during recovery can be left unacknowledged, which stalls commits), so the
-demo and the tests send nothing until a worker is ready.
+before that point can hit faust-streaming's recovery race (its issue #596: the stream
+can skip messages fetched around the recovery). The worker reads skipped messages back
+from the broker (``streams.offset_holes``), but the demo and the bench still send nothing
+until a worker is ready, so that their figures do not include that detour.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ def wait_group_ready(workers: Sequence[WorkerProcess], timeout_s: float = 120.0)
 
     One worker's "Ready" can come before another's join rebalances the group; input sent
     while a worker recovers in that rebalance meets faust-streaming's recovery race (#596),
-    which stalled `rtrec bench` with two workers.
+    which stalled `rtrec bench` with two workers before the worker read skipped messages back
+    (``streams.offset_holes``).
     """
     deadline = time.monotonic() + timeout_s
     for worker in workers:

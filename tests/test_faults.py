@@ -10,11 +10,12 @@ the README's table of the fault suite comes from them.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import msgpack
@@ -34,6 +35,8 @@ pytestmark = pytest.mark.integration
 FAULT_EVENTS = 20_000
 BAD_EVERY = 1_000  # one malformed message per this many events
 WINDOW = 50
+# The worker's warning when its stream skipped messages and it read them back from the broker.
+READ_BACK = re.compile(r"the stream skipped offsets \d+ to \d+ .*; (\d+) messages")
 
 
 def _stream(pipeline: Pipeline, n: int) -> list[Event]:
@@ -58,8 +61,6 @@ class Sender:
         self.sent = 0
         self.bad = 0
         self.error: BaseException | None = None
-        self.flowing = threading.Event()  # cleared: the sender holds back (see pause)
-        self.flowing.set()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> Sender:
@@ -71,9 +72,6 @@ class Sender:
             producer, topic = self.pipeline.producer, self.pipeline.settings.events_topic
             started = time.monotonic()
             for n, event in enumerate(self.events, start=1):
-                if not self.flowing.is_set():
-                    self.flowing.wait()
-                    started = time.monotonic() - n / self.rate  # carry on at the rate, no catch-up burst
                 producer.send(topic, key=event.user_id.encode(), value=encode_event(event))
                 if n % BAD_EVERY == 0:
                     producer.send(topic, key=event.user_id.encode(), value=_bad(n, event.user_id))
@@ -94,20 +92,23 @@ class Sender:
             time.sleep(0.05)
         return self.sent
 
-    def pause(self) -> None:
-        self.flowing.clear()
-        self.pipeline.producer.flush(timeout=60)
-
-    def resume(self) -> None:
-        self.flowing.set()
-
     def join(self, timeout_s: float = 300.0) -> None:
         self._thread.join(timeout_s)
         assert not self._thread.is_alive() and self.error is None, self.error
 
 
-def _account(pipeline: Pipeline, sender: Sender, fault: str, at_fault: int, **observed: float) -> dict[str, object]:
-    """Waits until every event is accounted for; checks the stored windows; returns the figures."""
+def _account(
+    pipeline: Pipeline,
+    sender: Sender,
+    fault: str,
+    at_fault: int,
+    workers: Sequence[WorkerProcess] = (),
+    **observed: float,
+) -> dict[str, object]:
+    """Waits until every event is accounted for; checks the stored windows; returns the figures.
+
+    ``workers``: whose logs to count the events read back after the stream skipped them (faust-streaming #596).
+    """
     ids = {e.event_id for e in sender.events}
     bad_ids = {f"bad-{n}" for n in range(BAD_EVERY, len(sender.events) + 1, BAD_EVERY)}
     outputs = pipeline.collect_until(
@@ -137,6 +138,7 @@ def _account(pipeline: Pipeline, sender: Sender, fault: str, at_fault: int, **ob
         "replayed (reflected twice)": len(delivered) - len(set(delivered)),
         "same (user, trigger) with another list": sum(len(v) > 1 for v in lists.values()),
         "users": len(replayed),
+        "skipped, read back": sum(int(n) for worker in workers for n in READ_BACK.findall(worker.log())),
         **observed,
     }
     print(f"\nfault-suite figures: {figures}")
@@ -164,7 +166,7 @@ def test_a_worker_killed_mid_stream_loses_nothing(pipeline: Pipeline) -> None:
     pipeline.worker = WorkerProcess(pipeline.settings, pipeline.log_path)
     pipeline.worker.wait_ready()
     sender.join()
-    figures = _account(pipeline, sender, "worker SIGKILL mid-stream, restarted", at_fault)
+    figures = _account(pipeline, sender, "worker SIGKILL mid-stream, restarted", at_fault, (pipeline.worker,))
     assert figures["lost"] == 0
     assert figures["replayed (reflected twice)"] > 0, "the kill must strike before a commit"
 
@@ -201,13 +203,6 @@ def _wait_recovered(worker: WorkerProcess, before: int, timeout_s: float = 120.0
         time.sleep(0.2)
 
 
-def _drain(pipeline: Pipeline, sender: Sender) -> None:
-    """Holds input back until what was sent is reflected: the rebalance then meets no backlog."""
-    sender.pause()
-    sent = {e.event_id for e in sender.events[: sender.sent]}
-    pipeline.collect_until(lambda out: sent <= out.covered_event_ids(), timeout_s=120)
-
-
 def test_a_worker_joining_and_leaving_moves_state_with_the_partitions(pipeline: Pipeline, tmp_path: Path) -> None:
     assert pipeline.worker is not None
     first = pipeline.worker
@@ -216,25 +211,22 @@ def test_a_worker_joining_and_leaving_moves_state_with_the_partitions(pipeline: 
     second_settings = dataclasses.replace(pipeline.settings, home=tmp_path / "second")
     catalogue = [(item.item_id, encode_item(item)) for item in pipeline.workload.catalog]
     load_catalog(second_settings, catalogue, print)
+    # Input keeps flowing through both rebalances.
     at_fault = sender.wait_until_sent(FAULT_EVENTS // 4)
-    # Input holds back, and the backlog drains, while the group rebalances: faust-streaming can leave
-    # offsets fetched during table recovery unacknowledged (its issue #596) and stall (see the README).
-    _drain(pipeline, sender)
     recovered = first.log().count(RECOVERED)
     second = WorkerProcess(second_settings, tmp_path / "second.log")
     try:
         second.wait_ready()
         _wait_recovered(first, recovered)
-        sender.resume()
         sender.wait_until_sent(FAULT_EVENTS * 3 // 4)
-        _drain(pipeline, sender)
         recovered = first.log().count(RECOVERED)
     finally:
         second.stop()  # leaves: its partitions and their windows go back to the first worker
     _wait_recovered(first, recovered)
-    sender.resume()
     sender.join()
-    figures = _account(pipeline, sender, "second worker joined, then left, mid-stream", at_fault)
+    # faust-streaming can skip messages of a partition in a rebalance (its #596); the worker then reads them
+    # back from the broker. Before it did, 4 of 9 runs with input flowing lost events so.
+    figures = _account(pipeline, sender, "second worker joined, then left, mid-stream", at_fault, (first, second))
     assert figures["lost"] == 0
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType
+from kafka.structs import OffsetAndMetadata
 
 from infra.kafka_local import LocalKafka, LocalKafkaConfig, free_port, new_cluster_id
 from infra.topics import admin_client, ensure_pipeline_topics, topic_specs
 from streams.errors import BrokerError
+from streams.kafka_io import make_producer, read_offsets, read_uncommitted
 from streams.settings import Settings
 from tests.harness import isolated_names
 
@@ -46,6 +49,28 @@ def test_topic_bootstrap_is_idempotent_with_policies(kafka: LocalKafka) -> None:
         assert str(settings.events_retention_hours * 3600 * 1000) in text
     finally:
         admin.close()
+
+
+def test_a_range_of_offsets_is_read_back_from_one_partition(kafka: LocalKafka) -> None:
+    settings = Settings(kafka_bootstrap=kafka.config.bootstrap, topic_partitions=2).with_overrides(**isolated_names())
+    ensure_pipeline_topics(settings)
+    producer = make_producer(settings)
+    for n in range(10):
+        producer.send(settings.events_topic, key=b"k", value=f"v{n}".encode(), partition=1)
+    producer.flush()
+    producer.close()
+    records = read_offsets(settings, settings.events_topic, 1, 3, 7)
+    assert [(r.partition, r.offset, r.value) for r in records] == [(1, n, f"v{n}".encode()) for n in range(3, 7)]
+    assert read_offsets(settings, settings.events_topic, 0, 0, 0) == []
+    # What a consumer group has committed past was processed: only the rest is read back.
+    group = KafkaConsumer(bootstrap_servers=kafka.config.bootstrap, group_id="readers", enable_auto_commit=False)
+    partition = TopicPartition(settings.events_topic, 1)
+    group.assign([partition])
+    group.commit({partition: OffsetAndMetadata(5, "", -1)})
+    group.close(autocommit=False)
+    assert [r.offset for r in read_uncommitted(settings, "readers", settings.events_topic, 1, 3, 7)] == [5, 6]
+    assert read_uncommitted(settings, "readers", settings.events_topic, 1, 3, 5) == []
+    assert [r.offset for r in read_uncommitted(settings, "others", settings.events_topic, 1, 3, 5)] == [3, 4]
 
 
 def test_missing_java_or_maven_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -170,9 +171,15 @@ def test_embedded_store_keeps_its_points_across_reopen_and_refuses_another_model
     store = EdgeVectorStore(tmp_path)
     store.ensure_collection("items", DIM)
     store.upsert("items", _points(30))
-    with pytest.raises(VectorStoreError, match="is unavailable"):  # one process owns a folder at a time
-        EdgeVectorStore(tmp_path).ensure_collection("items", DIM)
-    store.close()
+    # One owner of a folder at a time: another waits for the lock (up to lock_wait_s), then says why it gave up.
+    with pytest.raises(VectorStoreError, match="stayed locked by another process for 1 s: each worker needs its own"):
+        EdgeVectorStore(tmp_path, lock_wait_s=1).ensure_collection("items", DIM)
+    waiting = EdgeVectorStore(tmp_path, lock_wait_s=60)
+    threading.Timer(1.0, store.close).start()  # say, a worker that was still shutting down
+    started = time.monotonic()
+    waiting.ensure_collection("items", DIM)
+    assert time.monotonic() - started >= 0.9 and len(waiting.fetch_vectors("items", ["item-1", "item-2"])) == 2
+    waiting.close()
 
     reopened = EdgeVectorStore(tmp_path)
     reopened.ensure_collection("items", DIM)
