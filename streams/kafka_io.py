@@ -109,23 +109,33 @@ def iterate(consumer: KafkaConsumer, timeout_s: float) -> Iterator[tuple[str, by
                 yield tp.topic, record.key, record.value
 
 
+@contextmanager
+def group_reader(settings: Settings, group_id: str) -> Iterator[KafkaConsumer]:
+    """A consumer that reads consumer group ``group_id``'s committed offsets without joining it or committing."""
+    try:
+        consumer = KafkaConsumer(**settings.kafka_options(), group_id=group_id, enable_auto_commit=False)
+    except KafkaError as exc:
+        raise BrokerError(f"cannot connect a consumer to {settings.bootstrap_servers}: {exc}") from None
+    try:
+        yield consumer
+    finally:
+        consumer.close(autocommit=False)
+
+
 def group_lag(settings: Settings, group_id: str, topic: str) -> int:
     """Messages on ``topic`` not yet committed by consumer group ``group_id``."""
-    consumer = KafkaConsumer(**settings.kafka_options(), group_id=group_id, enable_auto_commit=False)
-    try:
+    with group_reader(settings, group_id) as consumer:
         partitions = [TopicPartition(topic, p) for p in topic_partitions(consumer, topic)]
         ends = consumer.end_offsets(partitions)
         return sum(ends[tp] - (consumer.committed(tp) or 0) for tp in partitions)
-    finally:
-        consumer.close(autocommit=False)
 
 
 @dataclass(frozen=True)
 class TopicRecord:
     key: bytes | None
     value: bytes | None
-    partition: int = 0
-    offset: int = 0
+    partition: int
+    offset: int
 
 
 @contextmanager
@@ -159,14 +169,8 @@ def read_uncommitted(
 ) -> list[TopicRecord]:
     """``read_offsets``, less the offsets consumer group ``group_id`` has committed past (processed, by
     any of its members)."""
-    try:
-        consumer = KafkaConsumer(**settings.kafka_options(), group_id=group_id, enable_auto_commit=False)
-    except KafkaError as exc:
-        raise BrokerError(f"cannot connect a consumer to {settings.bootstrap_servers}: {exc}") from None
-    try:
+    with group_reader(settings, group_id) as consumer:
         committed = consumer.committed(TopicPartition(topic, partition)) or 0
-    finally:
-        consumer.close(autocommit=False)
     return read_offsets(settings, topic, partition, max(start, committed), stop) if committed < stop else []
 
 
