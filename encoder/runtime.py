@@ -120,7 +120,6 @@ class OnnxInterestEncoder:
         provider: str = "auto",
         intra_op_threads: int = 0,
         precision: str = "auto",
-        rows_per_call: int | None = None,
     ) -> None:
         self.manifest = BundleManifest.read(bundle, "interest-encoder")
         self.config = InterestEncoderConfig.from_dict(self.manifest.config)
@@ -143,7 +142,7 @@ class OnnxInterestEncoder:
         model_file = tower_files[self.precision]
         self._session = make_session(bundle / model_file, provider, intra_op_threads)
         self.provider = self._session.get_providers()[0]
-        self.rows_per_call = rows_per_call or (CPU_ROWS_PER_CALL if self.provider == CPU else GPU_ROWS_PER_CALL)
+        self.rows_per_call = CPU_ROWS_PER_CALL if self.provider == CPU else GPU_ROWS_PER_CALL
 
     def encode_batch(self, inputs: EncoderInputs) -> np.ndarray:
         """[batch, dim] float32 user vectors, [batch, interests, dim] for a model of several (dot-product ranking).

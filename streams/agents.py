@@ -167,8 +167,7 @@ def register_agents(
 
     async def recover_skipped(messages: Sequence[IncomingMessage]) -> None:
         """Process the messages the stream jumped over before this batch (see ``streams.offset_holes``)."""
-        consumer = cast(Any, app.consumer)  # Faust exposes no public accessor for what follows
-        delivered = [(consumer._new_topicpartition(m.topic, m.partition), m.offset) for m in messages]
+        delivered = [(TP(m.topic, m.partition), m.offset) for m in messages]
         skipped = holes.skipped(app.consumer_generation_id, delivered, lambda tp: _committed(app, tp))
         for tp, start, stop in skipped:
             records = await _read_back(settings, tp, start, stop)
@@ -181,7 +180,8 @@ def register_agents(
             events.metrics.skipped_messages.labels(tp.topic).inc(len(lost))
             if lost:
                 await process_event_batch(lost)
-            await consumer._add_gap(tp, start, stop - 1)  # done: Faust's commits may move past them
+            # Done: Faust's commits may move past them (it exposes no public way to say so).
+            await cast(Any, app.consumer)._add_gap(tp, start, stop - 1)
 
     @app.agent(events_topic, name="rtrec.events")
     async def process_events(stream: faust.StreamT) -> None:
