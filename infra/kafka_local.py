@@ -5,16 +5,20 @@ The broker's jars are resolved once with the machine's Maven into a cache folder
 reuses them without touching the network. The broker runs as a child process
 in its own session so that ``rtrec broker start`` can return and
 ``rtrec broker stop`` can find it again through a pid file in the data folder.
+A broker started for one process only (a test session, a bench) is tied to it
+instead: on Linux it is sent SIGTERM when that process dies, however it dies.
 """
 
 from __future__ import annotations
 
 import base64
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -246,8 +250,12 @@ class LocalKafka:
             return None
         return pid
 
-    def start(self, timeout_s: float = 60.0) -> str:
-        """Start the broker (or find it running) and return its bootstrap address."""
+    def start(self, timeout_s: float = 60.0, *, with_parent: bool = False) -> str:
+        """Start the broker (or find it running) and return its bootstrap address.
+
+        ``with_parent``: the broker is stopped when the calling process dies, also by SIGKILL, where a
+        ``stop`` in a ``finally`` never runs (each orphan would keep its heap, up to ``heap``, for good).
+        """
         if self.running_pid() is not None:
             return self.config.bootstrap
         if _port_open(self.config.port):
@@ -269,7 +277,13 @@ class LocalKafka:
         ]
         self._progress(f"starting Kafka {self.config.version} on {self.config.bootstrap}…")
         log = self.log_file.open("ab")
-        self._process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._process = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_terminated_with(os.getpid()) if with_parent else None,
+        )
         log.close()
         self._pid_file.write_text(str(self._process.pid))
         self._wait_ready(timeout_s)
@@ -313,6 +327,23 @@ class LocalKafka:
         return True
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _terminated_with(parent: int) -> Callable[[], None] | None:
+    """What a child runs before exec so that it gets SIGTERM when ``parent`` dies (None off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork: a forked child must not dlopen
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
 @contextmanager
 def local_broker_for(settings: Settings, say: Callable[[str], None], keep: bool = False) -> Iterator[None]:
     """The local broker running for the body when ``settings`` point at it (no RTREC_KAFKA_BOOTSTRAP);
@@ -322,7 +353,7 @@ def local_broker_for(settings: Settings, say: Callable[[str], None], keep: bool 
         return
     broker = LocalKafka(LocalKafkaConfig(data_dir=settings.kafka_data_path, port=settings.local_kafka_port), say)
     started_here = broker.running_pid() is None
-    broker.start()
+    broker.start(with_parent=not keep)
     try:
         yield
     finally:

@@ -34,7 +34,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def kafka() -> Iterator[LocalKafka]:
     data = Path(tempfile.mkdtemp(prefix="rtrec-kafka-"))
     broker = LocalKafka(LocalKafkaConfig(data_dir=data, port=free_port(), controller_port=free_port()))
-    broker.start()
+    broker.start(with_parent=True)  # a killed test session leaves no broker behind
     try:
         yield broker
     finally:

@@ -174,7 +174,7 @@ def test_a_worker_killed_mid_stream_loses_nothing(pipeline: Pipeline) -> None:
 def test_a_broker_restart_mid_stream_loses_nothing(models_dir: Path, tmp_path: Path) -> None:
     data = Path(tempfile.mkdtemp(prefix="rtrec-kafka-restart-"))
     broker = LocalKafka(LocalKafkaConfig(data_dir=data, port=free_port(), controller_port=free_port()))
-    broker.start()
+    broker.start(with_parent=True)
     pipeline = Pipeline(broker.config.bootstrap, models_dir, tmp_path, topic_partitions=4)
     try:
         pipeline.start()
@@ -183,7 +183,7 @@ def test_a_broker_restart_mid_stream_loses_nothing(models_dir: Path, tmp_path: P
         at_fault = sender.wait_until_sent(FAULT_EVENTS // 3)
         broker.stop()  # producers and the worker lose the broker mid-stream
         time.sleep(5)
-        broker.start()
+        broker.start(with_parent=True)
         sender.join()
         figures = _account(pipeline, sender, "broker stopped for 5 s mid-stream, restarted", at_fault)
         assert figures["lost"] == 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,17 +93,61 @@ def test_a_second_broker_can_start_stop_and_restart_with_its_data(tmp_path: Path
     """Cached jars: no download; a restart keeps the data folder and comes back quickly."""
     broker = LocalKafka(LocalKafkaConfig(data_dir=tmp_path, port=free_port(), controller_port=free_port()))
     try:
-        bootstrap = broker.start()
+        bootstrap = broker.start(with_parent=True)
         settings = Settings(kafka_bootstrap=bootstrap, topic_partitions=1)
         ensure_pipeline_topics(settings)
         assert broker.stop()
         assert broker.running_pid() is None
-        broker.start()
+        broker.start(with_parent=True)
         assert set(ensure_pipeline_topics(settings).values()) == {"exists"}  # the data survived
     finally:
         broker.stop()
     assert not broker.stop()
     assert "Kafka Server started" in (tmp_path / "broker.log").read_text()
+
+
+def test_a_broker_tied_to_its_starter_stops_when_the_starter_is_killed(tmp_path: Path) -> None:
+    """A test session killed by SIGKILL runs no ``finally``: its broker must not live on, holding its heap."""
+    config = LocalKafkaConfig(data_dir=tmp_path, port=free_port(), controller_port=free_port())
+    starter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from pathlib import Path\n"
+            "from infra.kafka_local import LocalKafka, LocalKafkaConfig\n"
+            f"config = LocalKafkaConfig(data_dir=Path({str(tmp_path)!r}), port={config.port}, "
+            f"controller_port={config.controller_port})\n"
+            "LocalKafka(config).start(with_parent=True)\n"
+            "print('started', flush=True)\n"
+            "time.sleep(300)\n",
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+    )
+    broker = LocalKafka(config)
+    try:
+        assert starter.stdout is not None and starter.stdout.readline() == b"started\n"
+        pid = broker.running_pid()
+        assert pid is not None
+        starter.kill()
+        starter.wait()
+        deadline = time.monotonic() + 60
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(pid), "the broker outlived the process that started it"
+    finally:
+        starter.kill()
+        broker.stop()
+
+
+def _alive(pid: int) -> bool:
+    """Running, not exited (an exited child of a parent that is gone may linger as a zombie)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
 
 
 def test_cluster_ids_never_look_like_options() -> None:

@@ -126,7 +126,7 @@ def sasl_kafka() -> Iterator[SecureBroker]:
         format_arguments=("--add-scram", f"SCRAM-SHA-512=[name=rtrec,password={PASSWORD}]"),
     )
     broker = LocalKafka(config)
-    broker.start()
+    broker.start(with_parent=True)
     try:
         yield SecureBroker(broker, ports, ca_file)
     finally:
