@@ -106,6 +106,14 @@ class _EventOnPartition:
         self.message = SimpleNamespace(partition=partition)
 
 
+WINDOWS_TABLE = "user-windows"
+
+
+def windows_changelog_topic(settings: Settings) -> str:
+    """The topic Faust backs the windows table with (a restarted worker recovers its windows from it)."""
+    return f"{settings.app_id}-{WINDOWS_TABLE}-changelog"
+
+
 def _key(state_key: Callable[[str], str], user_id: str) -> bytes:
     return state_key(user_id).encode("utf-8")
 
@@ -126,7 +134,7 @@ def register_agents(
     # One window per user, on the changelog partition of the user's events (WindowTable).
     windows = WindowTable(
         app,
-        name="user-windows",
+        name=WINDOWS_TABLE,
         default=None,
         beacon=app.tables.beacon,
         partitions=settings.topic_partitions,

@@ -4,7 +4,10 @@ Everything real: the local Kafka broker, worker processes (`rtrec worker`), a
 producer process, and an independent consumer of the output topic that matches
 every recommendation to the events it accounts for. One run, in order:
 
-1. warm-up: every user sends ``window`` events, so later events meet full windows;
+1. warm-up: every user sends ``window`` events, so later events meet full windows; or,
+   with ``seed_state`` (for up to millions of users), those windows are written straight
+   to the windows table's changelog, and the worker recovers them at start as after
+   any restart;
 2. throughput: ``events`` events as fast as the producer can send them;
 3. latency: events at a fixed ``rate`` for ``rate_seconds``;
 4. baseline: the same workers restarted with micro-batches of one event (one encoder
@@ -40,6 +43,7 @@ from streams.catalog_sync import items_collection_name
 from streams.errors import RtrecError
 from streams.kafka_io import make_consumer, make_producer
 from streams.metrics import STAGES
+from streams.pseudonym import Pseudonyms
 from streams.records import Event, decode_recommendation, encode_event, encode_item
 from streams.settings import Settings
 from streams.worker_process import WorkerProcess, wait_group_ready
@@ -60,6 +64,7 @@ class BenchOptions:
     rate_seconds: float = 20.0
     workers: int = 1
     seed: int = 0
+    seed_state: bool = False
     timeout_s: float = 900.0
 
     def __post_init__(self) -> None:
@@ -109,6 +114,13 @@ class PhaseResult:
 # ------------------------------------------------------------------ the producer process
 
 
+def _draw_events(rng: np.random.Generator, n: int, items: int) -> tuple[list[str], list[str]]:
+    """Item ids and event types of ``n`` events. Popularity is skewed: a few items get most events, as in any shop."""
+    item_index = (items * rng.random(n) ** 3).astype(np.int64)
+    types = rng.choice(list(EVENT_TYPE_WEIGHTS), size=n, p=list(EVENT_TYPE_WEIGHTS.values()))
+    return [f"item-{i:06d}" for i in item_index], [str(t) for t in types]
+
+
 def _produce(
     bootstrap: str, topic: str, phase: str, users: Sequence[str], items: int, rate: float, seed: int, sent: Any
 ) -> None:
@@ -120,10 +132,7 @@ def _produce(
     """
     settings = Settings(kafka_bootstrap=bootstrap)
     producer = make_producer(settings, linger_ms=2, acks=1)
-    rng = np.random.default_rng(seed)
-    # Skewed popularity: a few items get most events, as in any shop.
-    item_index = (items * rng.random(len(users)) ** 3).astype(np.int64)
-    types = rng.choice(list(EVENT_TYPE_WEIGHTS), size=len(users), p=list(EVENT_TYPE_WEIGHTS.values()))
+    item_ids, types = _draw_events(np.random.default_rng(seed), len(users), items)
     stamps = np.zeros(len(users), dtype=np.int64)
     started = time.monotonic()
     for i, user in enumerate(users):
@@ -133,11 +142,72 @@ def _produce(
                 time.sleep(ahead)
         ts = time.time_ns() // 1_000_000
         stamps[i] = ts
-        event = Event(f"{phase}:{i}", user, f"item-{item_index[i]:06d}", str(types[i]), ts)
+        event = Event(f"{phase}:{i}", user, item_ids[i], types[i], ts)
         producer.send(topic, key=user.encode("utf-8"), value=encode_event(event))
     producer.flush()
     producer.close()
     sent.send(stamps)
+
+
+# ------------------------------------------------------------------ state written straight to the changelog
+
+SEED_WINDOWS = 1_000  # distinct windows, repeated across users: building a million event by event takes ~15 min
+
+
+@dataclass
+class StateReport:
+    users: int
+    seeded_bytes: int  # of the windows written to the changelog (0: warmed up by events)
+    seeded_s: float
+    ready_s: float  # from the workers' start to ready: the changelog recovery, mostly
+    ready_rss_mb: float  # the largest worker's resident memory once ready
+    disk_mb: float = float("nan")  # of the largest worker's table store after the run
+
+    def summary(self) -> dict[str, Any]:
+        return {k: round(v, 2) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def seed_state(settings: Settings, users: Sequence[str], items: int, seed: int, say: Callable[[str], None]) -> int:
+    """Write each user a full window to the windows table's changelog, keyed and partitioned as a worker
+    writes it after the user's ``window_size`` events. Returns the bytes written."""
+    from kafka.partitioner.default import murmur2
+
+    from infra.topics import TopicSpec, ensure_topics
+    from streams.agents import windows_changelog_topic
+    from streams.process import WindowLimits
+
+    topic = windows_changelog_topic(settings)
+    compacted = {"cleanup.policy": "compact"}  # as Faust creates a changelog
+    ensure_topics(settings, [TopicSpec(topic, settings.topic_partitions, settings.topic_replication, compacted)])
+    limits = WindowLimits.of(settings)
+    rng = np.random.default_rng(seed)
+    size = settings.window_size
+    start = time.time_ns() // 1_000_000 - size * 1_000  # a second apart, ending now
+    windows = []
+    for w in range(min(len(users), SEED_WINDOWS)):
+        window = limits.new_window()
+        for k, (item_id, event_type) in enumerate(zip(*_draw_events(rng, size, items), strict=True)):
+            window.add(Event(f"seed:{w}:{k}", "seed", item_id, event_type, start + k * 1_000))
+        windows.append(window.to_bytes())
+    state_key = Pseudonyms(settings.pseudonymize_key).of
+    producer = make_producer(settings, linger_ms=20, acks=1, batch_size=1 << 20)
+    written = 0
+    for i, user in enumerate(users):
+        key = user.encode("utf-8")
+        value = windows[i % len(windows)]
+        # The partition of the user's events (the producers' default partitioner), as WindowTable writes it.
+        partition = (murmur2(key) & 0x7FFFFFFF) % settings.topic_partitions
+        producer.send(topic, key=state_key(user).encode("utf-8"), value=value, partition=partition)
+        written += len(value)
+        if (i + 1) % 100_000 == 0 or i + 1 == len(users):
+            say(f"  state: {i + 1:,}/{len(users):,} windows written to {topic}")
+    producer.flush()
+    producer.close()
+    return written
+
+
+def _disk_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20 if folder.exists() else 0.0
 
 
 # ------------------------------------------------------------------ the output reader
@@ -182,9 +252,10 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def _peak_rss_mb(pid: int) -> float:
+def _rss_mb(pid: int, field: str = "VmHWM") -> float:
+    """Peak (VmHWM) or current (VmRSS) resident memory of ``pid``."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -235,7 +306,10 @@ class Workers:
         ]
 
     def peak_rss_mb(self) -> float:
-        return max(_peak_rss_mb(p.process.pid) for p in self.processes)
+        return max(_rss_mb(p.process.pid) for p in self.processes)
+
+    def rss_mb(self) -> float:
+        return max(_rss_mb(p.process.pid, "VmRSS") for p in self.processes)
 
     def stop(self) -> None:
         for process in self.processes:
@@ -256,6 +330,7 @@ class Bench:
         )
         self.user_ids = [f"bench-user-{i:07d}" for i in range(options.users)]
         self.recall = float("nan")  # of the store's search against an exact ranking, measured after the phases
+        self.state: StateReport | None = None
 
     def worker_settings(self, batch_max: int) -> list[Settings]:
         return [
@@ -361,13 +436,25 @@ class Bench:
         self.reader = OutputReader(self.settings)
         results = []
         try:
-            workers = Workers(self.worker_settings(self.settings.batch_max), self.run_dir)
             window = self.settings.window_size
+            seeded_bytes, seeded_s = 0, 0.0
+            if options.seed_state:
+                self.say(f"state: a full window for each of {options.users:,} users, straight to the changelog…")
+                started = time.monotonic()
+                seeded_bytes = seed_state(self.settings, self.user_ids, options.items, options.seed, self.say)
+                seeded_s = time.monotonic() - started
+            started = time.monotonic()
+            workers = Workers(self.worker_settings(self.settings.batch_max), self.run_dir)
             try:
                 workers.wait_ready(options.timeout_s)
-                self.say(f"warm-up: {window} events for each of {options.users:,} users…")
-                warm = [user for _ in range(window) for user in self.user_ids]
-                results.append(self.phase(workers, "warmup", "micro-batched", warm, 0))
+                self.state = StateReport(
+                    options.users, seeded_bytes, seeded_s, time.monotonic() - started, workers.rss_mb()
+                )
+                self.say(f"workers ready in {self.state.ready_s:.1f} s, {self.state.ready_rss_mb:,.0f} MB resident")
+                if not options.seed_state:
+                    self.say(f"warm-up: {window} events for each of {options.users:,} users…")
+                    warm = [user for _ in range(window) for user in self.user_ids]
+                    results.append(self.phase(workers, "warmup", "micro-batched", warm, 0))
                 results.append(
                     self.phase(workers, "throughput", "micro-batched", self.random_users(options.events, 1), 0)
                 )
@@ -387,12 +474,18 @@ class Bench:
                 naive.stop()
         finally:
             self.reader.close()
-        recall = search_recall(self.worker_settings(1)[0], self.user_ids[:200], self.options.items)
+        state = self.state
+        assert state is not None  # the workers were ready, or the run has raised
+        state.disk_mb = max(_disk_mb(s.faust_data_path) for s in self.worker_settings(1))
+        # Users with a vector: every user after a warm-up, only those that sent events after a seeding.
+        recall_users = list(dict.fromkeys(self.random_users(options.events, 1)))[:200]
+        recall = search_recall(self.worker_settings(1)[0], recall_users, self.options.items)
         (self.run_dir / "results.json").write_text(
             json.dumps(
                 {
                     "options": dataclasses.asdict(options),
                     "settings": {k: v for k, v in self.settings.describe().items() if "KEY" not in k},
+                    "state": state.summary(),
                     "phases": [r.summary() for r in results],
                     "search_recall@10": round(recall, 4),
                 },
@@ -414,7 +507,10 @@ def search_recall(settings: Settings, user_ids: Sequence[str], n_items: int, k: 
     store.ensure_collection(collection, components.item_encoder.dim)
     store.ensure_collection(settings.users_collection, components.interest_encoder.dim)
     try:
-        users = store.fetch_vectors(settings.users_collection, user_ids)
+        state_key = Pseudonyms(settings.pseudonymize_key).of  # the users collection's ids
+        users = store.fetch_vectors(settings.users_collection, [state_key(u) for u in user_ids])
+        if not users:
+            raise RtrecError(f"bench: none of {len(user_ids)} users has a vector in {settings.users_collection!r}")
         item_ids = [f"item-{i:06d}" for i in range(n_items)]
         items = store.fetch_vectors(collection, item_ids)
         ids = list(items)
@@ -490,11 +586,27 @@ def format_table(results: Sequence[PhaseResult]) -> str:
     return "\n".join(rows)
 
 
+def format_state(state: StateReport, table_store: str) -> str:
+    how = (
+        f"written straight to the changelog ({state.seeded_bytes / 2**20:,.0f} MB in {state.seeded_s:.0f} s)"
+        if state.seeded_bytes
+        else "built by the warm-up's events"
+    )
+    return (
+        f"state: windows of {state.users:,} users, {how}; table store {table_store}\n"
+        f"  workers ready in {state.ready_s:.1f} s, {state.ready_rss_mb:,.0f} MB resident then; "
+        f"table store on disk after the run: {state.disk_mb:,.0f} MB (largest worker)"
+    )
+
+
 def run_bench(settings: Settings, options: BenchOptions, say: Callable[[str], None] = print) -> list[PhaseResult]:
     with local_broker_for(settings, say):
         bench = Bench(settings, options, say)
         results = bench.run()
     say("")
+    if bench.state is not None:
+        say(format_state(bench.state, settings.table_store))
+        say("")
     say(format_table(results))
     say(f"recall@10 of the store's search against an exact ranking (200 user vectors): {bench.recall:.3f}")
     say(f"\n(results: {bench.run_dir / 'results.json'})")

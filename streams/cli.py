@@ -396,6 +396,7 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         rate_seconds=args.rate_seconds,
         workers=args.workers,
         seed=args.seed,
+        seed_state=args.seed_state,
     )
     run_bench(settings, options, _say)
     return 0
@@ -567,6 +568,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rate-seconds", type=float, default=20.0, help="length of the latency phase")
     bench.add_argument("--workers", type=int, default=1, help="worker processes (one per core)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the generated events")
+    bench.add_argument(
+        "--seed-state",
+        action="store_true",
+        help="write every user's window straight to the state changelog instead of the warm-up's events "
+        "(for 1M users; the worker recovers them at start)",
+    )
     bench.set_defaults(run=cmd_bench)
 
     bench_encoder = sub.add_parser(

@@ -17,6 +17,7 @@ from pathlib import Path
 import msgpack
 
 from infra.topics import ensure_pipeline_topics
+from streams.agents import windows_changelog_topic
 from streams.kafka_io import delete_items, iterate, make_consumer, make_producer, publish_events, publish_items
 from streams.records import (
     DeadLetter,
@@ -157,7 +158,7 @@ class Pipeline:
 
     def stored_windows(self, keys: set[bytes], timeout_s: float = 60.0) -> dict[bytes, bytes | None]:
         """The newest changelog record of each key of the window table, read from the broker."""
-        changelog = f"{self.settings.app_id}-user-windows-changelog"
+        changelog = windows_changelog_topic(self.settings)
         consumer = make_consumer(self.settings, [changelog])
         try:
             ends = consumer.end_offsets(list(consumer.assignment()))

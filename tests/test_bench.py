@@ -18,6 +18,10 @@ import pytest
 
 from encoder.config import TEXT_BUNDLE
 from infra.kafka_local import LocalKafka
+from streams.agents import windows_changelog_topic
+from streams.kafka_io import end_offsets, read_until
+from streams.settings import Settings
+from streams.state import UserWindow
 
 pytestmark = pytest.mark.integration
 
@@ -50,3 +54,45 @@ def test_bench_measures_every_phase_through_the_real_pipeline(
         assert phase["latency_ms"]["p50"] > 0 and phase["peak_rss_mb"] > 0
         stages = phase["stage_us_per_event"]
         assert stages["encode"] > 0 and stages["search"] > 0 and stages["produce"] > 0  # scraped from /metrics
+
+
+def test_bench_seeds_state_on_the_changelog_and_the_worker_extends_it(
+    kafka: LocalKafka, models_dir: Path, tmp_path: Path
+) -> None:
+    """--seed-state: the windows the bench writes are those the worker reads (same keys, same partitions), so
+    a seeded user's first event meets a full window, as after the warm-up's events."""
+    items, window = 300, 8
+    models = tmp_path / "bench-models" / f"{items}-items"
+    shutil.copytree(models_dir / TEXT_BUNDLE, models / TEXT_BUNDLE)
+    result = subprocess.run(
+        [sys.executable, "-m", "streams", f"--kafka-bootstrap={kafka.config.bootstrap}", f"--home={tmp_path}",
+         "--topic-partitions=4", f"--window-size={window}", "--encoder-threads=1", "--table-store=rocksdb://",
+         "--pseudonymize-key=bench-secret",
+         "bench", f"--items={items}", "--users=2000", "--events=300", "--baseline-events=20", "--rate=0",
+         "--seed-state"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
+    assert re.search(r"state: windows of 2,000 users, written straight to the changelog \([\d,]+ MB", out), out
+    (results_file,) = (tmp_path / "bench").glob("*/results.json")
+    results = json.loads(results_file.read_text())
+    assert [p["phase"] for p in results["phases"]] == ["throughput", "baseline"]  # no warm-up: the state is there
+    assert results["state"]["users"] == 2000 and results["state"]["disk_mb"] > 0  # RocksDB files
+
+    settings = Settings(kafka_bootstrap=kafka.config.bootstrap, topic_partitions=4).isolated(
+        f"bench-{results_file.parent.name}"
+    )
+    topic = windows_changelog_topic(settings)
+    partitions_of: dict[bytes, set[int]] = {}
+    latest: dict[bytes, UserWindow] = {}
+    for chunk in read_until(settings, topic, end_offsets(settings, topic)):
+        for record in chunk:
+            assert record.key is not None and record.value is not None
+            partitions_of.setdefault(record.key, set()).add(record.partition)
+            latest[record.key] = UserWindow.from_bytes(record.value, window, 10**12, 500)
+    assert len(latest) == 2000 and all(len(p) == 1 for p in partitions_of.values())  # a user's windows: one partition
+    extended = [w for w in latest.values() if any(e.event_id.startswith("throughput:") for e in w.entries)]
+    assert len(extended) > 100  # 300 events among 2,000 users
+    for seen in extended:  # the worker read the seeded window and added to it
+        assert len(seen) == window and any(e.event_id.startswith("seed:") for e in seen.entries)

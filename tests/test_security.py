@@ -26,6 +26,7 @@ from kafka import KafkaConsumer
 
 from encoder.config import INTEREST_BUNDLE, BundleManifest
 from infra.kafka_local import LocalKafka, LocalKafkaConfig, free_port
+from streams.agents import windows_changelog_topic
 from streams.app import open_vector_store
 from streams.cli import main
 from streams.errors import VectorStoreError
@@ -262,7 +263,7 @@ def test_pseudonymised_state_holds_no_user_id_and_survives_a_restart(
         assert {r.user_id for r in outputs.recommendations} >= ids  # consumers still see real ids
 
         # The changelog holds each window under its pseudonym, on its user's events partition.
-        changelog = f"{pipeline.settings.app_id}-user-windows-changelog"
+        changelog = windows_changelog_topic(pipeline.settings)
         reader = make_consumer(pipeline.settings, [changelog, pipeline.settings.events_topic])
         keys_by_partition: dict[tuple[str, bytes], set[int]] = {}
         for topic, partition, record_key in _keyed_records(reader):
