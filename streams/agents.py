@@ -80,10 +80,6 @@ class WindowTable(faust.Table):
         with self._writing_to(key, partition):
             self[key] = value
 
-    def delete(self, key: bytes, partition: int) -> None:
-        with self._writing_to(key, partition):
-            self.pop(key, None)
-
     def partition_for_key(self, key: Any) -> int | None:
         return self._writing.get(key)
 
@@ -126,7 +122,8 @@ def register_agents(
     pseudonyms: Pseudonyms,
 ) -> Agents:
     # Control commands are keyed and partitioned like the events, and read by the same agent, so a
-    # forget-user is ordered with the user's events and touches the window no other code is writing.
+    # forget-user touches the window no other code is writing (the two topics are not ordered against
+    # each other: see UserWindow.forget).
     events_topic = _raw_topic(app, settings.events_topic, settings.control_topic)
     items_topic = _raw_topic(app, settings.items_topic)
     recommendations_topic = _raw_topic(app, settings.recommendations_topic)
@@ -163,8 +160,6 @@ def register_agents(
             for user_id, stored_window in outcome.windows.items():
                 partition = partition_of[user_id.encode("utf-8")]
                 windows.put(_key(state_key, user_id), stored_window, partition)
-            for user_id in outcome.forgotten:  # a tombstone in the changelog
-                windows.delete(_key(state_key, user_id), partition_of[user_id.encode("utf-8")])
         with stage("produce"):
             for rec in outcome.recommendations:
                 await recommendations_topic.send(key=rec.user_id.encode("utf-8"), value=encode_recommendation(rec))

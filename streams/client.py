@@ -92,7 +92,7 @@ class Publisher:
         self._producer.send(self.settings.items_topic, key=item_id.encode("utf-8"), value=None)
 
     def forget_user(self, user_id: str) -> None:
-        """The user's window, vector and cached state are deleted; later events start afresh."""
+        """The user's events up to now are erased, their vector and cached state deleted; later events start afresh."""
         for key, value in forget_user_records([user_id], now_ms(), self.limits):
             self._producer.send(self.settings.control_topic, key=key, value=value)
 

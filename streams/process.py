@@ -92,7 +92,6 @@ def _reject(
 @dataclass
 class EventBatchOutcome:
     windows: dict[str, bytes] = field(default_factory=dict)  # what to store, per touched user
-    forgotten: set[str] = field(default_factory=set)  # users whose stored window is to be deleted
     recommendations: list[Recommendation] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
@@ -102,9 +101,10 @@ class EventBatchProcessor:
     """validate → drop unknown items → dedup and window update → one refresh per touched user.
 
     Control commands arrive in the same micro-batches (the control topic is keyed and
-    partitioned like the events), so a forget-user is ordered with the user's events without
-    locks: the user's earlier events in the batch and stored window are dropped, their vector
-    is deleted, and events after the command start a fresh window.
+    partitioned like the events), so no lock is needed. A forget-user erases the user's events up
+    to the command's time, stored or in the batch, and deletes their vector; the window keeps a
+    marker of that time, so that erased events replayed later stay out (``UserWindow.forget``).
+    Events after that time are kept, whichever topic was read first.
     """
 
     def __init__(
@@ -147,7 +147,7 @@ class EventBatchProcessor:
         stage = self.metrics.stage
         now = self.clock()
         valid: list[tuple[IncomingMessage, Event]] = []
-        forgotten: set[str] = set()
+        forgotten: dict[str, int] = {}  # user → the time up to which their events are erased
         erased = 0
         with stage("decode"):
             for message in messages:
@@ -164,10 +164,11 @@ class EventBatchProcessor:
 
         with stage("state"):
             windows = {
-                user: self.window_limits.new_window() if user in forgotten else self._load(user, stored.get(user))
-                for user in {event.user_id for _, event in valid}
+                user: self._load(user, stored.get(user)) for user in {e.user_id for _, e in valid} | {*forgotten}
             }
-            outcome.forgotten = forgotten - windows.keys()
+            for user, until in forgotten.items():
+                windows[user].forget(until)
+                outcome.windows[user] = windows[user].to_bytes()  # the marker is stored even if no event follows
         with stage("lookup"):
             # One fetch for the new events' items and everything already in the windows.
             needed = {event.item_id for _, event in valid} | {e.item_id for w in windows.values() for e in w.entries}
@@ -191,6 +192,11 @@ class EventBatchProcessor:
                 added += results.count(AddOutcome.ADDED)
                 duplicates += results.count(AddOutcome.DUPLICATE)
                 too_old += results.count(AddOutcome.TOO_OLD)
+                erased += results.count(AddOutcome.FORGOTTEN)
+                events = [e for e, r in zip(events, results, strict=True) if r is not AddOutcome.FORGOTTEN]
+                if not events:
+                    continue  # all of them erased: nothing to store or answer
+                results = [r for r in results if r is not AddOutcome.FORGOTTEN]
                 stored_now = window.to_bytes()
                 outcome.windows[user_id] = stored_now
                 self._keep(user_id, stored_now, window)
@@ -225,13 +231,15 @@ class EventBatchProcessor:
         self._count(outcome.counts)
         return outcome
 
-    def _apply(self, command: ControlCommand, earlier: list[tuple[IncomingMessage, Event]], forgotten: set[str]) -> int:
-        """Apply a control command to the batch so far; how many of its events it erased."""
+    def _apply(
+        self, command: ControlCommand, earlier: list[tuple[IncomingMessage, Event]], forgotten: dict[str, int]
+    ) -> int:
+        """Apply a control command to the batch so far; how many of its events it erased (those after
+        it in the batch are erased when they meet the window)."""
         # forget_user is the only command (decode_control refuses others).
         user = command.user_id
-        forgotten.add(user)
-        self._restored.pop(user, None)
-        kept = [(m, e) for m, e in earlier if e.user_id != user]
+        forgotten[user] = max(forgotten.get(user, command.ts), command.ts)
+        kept = [(m, e) for m, e in earlier if e.user_id != user or e.ts > command.ts]
         erased = len(earlier) - len(kept)
         earlier[:] = kept
         # The id stays out of the log: a record of whom was forgotten would defeat the forgetting.

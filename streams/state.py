@@ -24,9 +24,10 @@ from streams.records import Event
 # v2 remembers event ids as 64-bit digests: a stored window shrank from ~22 KB to ~6 KB
 # (500 remembered ids), and every micro-batch writes one per touched user. v3 also keeps the
 # entries evicted last, so that a replayed event's list is rebuilt from the window it saw
-# (``as_of``). v1 and v2 are still read.
-WINDOW_FORMAT_VERSION = 3
-_READABLE_VERSIONS = (1, 2, 3)
+# (``as_of``). v4 remembers up to when a forget-user command erased the user's events, so that
+# a replayed event or command cannot undo or overreach it. v1 to v3 are still read.
+WINDOW_FORMAT_VERSION = 4
+_READABLE_VERSIONS = (1, 2, 3, 4)
 
 
 def event_digest(event_id: str) -> int:
@@ -48,6 +49,7 @@ class AddOutcome(Enum):
     ADDED = "added"
     DUPLICATE = "duplicate"
     TOO_OLD = "too_old"
+    FORGOTTEN = "forgotten"  # at or before the time up to which the user asked to be forgotten
 
 
 class UserWindow:
@@ -57,9 +59,23 @@ class UserWindow:
     evicted) are remembered, in the order they arrived, so that a redelivered event changes
     nothing. The newest ``max_events`` evicted entries are kept too: with the arrival order
     they rebuild the window as it was when an earlier event arrived (``as_of``).
+
+    A forget-user command erases every event up to its time (``forget``) and the window keeps
+    refusing events from before it: its Kafka topic is not ordered with the events, so after a
+    crash a command can be replayed after the user's later events, or an erased event after the
+    command, and either way round the outcome is that of the first pass.
     """
 
-    __slots__ = ("_entries", "_evicted", "_seen", "_seen_order", "dedup_capacity", "horizon_ms", "max_events")
+    __slots__ = (
+        "_entries",
+        "_evicted",
+        "_seen",
+        "_seen_order",
+        "dedup_capacity",
+        "forgotten_until",
+        "horizon_ms",
+        "max_events",
+    )
 
     def __init__(self, max_events: int, horizon_ms: int, dedup_capacity: int) -> None:
         self.max_events = max_events
@@ -69,6 +85,7 @@ class UserWindow:
         self._evicted: list[WindowEntry] = []  # oldest first, at most max_events
         self._seen: set[int] = set()
         self._seen_order: deque[int] = deque()
+        self.forgotten_until = 0  # event time (ms) up to which the user's events are erased; 0: never
 
     @property
     def entries(self) -> tuple[WindowEntry, ...]:
@@ -86,6 +103,8 @@ class UserWindow:
         return len(self._entries)
 
     def add(self, event: Event) -> AddOutcome:
+        if event.ts <= self.forgotten_until:
+            return AddOutcome.FORGOTTEN
         digest = event_digest(event.event_id)
         if digest in self._seen:
             return AddOutcome.DUPLICATE
@@ -98,6 +117,18 @@ class UserWindow:
         self._evict()
         # An out-of-order event older than everything in a full window is evicted at once.
         return AddOutcome.ADDED if entry in self._entries else AddOutcome.TOO_OLD
+
+    def forget(self, until_ts: int) -> int:
+        """Erase every event at or before ``until_ts`` (also those evicted, and their ids) and refuse
+        such events from now on. Returns how many entries were erased."""
+        self.forgotten_until = max(self.forgotten_until, until_ts)
+        held = len(self._entries) + len(self._evicted)
+        self._entries = [e for e in self._entries if e.ts > self.forgotten_until]
+        self._evicted = [e for e in self._evicted if e.ts > self.forgotten_until]
+        kept = {event_digest(e.event_id) for e in self._entries + self._evicted}
+        self._seen_order = deque(d for d in self._seen_order if d in kept)
+        self._seen = set(self._seen_order)
+        return held - len(self._entries) - len(self._evicted)
 
     def _remember(self, digest: int) -> None:
         self._seen.add(digest)
@@ -115,6 +146,7 @@ class UserWindow:
         arrived = set(itertools.takewhile(lambda d: d != digest, self._seen_order)) | {digest}
         kept = sorted(e for e in self._evicted + self._entries if event_digest(e.event_id) in arrived)
         then = UserWindow(self.max_events, self.horizon_ms, self.dedup_capacity)
+        then.forgotten_until = self.forgotten_until
         then._entries = list(kept)
         if kept:
             then._evict()
@@ -152,6 +184,7 @@ class UserWindow:
                 "entries": [[e.ts, e.event_id, e.item_id, e.type, e.value] for e in self._entries],
                 "evicted": [[e.ts, e.event_id, e.item_id, e.type, e.value] for e in self._evicted],
                 "seen": np.fromiter(self._seen_order, dtype="<u8", count=len(self._seen_order)).tobytes(),
+                "forgotten": self.forgotten_until,
             },
             use_bin_type=True,
         )
@@ -171,6 +204,7 @@ class UserWindow:
             window._seen = set(kept)
             window._entries = sorted(WindowEntry(*row) for row in obj["entries"])
             window._evicted = sorted(WindowEntry(*row) for row in obj.get("evicted", ()))[-window.max_events :]
+            window.forgotten_until = int(obj.get("forgotten", 0))
         except (ValueError, KeyError, TypeError, msgpack.ExtraData, msgpack.FormatError) as exc:
             raise InvalidRecord(f"corrupt stored window ({type(exc).__name__}: {exc})") from None
         if window._entries:

@@ -63,32 +63,55 @@ def test_a_window_is_reused_only_while_the_table_holds_its_bytes(tmp_path: Path,
     assert processor.process(_messages(_event(8, 8)), {"u1": third.windows["u1"]}).counts["duplicates"] == 1
 
 
-def _forget(user: str, offset: int) -> IncomingMessage:
-    command = ControlCommand("forget_user", user, 1_700_000_000_000)
+def _forget(user: str, offset: int, ts: int) -> IncomingMessage:
+    command = ControlCommand("forget_user", user, ts)
     return IncomingMessage(user.encode(), encode_control(command), "rec.control", 0, offset)
 
 
-def test_forget_user_erases_what_came_before_it_and_starts_afresh(tmp_path: Path, models_dir: Path) -> None:
+def test_forget_user_erases_the_users_events_up_to_its_time(tmp_path: Path, models_dir: Path) -> None:
     processor = _processor(tmp_path, models_dir)
     store, users = processor.recommender.store, processor.recommender.users_collection
     first = processor.process(_messages(_event(1, 1), _event(2, 2)), {})
     assert store.fetch_vectors(users, ["u1"])
-    # In one batch: an event, the command, then another event. Only the last one survives.
+    # In one batch: an event, the command (up to event 3's time), an event from before it and one after.
+    until = _event(3, 3).ts
     second = processor.process(
-        [*_messages(_event(3, 3)), _forget("u1", 10), *_messages(_event(4, 4))], {"u1": first.windows["u1"]}
+        [*_messages(_event(3, 3)), _forget("u1", 10, until), *_messages(_event(0, 9), _event(4, 4))],
+        {"u1": first.windows["u1"]},
     )
     window = UserWindow.from_bytes(second.windows["u1"], 10, HORIZON_MS, 100)
-    assert window.item_ids == ["item-000004"] and not second.forgotten
-    assert second.counts["erased"] == 1 and [r.trigger_event_id for r in second.recommendations] == ["e4"]
-    # A command alone: the stored window is to be deleted and the user's vector is gone.
-    third = processor.process([_forget("u1", 11)], {"u1": second.windows["u1"]})
-    assert third.forgotten == {"u1"} and not third.windows and not third.recommendations
+    assert window.item_ids == ["item-000004"] and window.forgotten_until == until
+    assert second.counts["erased"] == 2 and [r.trigger_event_id for r in second.recommendations] == ["e4"]
+    # A command alone: the user's vector is gone, and what is stored is only the time erased up to.
+    third = processor.process([_forget("u2", 11, until)], {})
+    marker = UserWindow.from_bytes(third.windows["u2"], 10, HORIZON_MS, 100)
+    assert len(marker) == 0 and marker.forgotten_until == until and not third.recommendations
+    processor.process([_forget("u1", 11, until)], {"u1": second.windows["u1"]})
     assert not store.fetch_vectors(users, ["u1"])
     # A malformed command is dead-lettered with its reason; the batch goes on.
     bad = IncomingMessage(b"u2", b"\x81\xa1v\x01", "rec.control", 0, 12)
     fourth = processor.process([bad, *_messages(_event(5, 5))], {})
     assert [d.error for d in fourth.dead_letters] == ["field 'command': unknown command 'None' (known: forget_user)"]
     assert fourth.recommendations
+
+
+def test_a_replay_after_a_crash_neither_undoes_nor_overreaches_a_forget(tmp_path: Path, models_dir: Path) -> None:
+    """The control and events topics are not ordered against each other: a replay can bring the command
+    back after the user's later events, or an erased event back after the command."""
+    processor = _processor(tmp_path, models_dir)
+    until = _event(2, 2).ts
+    first = processor.process([*_messages(_event(1, 1), _event(2, 2)), _forget("u1", 10, until)], {})
+    later = processor.process(_messages(_event(3, 3)), {"u1": first.windows["u1"]})
+    stored = later.windows["u1"]
+
+    # The command again: the event since is kept.
+    again = processor.process([_forget("u1", 10, until)], {"u1": stored})
+    assert UserWindow.from_bytes(again.windows["u1"], 10, HORIZON_MS, 100).item_ids == ["item-000003"]
+    # An erased event again: refused, counted as erased, nothing stored or sent.
+    replayed = processor.process(_messages(_event(1, 1)), {"u1": stored})
+    assert replayed.counts["erased"] == 1 and not replayed.windows and not replayed.recommendations
+    # The stored window stays as it was: the forgotten event's id is not even remembered.
+    assert UserWindow.from_bytes(stored, 10, HORIZON_MS, 100).item_ids == ["item-000003"]
 
 
 def test_a_redelivered_batch_gets_the_list_it_got_first_and_leaves_the_user_vector(

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from streams.errors import InvalidRecord
 from streams.records import Event
-from streams.state import AddOutcome, UserWindow
+from streams.state import WINDOW_FORMAT_VERSION, AddOutcome, UserWindow
 
 HOUR = 3_600_000
 
@@ -35,6 +35,22 @@ def test_horizon_is_measured_in_event_time_from_the_newest_event() -> None:
     assert window.item_ids == ["i2", "i3"]
     assert window.add(ev(4, 1 * HOUR)) is AddOutcome.TOO_OLD
     assert window.item_ids == ["i2", "i3"]
+
+
+def test_forget_erases_up_to_its_time_evicted_entries_and_ids_included_and_survives_storage() -> None:
+    window = UserWindow(max_events=3, horizon_ms=100 * HOUR, dedup_capacity=10)
+    for n in range(6):
+        window.add(ev(n, 1000 + n))  # e0..e2 evicted, kept for replays
+    assert window.forget(1003) == 4  # e0..e3
+    assert window.item_ids == ["i4", "i5"]
+    assert window.as_of("e2") is None  # nothing of the erased events is left to rebuild from
+    restored = UserWindow.from_bytes(window.to_bytes(), 3, 100 * HOUR, 10)
+    assert restored.forgotten_until == 1003 and restored.item_ids == ["i4", "i5"]
+    assert restored.add(ev(2, 1002)) is AddOutcome.FORGOTTEN  # a replay of an erased event
+    assert restored.add(ev(9, 1003)) is AddOutcome.FORGOTTEN  # a new one from before the command
+    assert restored.add(ev(5, 1005)) is AddOutcome.DUPLICATE
+    assert restored.add(ev(6, 1006)) is AddOutcome.ADDED
+    assert restored.forget(1001) == 0 and restored.forgotten_until == 1003  # an older command changes nothing
 
 
 def test_out_of_order_events_are_placed_by_event_time() -> None:
@@ -86,7 +102,7 @@ def test_windows_stored_in_format_1_are_still_read() -> None:
     restored = UserWindow.from_bytes(stored_v1, 5, 100 * HOUR, 10)
     assert restored.item_ids == ["i0", "i1", "i2"]
     assert restored.add(Event("e-evicted", "u", "i9", "view", 40)) is AddOutcome.DUPLICATE
-    assert msgpack.unpackb(restored.to_bytes())["v"] == 3
+    assert msgpack.unpackb(restored.to_bytes())["v"] == WINDOW_FORMAT_VERSION
 
 
 @settings(max_examples=200, deadline=None)
