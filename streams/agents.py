@@ -110,6 +110,12 @@ def windows_changelog_topic(settings: Settings) -> str:
     return f"{settings.app_id}-{WINDOWS_TABLE}-changelog"
 
 
+def _rocksdb_options(memory_mb: int) -> dict[str, int]:
+    """Faust's RocksDB options that keep one partition's database within ``memory_mb``."""
+    budget = memory_mb * 2**20
+    return {"block_cache_size": budget * 3 // 4, "write_buffer_size": budget // 8, "max_write_buffer_number": 2}
+
+
 def _key(state_key: Callable[[str], str], user_id: str) -> bytes:
     return state_key(user_id).encode("utf-8")
 
@@ -138,6 +144,7 @@ def register_agents(
         key_type=bytes,  # bytes means the raw codec for the changelog
         value_type=bytes,
         use_partitioner=True,  # reads need no event context; writes name their partition (WindowTable)
+        options=_rocksdb_options(settings.table_cache_mb) if settings.table_store.startswith("rocksdb") else None,
     )
     app.tables.add(windows)
     state_key = pseudonyms.of

@@ -134,6 +134,7 @@ def build_app(settings: Settings, components: Components) -> faust.App:
         components.clock,
         control_topic=settings.control_topic,
         trending=Trending(settings.trending_half_life_s),
+        restored_capacity=settings.window_cache_size,
     )
     catalog = CatalogBatchProcessor(
         components.text_embedder,

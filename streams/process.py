@@ -114,7 +114,7 @@ class EventBatchProcessor:
         limits: Limits,
         clock: Callable[[], int] = now_ms,
         metrics: WorkerMetrics | None = None,
-        restored_capacity: int = 100_000,
+        restored_capacity: int = 10_000,
         control_topic: str = "rec.control",
         trending: Trending | None = None,
     ) -> None:
