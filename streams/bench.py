@@ -151,7 +151,7 @@ def _produce(
 
 # ------------------------------------------------------------------ state written straight to the changelog
 
-SEED_WINDOWS = 1_000  # distinct windows, repeated across users: building a million event by event takes ~15 min
+SEED_WINDOWS = 1_000  # distinct windows, repeated across users: building a million event by event takes ~10 min
 
 
 @dataclass
