@@ -443,6 +443,7 @@ class Bench:
                 started = time.monotonic()
                 seeded_bytes = seed_state(self.settings, self.user_ids, options.items, options.seed, self.say)
                 seeded_s = time.monotonic() - started
+            throughput_users = self.random_users(options.events, 1)
             started = time.monotonic()
             workers = Workers(self.worker_settings(self.settings.batch_max), self.run_dir)
             try:
@@ -455,9 +456,7 @@ class Bench:
                     self.say(f"warm-up: {window} events for each of {options.users:,} users…")
                     warm = [user for _ in range(window) for user in self.user_ids]
                     results.append(self.phase(workers, "warmup", "micro-batched", warm, 0))
-                results.append(
-                    self.phase(workers, "throughput", "micro-batched", self.random_users(options.events, 1), 0)
-                )
+                results.append(self.phase(workers, "throughput", "micro-batched", throughput_users, 0))
                 if options.rate > 0:
                     n = int(options.rate * options.rate_seconds)
                     results.append(
@@ -478,7 +477,7 @@ class Bench:
         assert state is not None  # the workers were ready, or the run has raised
         state.disk_mb = max(_disk_mb(s.faust_data_path) for s in self.worker_settings(1))
         # Users with a vector: every user after a warm-up, only those that sent events after a seeding.
-        recall_users = list(dict.fromkeys(self.random_users(options.events, 1)))[:200]
+        recall_users = list(dict.fromkeys(throughput_users))[:200]
         recall = search_recall(self.worker_settings(1)[0], recall_users, self.options.items)
         (self.run_dir / "results.json").write_text(
             json.dumps(

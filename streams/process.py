@@ -168,7 +168,6 @@ class EventBatchProcessor:
             }
             for user, until in forgotten.items():
                 windows[user].forget(until)
-                outcome.windows[user] = windows[user].to_bytes()  # the marker is stored even if no event follows
         with stage("lookup"):
             # One fetch for the new events' items and everything already in the windows.
             needed = {event.item_id for _, event in valid} | {e.item_id for w in windows.values() for e in w.entries}
@@ -209,6 +208,8 @@ class EventBatchProcessor:
                 served = window if then is None else then
                 trigger = new[-1] if new else events[-1]
                 requests.append(RefreshRequest(user_id, served, trigger, ids, replayed=then is not None))
+            for user_id in forgotten.keys() - outcome.windows.keys():  # the marker, also where no event was kept
+                outcome.windows[user_id] = windows[user_id].to_bytes()
 
         with stage("lookup"):
             # A replay's window may hold entries evicted since, whose vectors the fetch above left out.
