@@ -42,8 +42,9 @@ class EncoderInputs:
             real = min(rows, len(self) - start)
 
             def fit(array: np.ndarray, start: int = start, real: int = real) -> np.ndarray:
-                padding = [(0, rows - real), (extra, 0)] + [(0, 0)] * (array.ndim - 2)
-                return np.pad(array[start : start + real], padding)
+                fitted = np.zeros((rows, length, *array.shape[2:]), dtype=array.dtype)  # np.pad took 10x as long
+                fitted[:real, extra:] = array[start : start + real]
+                return fitted
 
             chunk = EncoderInputs(fit(self.item_vectors), fit(self.event_types), fit(self.ages_s), fit(self.mask))
             yield chunk, real

@@ -83,13 +83,26 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        # x [B, L, d]; bias [B, 1, L, L]: 0 where a query may see a key, MASK_VALUE elsewhere
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        # x [B, L, d]; bias [B, 1, L, L]: 0 where a query may see a key, MASK_VALUE elsewhere.
+        # queries: only the newest positions ask (→ [B, queries, d]); every position is still a key.
         b, length, d = x.shape
-        q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + bias  # [B, H, L, L]
+        asking = length if queries is None else queries
+        if queries is None:
+            q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        else:
+            weight, bias_qkv = self.qkv.weight, self.qkv.bias
+            q = nn.functional.linear(x[:, -queries:], weight[:d], bias_qkv[:d])
+            q = q.view(b, queries, self.n_heads, self.head_dim).transpose(1, 2)
+            k, v = (
+                nn.functional.linear(x, weight[d:], bias_qkv[d:])
+                .view(b, length, 2, self.n_heads, self.head_dim)
+                .permute(2, 0, 3, 1, 4)
+            )
+            bias = bias[:, :, -queries:]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + bias  # [B, H, asking, L]
         weights = self.dropout(scores.softmax(dim=-1))
-        out = (weights @ v).transpose(1, 2).reshape(b, length, d)
+        out = (weights @ v).transpose(1, 2).reshape(b, asking, d)
         return self.proj(out)
 
 
@@ -107,8 +120,10 @@ class Block(nn.Module):
         )
         self.dropout = Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.norm1(x), bias))
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        # queries: the output only for the newest positions, [B, queries, d]
+        attended = self.attn(self.norm1(x), bias, queries)
+        x = (x if queries is None else x[:, -queries:]) + self.dropout(attended)
         return x + self.dropout(self.ffn(self.norm2(x)))
 
 
@@ -167,7 +182,10 @@ class InterestEncoder(nn.Module):
         event_types: torch.Tensor,  # [B, L] int64
         ages_s: torch.Tensor,  # [B, L] float32, seconds before the newest event
         mask: torch.Tensor,  # [B, L] bool
+        newest_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # hidden states [B, L, d], what each position sees [B, L, L]
+        """With ``newest_only`` the last block computes only the newest position ([B, 1, d] out): every
+        position is still a key there, but no later block needs the others' outputs."""
         length = item_vectors.shape[1]
         gaps = torch.cat([torch.zeros_like(ages_s[:, :1]), ages_s[:, :-1] - ages_s[:, 1:]], dim=1).clamp(min=0.0)
         gap_features = torch.log1p(gaps / 60.0) * mask.to(gaps.dtype)
@@ -183,15 +201,19 @@ class InterestEncoder(nn.Module):
         causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
         visible = causal[None] & mask[:, None, :]  # [B, L(query), L(key)]
         bias = (~visible).to(x.dtype)[:, None] * MASK_VALUE
-        for block in self.blocks:
-            x = block(x, bias)
+        last = len(self.blocks) - 1
+        for n, block in enumerate(self.blocks):
+            x = block(x, bias, 1 if newest_only and n == last else None)
         return self.norm(x), visible
 
     def forward(
         self, item_vectors: torch.Tensor, event_types: torch.Tensor, ages_s: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:  # [B, d], or [B, K, d] with several interests
-        newest = self.interest_states(item_vectors, event_types, ages_s, mask)[:, -1]
-        return newest if self.heads is not None else newest[:, 0]
+        # Serving reads the newest position only, so the rest of the last block is skipped (its share of a
+        # 2-layer pass). Standing interests pool every position's final state, so they need the full pass.
+        if self.heads is None:
+            return self._encode(item_vectors, event_types, ages_s, mask, newest_only=True)[0][:, -1]
+        return self.interest_states(item_vectors, event_types, ages_s, mask)[:, -1]
 
 
 def score_all(user_vectors: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:

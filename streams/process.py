@@ -171,7 +171,7 @@ class EventBatchProcessor:
         with stage("lookup"):
             # One fetch for the new events' items and everything already in the windows.
             needed = {event.item_id for _, event in valid} | {e.item_id for w in windows.values() for e in w.entries}
-            vectors = self.recommender.item_vectors(sorted(needed))
+            vectors = self.recommender.item_vectors(list(needed))
         by_user: dict[str, list[Event]] = {}
         for message, event in valid:
             if event.item_id not in vectors:
@@ -215,7 +215,7 @@ class EventBatchProcessor:
             # A replay's window may hold entries evicted since, whose vectors the fetch above left out.
             then_items = {e.item_id for r in requests if r.replayed for e in r.window.entries} - vectors.keys()
             if then_items:
-                vectors = {**vectors, **self.recommender.item_vectors(sorted(then_items))}
+                vectors = vectors.merged(self.recommender.item_vectors(list(then_items)))
 
         self.trending.add(fresh)
         outcome.recommendations = self.recommender.refresh_batch(requests, vectors)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from encoder.features import WindowArrays, assemble_inputs
-from streams.item_vectors import ItemVectorCache
+from streams.item_vectors import ItemVectorCache, ItemVectors
 from streams.metrics import WorkerMetrics
 from streams.ports import InterestEncoderRuntime, ItemFilter, SearchHit, SearchQuery, VectorPoint, VectorStore
 from streams.pseudonym import Pseudonyms
@@ -81,7 +81,7 @@ class Recommender:
         """Serve another model from now on; called on the thread that runs the refreshes, between batches."""
         self.encoder, self.items, self.items_collection = encoder, items, items.collection
 
-    def item_vectors(self, item_ids: Sequence[str]) -> dict[str, np.ndarray]:
+    def item_vectors(self, item_ids: Sequence[str]) -> ItemVectors:
         return self.items.get(item_ids)
 
     def forget(self, user_ids: Sequence[str]) -> None:
@@ -90,9 +90,7 @@ class Recommender:
             with self.metrics.stage("upsert"):
                 self.store.delete(self.users_collection, [self.pseudonyms.of(u) for u in user_ids])
 
-    def refresh_batch(
-        self, requests: Sequence[RefreshRequest], vectors: Mapping[str, np.ndarray]
-    ) -> list[Recommendation]:
+    def refresh_batch(self, requests: Sequence[RefreshRequest], vectors: ItemVectors) -> list[Recommendation]:
         """Recommendations for every request whose window holds at least one known item."""
         usable = _usable(requests, vectors)
         if not usable:
@@ -125,7 +123,7 @@ class Recommender:
             return None
         newest = window.entries[-1]
         trigger = Event(newest.event_id, user_id, newest.item_id, newest.type, newest.ts)
-        vectors = self.item_vectors(sorted(set(window.item_ids)))
+        vectors = self.item_vectors(list(set(window.item_ids)))
         usable = _usable([RefreshRequest(user_id, window, trigger, ())], vectors)
         if not usable:
             return None
@@ -133,13 +131,13 @@ class Recommender:
         return self._search_and_rank(usable, windows, user_vectors, k, item_filter)[0]
 
     def _encode(
-        self, usable: Sequence[tuple[RefreshRequest, list[WindowEntry]]], vectors: Mapping[str, np.ndarray]
+        self, usable: Sequence[tuple[RefreshRequest, list[WindowEntry]]], vectors: ItemVectors
     ) -> tuple[list[WindowArrays], np.ndarray]:
         with self.metrics.stage("encode"):
             vocabulary = self.encoder.vocabulary
             windows = [
                 WindowArrays(
-                    item_vectors=np.stack([vectors[e.item_id] for e in entries]),
+                    item_vectors=vectors.stack([e.item_id for e in entries]),
                     type_ids=vocabulary.ids([e.type for e in entries]),
                     ts_ms=np.array([e.ts for e in entries], dtype=np.int64),
                 )
@@ -183,7 +181,7 @@ class Recommender:
         feedback: Sequence[Feedback],
         k: int,
     ) -> list[Recommendation]:
-        candidate_vectors = self.item_vectors(sorted({hit.id for candidates in hits for hit in candidates}))
+        candidate_vectors = self.item_vectors(list({hit.id for candidates in hits for hit in candidates}))
         recommendations = []
         for (request, entries), window, candidates, signals in zip(usable, windows, hits, feedback, strict=True):
             # Catalogue age at the time of the user's event, not of processing: a replay ranks as the first pass did.
@@ -220,9 +218,10 @@ def _usable(
 ) -> list[tuple[RefreshRequest, list[WindowEntry]]]:
     """Each request with the window entries whose items are still in the catalogue (those with none drop out)."""
     usable = []
+    known = vectors.keys()
     for request in requests:
         # An item deleted from the catalogue since it entered the window no longer shapes interest.
-        entries = [e for e in request.window.entries if e.item_id in vectors]
+        entries = [e for e in request.window.entries if e.item_id in known]
         if entries:
             usable.append((request, entries))
     return usable
@@ -246,21 +245,22 @@ def reasons_for(
     similarity = np.zeros((len(candidates), len(welcome)), dtype=np.result_type(window_vectors, np.float32))
     if known:
         similarity[known] = np.stack([c for c in candidates if c is not None]) @ window_vectors[welcome].T
+    orders = np.argsort(-similarity, axis=1, kind="stable").tolist()  # one sort for the list, read as ints
     reasons = []
-    for row, candidate in zip(similarity, candidates, strict=True):
-        named = [named_entries[-1]] if candidate is None else _most_similar(row, named_entries)
+    for row, order, candidate in zip(similarity.tolist(), orders, candidates, strict=True):
+        named = [named_entries[-1]] if candidate is None else _most_similar(row, order, named_entries)
         reasons.append("because you " + " and ".join(f"{REASON_VERBS.get(e.type, e.type)} {e.item_id}" for e in named))
     return reasons
 
 
-def _most_similar(similarity: np.ndarray, entries: Sequence[WindowEntry]) -> list[WindowEntry]:
-    order = np.argsort(-similarity, kind="stable")
-    named = [entries[int(order[0])]]
-    best = float(similarity[order[0]])
+def _most_similar(similarity: list[float], order: list[int], entries: Sequence[WindowEntry]) -> list[WindowEntry]:
+    """The most similar entry, and the next one of another item if it is nearly as similar."""
+    named = [entries[order[0]]]
+    best = similarity[order[0]]
     for i in order[1:]:
-        if entries[int(i)].item_id == named[0].item_id:
+        if entries[i].item_id == named[0].item_id:
             continue  # the same item seen twice is one reason
-        if best > 0 and float(similarity[i]) >= SECOND_REASON_SHARE * best:
-            named.append(entries[int(i)])
+        if best > 0 and similarity[i] >= SECOND_REASON_SHARE * best:
+            named.append(entries[i])
         break
     return named

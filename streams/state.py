@@ -181,8 +181,9 @@ class UserWindow:
         return msgpack.packb(
             {
                 "v": WINDOW_FORMAT_VERSION,
-                "entries": [[e.ts, e.event_id, e.item_id, e.type, e.value] for e in self._entries],
-                "evicted": [[e.ts, e.event_id, e.item_id, e.type, e.value] for e in self._evicted],
+                # Entries are tuples of the stored fields in order: msgpack packs them as the stored arrays.
+                "entries": self._entries,
+                "evicted": self._evicted,
                 "seen": np.fromiter(self._seen_order, dtype="<u8", count=len(self._seen_order)).tobytes(),
                 "forgotten": self.forgotten_until,
             },

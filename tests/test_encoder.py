@@ -85,12 +85,22 @@ def test_encoder_is_causal_every_position_sees_only_its_past(interests: int) -> 
     tensors = to_tensors(inputs)
     with torch.no_grad():
         full = model.interest_states(*tensors)  # [1, 8, K, d]
-        for n in range(1, 8):
+        for n in range(1, 9):
             prefix = model(*(t[:, :n] for t in tensors))
             # Ages count from the newest event; the encoder reads only their differences.
             torch.testing.assert_close(
                 prefix, full[:, n - 1] if interests > 1 else full[:, n - 1, 0], atol=1e-5, rtol=0
             )
+
+
+@pytest.mark.parametrize("interests", [1, 2])
+def test_serving_the_newest_position_alone_matches_the_full_pass(interests: int) -> None:
+    """``forward`` skips what only earlier positions need; padded rows of a batch must not notice."""
+    model = InterestEncoder(dataclasses.replace(TINY, interests=interests)).eval()
+    tensors = to_tensors(random_inputs(TINY, batch=6, length=10, seed=2))
+    with torch.no_grad():
+        full = model.interest_states(*tensors)[:, -1]
+        torch.testing.assert_close(model(*tensors), full if interests > 1 else full[:, 0], atol=1e-5, rtol=0)
 
 
 def _clustered_data(seed: int = 0) -> tuple[Dataset, np.ndarray]:

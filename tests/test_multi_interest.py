@@ -15,7 +15,7 @@ from tests.harness import TEST_WORKLOAD, Pipeline
 
 # The test catalogue, with users who draw 30% of their events from a second, standing interest.
 TWO_INTEREST_USERS = dataclasses.replace(TEST_WORKLOAD, second_interest_prob=0.3)
-USERS = 10
+USERS = 40  # with 10, the comparison was left to chance: one training's model showed both to 5, the next to 8
 
 
 def _models(models_dir: Path, folder: Path, interests: int) -> Path:
@@ -55,5 +55,6 @@ def test_users_of_two_interests_are_shown_both(kafka: LocalKafka, models_dir: Pa
     finally:
         for running in pipelines.values():
             running.stop()
-    # Seen offline on the same models: 7 of 10 users with two interests, 1 with one vector.
-    assert shown_both[2] >= USERS // 2 and shown_both[2] >= shown_both[1] + 3, shown_both
+    # Each run trains both models afresh. Measured on 40 such users: 24-25 shown both with two interests, 12-14
+    # with one (on 20 users, over six runs: 11-14 against 7-9).
+    assert shown_both[2] >= USERS // 2 and shown_both[2] >= shown_both[1] + USERS // 10, shown_both

@@ -14,6 +14,8 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -25,7 +27,7 @@ from streams.errors import VectorStoreError
 from streams.metrics import WorkerMetrics
 from streams.ports import ItemFilter, SearchHit, SearchQuery, VectorPoint, VectorStore
 from streams.settings import Settings
-from streams.store_edge import EdgeVectorStore
+from streams.store_edge import EdgeVectorStore, HitFields
 from streams.store_qdrant import QdrantVectorStore
 from streams.store_retry import RetryingVectorStore
 from tests.fake_qdrant import FakeQdrant
@@ -107,6 +109,47 @@ def test_search_ranks_by_cosine_and_honours_exclusions(subject: StoreUnderTest) 
     assert "item-7" not in {h.id for h in everything} and len(everything) == 38  # unavailable is never returned
     with_unavailable = store.search_batch(name, [SearchQuery(query, limit=40, only_available=False)])[0]
     assert "item-7" in {h.id for h in with_unavailable}
+
+
+def test_a_search_after_a_write_sees_the_write(subject: StoreUnderTest) -> None:
+    """The embedded store keeps hits' ranking fields between searches; a write must still show at once."""
+    store, name = subject.store, subject.name
+    store.upsert(name, _points(20))
+    query = SearchQuery(_unit(3), limit=3, only_available=False)
+    first = store.search_batch(name, [query])[0]
+    assert first[0].id == "item-3" and first[0].payload["available"] is True
+    store.upsert(name, [VectorPoint("item-3", _unit(3), {"available": False, "ts": 42})])
+    store.delete(name, [first[1].id])
+    second = store.search_batch(name, [query])[0]
+    assert second[0].id == "item-3" and second[0].payload["available"] is False and second[0].payload["ts"] == 42
+    assert first[1].id not in {h.id for h in second}
+    assert "item-3" not in {h.id for h in store.search_batch(name, [SearchQuery(_unit(3), limit=3)])[0]}
+
+
+class _ShardWrittenDuringFetch:
+    """A shard whose payload read overlaps a write of the same points (the catalogue thread's)."""
+
+    def __init__(self, fields: HitFields) -> None:
+        self.fields = fields
+        self.reads = 0
+
+    def retrieve(self, ids: Sequence[int], **_: object) -> list[SimpleNamespace]:
+        self.reads += 1
+        if self.reads == 1:
+            self.fields.written(ids)  # the write lands while the old fields are being read
+        return [SimpleNamespace(id=i, payload={"ext_id": f"item-{i}", "available": True}) for i in ids]
+
+
+def test_hit_fields_read_during_a_write_serve_their_search_but_are_not_kept() -> None:
+    fields = HitFields(capacity=10)
+    shard = _ShardWrittenDuringFetch(fields)
+    found = [[SimpleNamespace(id=1, score=0.5), SimpleNamespace(id=2, score=0.4)]]
+    for reads in (1, 2, 2):  # not kept after the overlapping read; kept after the next one
+        hits = fields.hits(cast(Any, shard), cast(Any, found))[0]
+        assert [h.id for h in hits] == ["item-1", "item-2"] and shard.reads == reads
+    fields.written([1])
+    assert [h.id for h in fields.hits(cast(Any, shard), cast(Any, found))[0]] == ["item-1", "item-2"]
+    assert shard.reads == 3  # the written point is read again, the other one is not
 
 
 def test_exclusions_larger_than_the_first_fetch_still_fill_the_list(subject: StoreUnderTest) -> None:
