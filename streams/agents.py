@@ -3,12 +3,15 @@ off the event loop, store windows and send outputs.
 
 Offsets are acknowledged only after a micro-batch's windows are written and its
 outputs handed to the producer; Faust flushes the producer before it commits,
-so delivery is at-least-once and a crash replays, never loses, a batch.
+so delivery is at-least-once and a crash replays, never loses, a batch. A record
+the broker refuses after the producer's retries is logged and counted
+(``rtrec_undelivered_total``): Faust's commit does not wait on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -24,7 +27,7 @@ from faust.types import TP
 
 from streams.errors import BrokerError
 from streams.kafka_io import TopicRecord, read_uncommitted
-from streams.offset_holes import OffsetHoles
+from streams.offset_holes import OffsetHoles, UndeliveredWatch
 from streams.process import CatalogBatchProcessor, EventBatchProcessor, IncomingMessage
 from streams.pseudonym import Pseudonyms
 from streams.records import encode_deadletter, encode_recommendation
@@ -51,6 +54,14 @@ def _batches(stream: faust.StreamT, settings: Settings) -> AsyncIterator[Sequenc
 
 
 LAG_INTERVAL_S = 5.0  # how often the consumer-lag gauge is refreshed from the broker
+
+
+@dataclass
+class _Activity:
+    """The events agent's progress, as the timer that watches for undelivered messages needs it."""
+
+    running: bool = False  # a micro-batch is being processed
+    batches: int = 0  # micro-batches processed so far
 
 
 @dataclass(frozen=True)
@@ -151,10 +162,18 @@ def register_agents(
     event_worker = ThreadPoolExecutor(1, thread_name_prefix="rtrec-events")
     catalog_worker = ThreadPoolExecutor(1, thread_name_prefix="rtrec-catalog")
 
+    def report_undelivered(topic: str, delivery: asyncio.Future[Any]) -> None:
+        # Faust's flush before a commit waits for deliveries but does not check them: a record the
+        # producer gave up on is lost, so it must at least be seen.
+        if not delivery.cancelled() and (error := delivery.exception()) is not None:
+            log.error("a record for %s was not delivered and is lost: %r", topic, error)
+            events.metrics.undelivered.labels(topic).inc()
+
     async def send(topic: str, key: bytes | None, value: bytes) -> None:
         # Straight to Faust's producer: Topic.send's per-message machinery cost 3x as much (measured), and
         # the producer is what Faust flushes before it commits, so delivery stays at-least-once.
-        await app.producer.send(topic, key, value, partition=None, timestamp=None, headers=None)
+        delivery = await app.producer.send(topic, key, value, partition=None, timestamp=None, headers=None)
+        cast(asyncio.Future, delivery).add_done_callback(functools.partial(report_undelivered, topic))
 
     async def dead_letter(letters: Sequence[Any]) -> None:
         for letter in letters:
@@ -196,12 +215,45 @@ def register_agents(
             # Done: Faust's commits may move past them (it exposes no public way to say so).
             await cast(Any, app.consumer)._add_gap(tp, start, stop - 1)
 
+    activity = _Activity()
+
     @app.agent(events_topic, name="rtrec.events")
     async def process_events(stream: faust.StreamT) -> None:
         async for batch in _batches(stream, settings):
-            messages = _incoming(batch)
-            await recover_skipped(messages)
-            await process_event_batch(messages)
+            activity.running = True
+            try:
+                messages = _incoming(batch)
+                await recover_skipped(messages)
+                await process_event_batch(messages)
+            finally:
+                activity.running = False
+                activity.batches += 1
+
+    undelivered: UndeliveredWatch[TP] = UndeliveredWatch()
+    event_inputs = {settings.events_topic, settings.control_topic}
+
+    @app.timer(LAG_INTERVAL_S)
+    async def redeliver_stalled() -> None:
+        """Seek back the partitions whose fetched messages never reached the stream (``streams.offset_holes``)."""
+        look = (app.rebalancing_count, activity.batches)
+        if not (activity.running or app.rebalancing):
+            generation = app.consumer_generation_id
+            offsets = {}
+            for tp in sorted(tp for tp in app.consumer.assignment() if tp.topic in event_inputs):
+                position = await app.consumer.position(tp)
+                if position is not None:
+                    offsets[tp] = (holes.expected(generation, tp, _committed(app, tp)), position)
+            if not activity.running and look == (app.rebalancing_count, activity.batches):
+                for tp, expected, position in undelivered.stalled(look, offsets):
+                    log.warning(
+                        "%s partition %d: the consumer fetched up to offset %d, the stream delivered nothing from "
+                        "%d on (faust-streaming #596); seeking back to %d to have them delivered",
+                        tp.topic, tp.partition, position - 1, expected, expected,
+                    )  # fmt: skip
+                    events.metrics.skipped_messages.labels(tp.topic).inc(position - expected)
+                    await app.consumer.seek_wait({tp: expected})
+                return
+        undelivered.busy()
 
     @app.agent(items_topic, name="rtrec.catalog")
     async def process_catalog(stream: faust.StreamT) -> None:

@@ -37,6 +37,8 @@ from streams.store_retry import RetryingVectorStore
 from streams.trending import Trending
 from streams.web import register_http_api
 
+PRODUCER_BATCH_BYTES = 512 * 1024
+
 
 @dataclass
 class Components:
@@ -147,7 +149,6 @@ def build_app(settings: Settings, components: Components) -> faust.App:
         metrics=components.metrics,
     )
     settings.faust_data_path.parent.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
-    request_size = max(settings.max_message_bytes * 2, 1_048_576)
     app = faust.App(
         settings.app_id,
         broker=[f"kafka://{server}" for server in settings.bootstrap_servers.split(",")],
@@ -165,10 +166,11 @@ def build_app(settings: Settings, components: Components) -> faust.App:
         web_port=settings.http_port or None,
         web_bind="0.0.0.0",  # other workers forward requests here, so not loopback only
         web_host=settings.http_host or socket.gethostname(),
-        producer_max_request_size=request_size,
+        producer_max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
         # A micro-batch's lists fill 16 KB (the default) many times over, and a full batch makes every
-        # later send wait for the broker; one request's worth per partition halved the cost per list.
-        producer_max_batch_size=request_size,
+        # later send wait for the broker: 512 KB per partition halved the cost per list. A batch is one
+        # record batch on the broker, so it stays under the broker's default message.max.bytes (1 MiB).
+        producer_max_batch_size=PRODUCER_BATCH_BYTES,
     )
     agents = register_agents(app, settings, events, catalog, pseudonyms)
     info = model_info(settings, components)

@@ -64,6 +64,12 @@ class WorkerMetrics:
             ["topic"],
             registry=self.registry,
         )
+        self.undelivered = Counter(
+            "rtrec_undelivered",
+            "Output records (lists, dead letters) the broker did not take after the producer's retries, by topic",
+            ["topic"],
+            registry=self.registry,
+        )
         self.model = Gauge(
             "rtrec_model_info", "The loaded interest encoder (value 1)", ["version", "provider"], registry=self.registry
         )

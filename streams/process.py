@@ -65,14 +65,26 @@ class WindowLimits:
         return UserWindow.from_bytes(raw, self.max_events, self.horizon_ms, self.dedup_capacity)
 
 
-def dead_letter(message: IncomingMessage, error: InvalidRecord, clock: Callable[[], int]) -> DeadLetter:
+def dead_letter(
+    message: IncomingMessage, error: InvalidRecord, clock: Callable[[], int], copy_limit: int
+) -> DeadLetter:
+    """The dead letter of ``message``, with a copy of its key and value when they fit in ``copy_limit`` bytes.
+
+    An original close to the broker's size limit would not fit again inside a dead letter, and the broker
+    would refuse it: such an original stays readable at its topic, partition and offset instead.
+    """
+    key, value, reason = message.key, message.value, error.reason
+    size = len(key or b"") + len(value or b"")
+    if size > copy_limit:
+        key, value = None, None
+        reason += f" (the original's {size:,} bytes are not copied: read them at its offset)"
     return DeadLetter(
         topic=message.topic,
         partition=message.partition,
         offset=message.offset,
-        error=error.reason,
-        key=message.key,
-        value=message.value,
+        error=reason,
+        key=key,
+        value=value,
         ts=clock(),
     )
 
@@ -84,8 +96,9 @@ def _reject(
     kind: str,
     metrics: WorkerMetrics,
     clock: Callable[[], int],
+    limits: Limits,
 ) -> None:
-    letters.append(dead_letter(message, error, clock))
+    letters.append(dead_letter(message, error, clock, limits.max_message_bytes))
     metrics.dead_letters.labels(kind, error.field or "record").inc()
 
 
@@ -159,7 +172,7 @@ class EventBatchProcessor:
                         valid.append((message, decode_event(message.value, message.key, self.limits, now_ms=now)))
                 except InvalidRecord as exc:
                     kind = "control" if message.topic == self.control_topic else "events"
-                    _reject(outcome.dead_letters, message, exc, kind, self.metrics, self.clock)
+                    _reject(outcome.dead_letters, message, exc, kind, self.metrics, self.clock, self.limits)
         self.recommender.forget(sorted(forgotten))
 
         with stage("state"):
@@ -176,7 +189,7 @@ class EventBatchProcessor:
         for message, event in valid:
             if event.item_id not in vectors:
                 unknown = InvalidRecord(f"unknown item {event.item_id[:64]!r}", "item_id")
-                _reject(outcome.dead_letters, message, unknown, "events", self.metrics, self.clock)
+                _reject(outcome.dead_letters, message, unknown, "events", self.metrics, self.clock, self.limits)
                 continue
             by_user.setdefault(event.user_id, []).append(event)
 
@@ -339,7 +352,7 @@ class CatalogBatchProcessor:
                         raise InvalidRecord("the loaded model reads no text and never learned this item_id")
                     latest[item.item_id] = (message, item)
             except InvalidRecord as exc:
-                _reject(outcome.dead_letters, message, exc, "items", self.metrics, self.clock)
+                _reject(outcome.dead_letters, message, exc, "items", self.metrics, self.clock, self.limits)
         upserts = [item for _, item in latest.values() if item is not None]
         outcome.deleted = [item_id for item_id, (_, item) in latest.items() if item is None]
         outcome.upserted = [item.item_id for item in upserts]

@@ -20,8 +20,10 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from kafka.admin import ConfigResource, ConfigResourceType
 
 from infra.kafka_local import LocalKafka, LocalKafkaConfig, free_port
+from infra.topics import admin_client
 from streams.bench import load_catalog
 from streams.recommend import now_ms
 from streams.records import Event, encode_event, encode_item
@@ -272,3 +274,30 @@ def test_a_vector_store_outage_pauses_the_stream_and_loses_nothing(
     finally:
         pipeline.stop()
         qdrant.stop()
+
+
+def test_a_list_the_broker_refuses_is_logged_and_counted(kafka: LocalKafka, models_dir: Path, tmp_path: Path) -> None:
+    """Faust commits after flushing the producer, whether a record was delivered or refused: a refused list
+    is lost, so it must at least show. Here the recommendations topic takes no record of a list's size."""
+    metrics_port = free_port()
+    pipeline = Pipeline(kafka.config.bootstrap, models_dir, tmp_path, metrics_port=metrics_port).start()
+    try:
+        pipeline.publish_catalog()
+        topic = pipeline.settings.recommendations_topic
+        admin = admin_client(pipeline.settings)
+        try:
+            admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs={"max.message.bytes": "100"})])
+        finally:
+            admin.close()
+        events = _stream(pipeline, 20)
+        pipeline.send_events(events)
+        pipeline.wait_caught_up(pipeline.settings.events_topic)
+        # Caught up means committed, so flushed: every delivery has been settled, and each reported.
+        emitted = _metric_sum(metrics_port, "rtrec_recommendations_total")
+        assert emitted > 0
+        assert _metric_sum(metrics_port, f'rtrec_undelivered_total{{topic="{topic}"}}') == emitted
+        assert f"a record for {topic} was not delivered and is lost" in pipeline.worker_log()
+        assert pipeline.worker is not None
+        pipeline.worker.check_alive()
+    finally:
+        pipeline.stop()

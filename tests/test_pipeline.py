@@ -12,7 +12,7 @@ import pytest
 from infra.kafka_local import LocalKafka
 from streams.cli import main
 from streams.recommend import now_ms
-from streams.records import Event, Recommendation, encode_event, encode_item
+from streams.records import DeadLetter, Event, Recommendation, encode_event, encode_item
 from streams.state import UserWindow
 from tests.harness import Pipeline
 
@@ -68,20 +68,28 @@ def test_every_event_is_reflected_or_dead_lettered(pipeline: Pipeline) -> None:
         (None, variant(), "message key missing"),
         (user_key, msgpack.packb([1, 2, 3]), "payload must be a msgpack map"),
     ]
+    # Over the message limit, and too big to be copied into a dead letter the broker would still take.
+    oversized = b"\x00" * (pipeline.settings.max_message_bytes + 1)
     for index, event in enumerate(events):
         pipeline.send_raw(event.user_id.encode(), encode_event(event))
         if index % 30 == 0 and index // 30 < len(bad):
             key, value, _ = bad[index // 30]
             pipeline.send_raw(key, value)
+    pipeline.send_raw(user_key, oversized)
     pipeline.producer.flush()
 
     event_ids = {e.event_id for e in events}
     bad_values = [value for _, value, _ in bad]
 
+    def too_big(letters: list[DeadLetter]) -> list[DeadLetter]:
+        return [d for d in letters if f"message of {len(oversized)} bytes exceeds the limit" in d.error]
+
     def done(out: object) -> bool:
         outputs = pipeline.outputs
         ours = [d for d in outputs.dead_letters if d.value in bad_values]
-        return event_ids <= outputs.covered_event_ids() and len(ours) >= len(bad)
+        return (
+            event_ids <= outputs.covered_event_ids() and len(ours) >= len(bad) and bool(too_big(outputs.dead_letters))
+        )
 
     outputs = pipeline.collect_until(done, timeout_s=120)
 
@@ -91,6 +99,9 @@ def test_every_event_is_reflected_or_dead_lettered(pipeline: Pipeline) -> None:
         assert len(letters) == 1, (reason, letters)
         assert reason in letters[0].error
         assert letters[0].topic == pipeline.settings.events_topic
+    (uncopied,) = too_big(outputs.dead_letters)
+    assert uncopied.value is None and uncopied.key is None, uncopied.error
+    assert f"the original's {len(oversized) + len(user_key):,} bytes are not copied" in uncopied.error
     # Every valid event: reflected in a recommendation for its own user, never dead-lettered.
     user_of = {e.event_id: e.user_id for e in events}
     for rec in outputs.recommendations:
