@@ -10,6 +10,7 @@ the README's table of the fault suite comes from them.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import tempfile
 import threading
@@ -299,5 +300,31 @@ def test_a_list_the_broker_refuses_is_logged_and_counted(kafka: LocalKafka, mode
         assert f"a record for {topic} was not delivered and is lost" in pipeline.worker_log()
         assert pipeline.worker is not None
         pipeline.worker.check_alive()
+    finally:
+        pipeline.stop()
+
+
+def test_events_fetched_but_never_delivered_are_fetched_again(
+    kafka: LocalKafka, models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The partition's last events are fetched and dropped (as #596 does), so no later message reveals the
+    hole: the idle worker must notice the consumer's position past them and fetch them again."""
+    trigger = tmp_path / "drop"
+    monkeypatch.setenv("UNDELIVERED_TRIGGER", str(trigger))
+    injector = Path(__file__).parent / "undelivered"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(injector), os.environ.get("PYTHONPATH")])))
+    pipeline = Pipeline(kafka.config.bootstrap, models_dir, tmp_path).start()
+    try:
+        pipeline.publish_catalog()
+        events = _stream(pipeline, 60)
+        pipeline.send_events(events[:30])
+        pipeline.wait_caught_up(pipeline.settings.events_topic)
+        trigger.write_text("30")
+        pipeline.send_events(events[30:])
+        pipeline.wait_caught_up(pipeline.settings.events_topic, timeout_s=60)
+        assert trigger.read_text() == "0"  # all 30 were dropped once
+        assert "seeking back to" in pipeline.worker_log()
+        wanted = {e.event_id for e in events}
+        pipeline.collect_until(lambda out: wanted <= out.covered_event_ids(), timeout_s=30)
     finally:
         pipeline.stop()
