@@ -66,7 +66,7 @@ class OffsetHoles(Generic[Partition]):
         return committed
 
 
-Look = tuple[int, int]  # (consumer generation, micro-batches processed so far), taken while none runs
+Look = tuple[int, int]  # (rebalances so far, micro-batches processed so far), taken while no batch runs
 
 
 @dataclass
