@@ -22,6 +22,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import faust
+from aiokafka.errors import KafkaError
 from faust import streams as faust_streams
 from faust.types import TP
 
@@ -54,6 +55,9 @@ def _batches(stream: faust.StreamT, settings: Settings) -> AsyncIterator[Sequenc
 
 
 LAG_INTERVAL_S = 5.0  # how often the consumer-lag gauge is refreshed from the broker
+# What a timer's consumer calls raise when a rebalance or a broker outage cuts in. An exception out of a
+# Faust timer crashes the worker, so the timers catch these and try again at their next tick.
+HOUSEKEEPING_ERRORS = (KafkaError, asyncio.TimeoutError)
 
 
 @dataclass
@@ -236,23 +240,27 @@ def register_agents(
     async def redeliver_stalled() -> None:
         """Seek back the partitions whose fetched messages never reached the stream (``streams.offset_holes``)."""
         look = (app.rebalancing_count, activity.batches)
-        if not (activity.running or app.rebalancing):
-            generation = app.consumer_generation_id
-            offsets = {}
-            for tp in sorted(tp for tp in app.consumer.assignment() if tp.topic in event_inputs):
-                position = await app.consumer.position(tp)
-                if position is not None:
-                    offsets[tp] = (holes.expected(generation, tp, _committed(app, tp)), position)
-            if not activity.running and look == (app.rebalancing_count, activity.batches):
-                for tp, expected, position in undelivered.stalled(look, offsets):
-                    log.warning(
-                        "%s partition %d: the consumer fetched up to offset %d, the stream delivered nothing from "
-                        "%d on (faust-streaming #596); seeking back to %d to have them delivered",
-                        tp.topic, tp.partition, position - 1, expected, expected,
-                    )  # fmt: skip
-                    events.metrics.skipped_messages.labels(tp.topic).inc(position - expected)
-                    await app.consumer.seek_wait({tp: expected})
-                return
+        try:
+            if not (activity.running or app.rebalancing):
+                generation = app.consumer_generation_id
+                offsets = {}
+                for tp in sorted(tp for tp in app.consumer.assignment() if tp.topic in event_inputs):
+                    position = await app.consumer.position(tp)
+                    if position is not None:
+                        offsets[tp] = (holes.expected(generation, tp, _committed(app, tp)), position)
+                if not activity.running and look == (app.rebalancing_count, activity.batches):
+                    for tp, expected, position in undelivered.stalled(look, offsets):
+                        log.warning(
+                            "%s partition %d: the consumer fetched up to offset %d, the stream delivered nothing "
+                            "from %d on (faust-streaming #596); seeking back to %d to have them delivered",
+                            tp.topic, tp.partition, position - 1, expected, expected,
+                        )  # fmt: skip
+                        events.metrics.skipped_messages.labels(tp.topic).inc(position - expected)
+                        await app.consumer.seek_wait({tp: expected})
+                    return
+        except HOUSEKEEPING_ERRORS as exc:
+            # A rebalance can take a partition away mid-look (IllegalStateError): the next look starts afresh.
+            log.info("the look for undelivered messages was cut short (%r); looking again afresh", exc)
         undelivered.busy()
 
     @app.agent(items_topic, name="rtrec.catalog")
@@ -274,9 +282,13 @@ def register_agents(
     async def track_lag() -> None:
         # From the broker's end offsets, not from fetched records: a stalled worker fetches none.
         assigned = sorted(tp for tp in app.consumer.assignment() if tp.topic in inputs)
-        ends = await app.consumer.highwaters(*assigned) if assigned else {}
         uncommitted = [tp for tp in assigned if _committed(app, tp) is None]
-        starts = await app.consumer.earliest_offsets(*uncommitted) if uncommitted else {}
+        try:
+            ends = await app.consumer.highwaters(*assigned) if assigned else {}
+            starts = await app.consumer.earliest_offsets(*uncommitted) if uncommitted else {}
+        except HOUSEKEEPING_ERRORS as exc:  # a broker away or a rebalance: a gauge is no reason to crash
+            log.warning("consumer lag not refreshed (%r); trying again in %.0f s", exc, LAG_INTERVAL_S)
+            return
         lag = events.metrics.consumer_lag
         lag.clear()  # partitions revoked since the last tick leave the gauge
         for tp in assigned:

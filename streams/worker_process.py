@@ -77,8 +77,11 @@ class WorkerProcess:
 
     def check_alive(self) -> None:
         if self.process.poll() is not None:
-            tail = "\n".join(self.log().splitlines()[-15:])
-            raise RtrecError(f"the worker exited with code {self.process.returncode}; see {self.log_path}\n{tail}")
+            lines = self.log().splitlines()
+            # A crash's cause comes first; what follows is the shutdown, often with errors of its own.
+            cause = crash_cause(lines)
+            shown = "\n".join([*cause, "...", *lines[-15:]] if cause else lines[-15:])
+            raise RtrecError(f"the worker exited with code {self.process.returncode}; see {self.log_path}\n{shown}")
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -109,6 +112,17 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def crash_cause(lines: Sequence[str]) -> list[str]:
+    """The log's first traceback, with the line before it (the message it explains) and its exception line."""
+    for start, line in enumerate(lines):
+        if line.startswith("Traceback (most recent call last):"):
+            end = start + 1
+            while end < len(lines) and lines[end].startswith(" "):
+                end += 1
+            return list(lines[max(start - 1, 0) : end + 1])
+    return []
 
 
 def wait_group_ready(workers: Sequence[WorkerProcess], timeout_s: float = 120.0) -> None:

@@ -337,15 +337,22 @@ def test_a_list_the_broker_refuses_is_logged_and_counted(kafka: LocalKafka, mode
         pipeline.stop()
 
 
+def _inject_worker_faults(monkeypatch: pytest.MonkeyPatch, **triggers: Path) -> None:
+    """Arms ``tests/worker_faults`` in the workers this test starts: each trigger file, once written with n,
+    strikes n times."""
+    for name, path in triggers.items():
+        monkeypatch.setenv(name, str(path))
+    injector = Path(__file__).parent / "worker_faults"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(injector), os.environ.get("PYTHONPATH")])))
+
+
 def test_events_fetched_but_never_delivered_are_fetched_again(
     kafka: LocalKafka, models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The partition's last events are fetched and dropped (as #596 does), so no later message reveals the
     hole: the idle worker must notice the consumer's position past them and fetch them again."""
     trigger = tmp_path / "drop"
-    monkeypatch.setenv("UNDELIVERED_TRIGGER", str(trigger))
-    injector = Path(__file__).parent / "undelivered"
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(injector), os.environ.get("PYTHONPATH")])))
+    _inject_worker_faults(monkeypatch, UNDELIVERED_TRIGGER=trigger)
     pipeline = Pipeline(kafka.config.bootstrap, models_dir, tmp_path).start()
     try:
         pipeline.publish_catalog()
@@ -359,5 +366,34 @@ def test_events_fetched_but_never_delivered_are_fetched_again(
         assert "seeking back to" in pipeline.worker_log()
         wanted = {e.event_id for e in events}
         pipeline.collect_until(lambda out: wanted <= out.covered_event_ids(), timeout_s=30)
+    finally:
+        pipeline.stop()
+
+
+def test_a_partition_taken_away_while_the_idle_worker_looks_at_it_does_not_stop_the_worker(
+    kafka: LocalKafka, models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The idle worker's look for undelivered events asks the consumer for each partition's position; a
+    rebalance that takes a partition away between two questions fails the next one. The look must give up
+    and the worker go on (an exception out of a Faust timer crashes the worker: CI saw one, 2026-11-24)."""
+    trigger = tmp_path / "unassigned"
+    _inject_worker_faults(monkeypatch, UNASSIGNED_TRIGGER=trigger)
+    pipeline = Pipeline(kafka.config.bootstrap, models_dir, tmp_path).start()
+    try:
+        pipeline.publish_catalog()
+        events = _stream(pipeline, 20)
+        pipeline.send_events(events[:10])
+        pipeline.wait_caught_up(pipeline.settings.events_topic)
+        trigger.write_text("3")
+        deadline = time.monotonic() + 30
+        while trigger.read_text() != "0":  # the looks come every LAG_INTERVAL_S while the worker is idle
+            assert pipeline.worker is not None
+            pipeline.worker.check_alive()
+            assert time.monotonic() < deadline, "the idle worker did not look at its partitions"
+            time.sleep(0.2)
+        pipeline.send_events(events[10:])
+        wanted = {e.event_id for e in events}
+        pipeline.collect_until(lambda out: wanted <= out.covered_event_ids(), timeout_s=30)
+        assert "the look for undelivered messages was cut short" in pipeline.worker_log()
     finally:
         pipeline.stop()
