@@ -168,7 +168,8 @@ def build_app(settings: Settings, components: Components) -> faust.App:
         web_host=settings.http_host or socket.gethostname(),
         producer_max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
         # A micro-batch's lists fill 16 KB (the default) many times over, and a full batch makes every
-        # later send wait for the broker: 512 KB per partition halved the cost per list. A batch is one
+        # later send wait for the broker. With the lists sent straight to this producer, 512 KB batches
+        # took the bench's produce stage from 127 to 20 µs per event (BENCHMARKS.md). A batch is one
         # record batch on the broker, so it stays under the broker's default message.max.bytes (1 MiB).
         producer_max_batch_size=PRODUCER_BATCH_BYTES,
     )
