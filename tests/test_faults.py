@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import msgpack
@@ -337,13 +338,25 @@ def test_a_list_the_broker_refuses_is_logged_and_counted(kafka: LocalKafka, mode
         pipeline.stop()
 
 
-def _inject_worker_faults(monkeypatch: pytest.MonkeyPatch, **triggers: Path) -> None:
-    """Arms ``tests/worker_faults`` in the workers this test starts: each trigger file, once written with n,
-    strikes n times."""
-    for name, path in triggers.items():
-        monkeypatch.setenv(name, str(path))
+@contextmanager
+def _idle_worker_with_fault(
+    kafka: LocalKafka, models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trigger: str, events: int
+) -> Iterator[tuple[Pipeline, Path, list[Event]]]:
+    """A pipeline whose worker loads ``tests/worker_faults`` with the fault the variable ``trigger`` arms, has
+    answered the first half of ``events`` and is idle. The fault strikes n times once its file is written with n."""
+    armed = tmp_path / trigger.lower()
+    monkeypatch.setenv(trigger, str(armed))
     injector = Path(__file__).parent / "worker_faults"
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(injector), os.environ.get("PYTHONPATH")])))
+    pipeline = Pipeline(kafka.config.bootstrap, models_dir, tmp_path).start()
+    try:
+        pipeline.publish_catalog()
+        stream = _stream(pipeline, events)
+        pipeline.send_events(stream[: events // 2])
+        pipeline.wait_caught_up(pipeline.settings.events_topic)
+        yield pipeline, armed, stream
+    finally:
+        pipeline.stop()
 
 
 def test_events_fetched_but_never_delivered_are_fetched_again(
@@ -351,14 +364,8 @@ def test_events_fetched_but_never_delivered_are_fetched_again(
 ) -> None:
     """The partition's last events are fetched and dropped (as #596 does), so no later message reveals the
     hole: the idle worker must notice the consumer's position past them and fetch them again."""
-    trigger = tmp_path / "drop"
-    _inject_worker_faults(monkeypatch, UNDELIVERED_TRIGGER=trigger)
-    pipeline = Pipeline(kafka.config.bootstrap, models_dir, tmp_path).start()
-    try:
-        pipeline.publish_catalog()
-        events = _stream(pipeline, 60)
-        pipeline.send_events(events[:30])
-        pipeline.wait_caught_up(pipeline.settings.events_topic)
+    faulted = _idle_worker_with_fault(kafka, models_dir, tmp_path, monkeypatch, "UNDELIVERED_TRIGGER", 60)
+    with faulted as (pipeline, trigger, events):
         trigger.write_text("30")
         pipeline.send_events(events[30:])
         pipeline.wait_caught_up(pipeline.settings.events_topic, timeout_s=60)
@@ -366,8 +373,6 @@ def test_events_fetched_but_never_delivered_are_fetched_again(
         assert "seeking back to" in pipeline.worker_log()
         wanted = {e.event_id for e in events}
         pipeline.collect_until(lambda out: wanted <= out.covered_event_ids(), timeout_s=30)
-    finally:
-        pipeline.stop()
 
 
 def test_a_partition_taken_away_while_the_idle_worker_looks_at_it_does_not_stop_the_worker(
@@ -376,14 +381,8 @@ def test_a_partition_taken_away_while_the_idle_worker_looks_at_it_does_not_stop_
     """The idle worker's look for undelivered events asks the consumer for each partition's position; a
     rebalance that takes a partition away between two questions fails the next one. The look must give up
     and the worker go on (an exception out of a Faust timer crashes the worker: CI saw one, 2026-11-24)."""
-    trigger = tmp_path / "unassigned"
-    _inject_worker_faults(monkeypatch, UNASSIGNED_TRIGGER=trigger)
-    pipeline = Pipeline(kafka.config.bootstrap, models_dir, tmp_path).start()
-    try:
-        pipeline.publish_catalog()
-        events = _stream(pipeline, 20)
-        pipeline.send_events(events[:10])
-        pipeline.wait_caught_up(pipeline.settings.events_topic)
+    faulted = _idle_worker_with_fault(kafka, models_dir, tmp_path, monkeypatch, "UNASSIGNED_TRIGGER", 20)
+    with faulted as (pipeline, trigger, events):
         trigger.write_text("3")
         deadline = time.monotonic() + 30
         while trigger.read_text() != "0":  # the looks come every LAG_INTERVAL_S while the worker is idle
@@ -395,5 +394,3 @@ def test_a_partition_taken_away_while_the_idle_worker_looks_at_it_does_not_stop_
         wanted = {e.event_id for e in events}
         pipeline.collect_until(lambda out: wanted <= out.covered_event_ids(), timeout_s=30)
         assert "the look for undelivered messages was cut short" in pipeline.worker_log()
-    finally:
-        pipeline.stop()
