@@ -101,5 +101,5 @@ class UndeliveredWatch(Generic[Partition]):
         return stalled
 
     def busy(self) -> None:
-        """A look skipped because a batch was running: progress, or a batch that takes long; either way no proof."""
+        """A look skipped (a batch running: progress, or a batch that takes long) or cut short: no proof either way."""
         self._previous = {}
