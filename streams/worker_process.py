@@ -115,9 +115,12 @@ class WorkerProcess:
 
 
 def crash_cause(lines: Sequence[str]) -> list[str]:
-    """The log's first traceback, with the line before it (the message it explains) and its exception line."""
-    for start, line in enumerate(lines):
-        if line.startswith("Traceback (most recent call last):"):
+    """The traceback of the crash Faust reports ("Crashed reason=..."), else the log's first traceback, with
+    the line before it (the message it explains) and its exception line. Earlier tracebacks can be
+    retries a worker survived; the crash report names what stopped it."""
+    reported = next((n for n, line in enumerate(lines) if "Crashed reason=" in line), 0)
+    for start in range(reported, len(lines)):
+        if lines[start].startswith("Traceback (most recent call last):"):
             end = start + 1
             while end < len(lines) and lines[end].startswith(" "):
                 end += 1

@@ -6,7 +6,11 @@ from streams.worker_process import crash_cause
 
 LOG = """\
 [2026-11-24 04:43:40,001] [28395] [INFO] [^Worker]: Ready
-[2026-11-24 04:43:45,100] [28395] [ERROR] [^Worker]: Error: IllegalStateError('Partition x is not assigned')
+[2026-11-24 04:43:41,000] [28395] [WARNING] Commit failed, retrying
+Traceback (most recent call last):
+  File "aiokafka/consumer/group_coordinator.py", line 1, in commit_offsets
+aiokafka.errors.RequestTimedOutError: [Error 7] RequestTimedOutError
+[2026-11-24 04:43:45,100] [28395] [ERROR] [^-App]: Crashed reason=IllegalStateError('Partition x is not assigned')
 Traceback (most recent call last):
   File "mode/services.py", line 843, in _execute_task
     await task
@@ -21,9 +25,14 @@ RuntimeError: Event loop is closed
 """
 
 
-def test_the_cause_shown_is_the_first_traceback_with_the_line_it_explains() -> None:
+def test_the_cause_shown_is_the_crash_faust_reports_with_its_traceback() -> None:
     lines = LOG.splitlines()
-    assert crash_cause(lines) == lines[1:8]
+    assert crash_cause(lines) == lines[5:12]
+
+
+def test_without_a_crash_report_the_cause_shown_is_the_first_traceback() -> None:
+    lines = [line for line in LOG.splitlines() if "Crashed reason=" not in line]
+    assert crash_cause(lines) == lines[1:5]
 
 
 def test_a_log_without_a_traceback_has_no_cause_to_show() -> None:
