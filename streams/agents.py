@@ -236,32 +236,41 @@ def register_agents(
     undelivered: UndeliveredWatch[TP] = UndeliveredWatch()
     event_inputs = {settings.events_topic, settings.control_topic}
 
+    async def stalled_partitions() -> list[tuple[TP, int, int]] | None:
+        """``UndeliveredWatch.stalled`` for the event partitions now; None when this look proves nothing
+        (a batch ran or a rebalance came, before or while the consumer was asked)."""
+        look = (app.rebalancing_count, activity.batches)
+        if activity.running or app.rebalancing:
+            return None
+        generation = app.consumer_generation_id
+        offsets = {}
+        for tp in sorted(tp for tp in app.consumer.assignment() if tp.topic in event_inputs):
+            position = await app.consumer.position(tp)
+            if position is not None:
+                offsets[tp] = (holes.expected(generation, tp, _committed(app, tp)), position)
+        if activity.running or look != (app.rebalancing_count, activity.batches):
+            return None
+        return undelivered.stalled(look, offsets)
+
     @app.timer(LAG_INTERVAL_S)
     async def redeliver_stalled() -> None:
         """Seek back the partitions whose fetched messages never reached the stream (``streams.offset_holes``)."""
-        look = (app.rebalancing_count, activity.batches)
         try:
-            if not (activity.running or app.rebalancing):
-                generation = app.consumer_generation_id
-                offsets = {}
-                for tp in sorted(tp for tp in app.consumer.assignment() if tp.topic in event_inputs):
-                    position = await app.consumer.position(tp)
-                    if position is not None:
-                        offsets[tp] = (holes.expected(generation, tp, _committed(app, tp)), position)
-                if not activity.running and look == (app.rebalancing_count, activity.batches):
-                    for tp, expected, position in undelivered.stalled(look, offsets):
-                        log.warning(
-                            "%s partition %d: the consumer fetched up to offset %d, the stream delivered nothing "
-                            "from %d on (faust-streaming #596); seeking back to %d to have them delivered",
-                            tp.topic, tp.partition, position - 1, expected, expected,
-                        )  # fmt: skip
-                        events.metrics.skipped_messages.labels(tp.topic).inc(position - expected)
-                        await app.consumer.seek_wait({tp: expected})
-                    return
+            stalled = await stalled_partitions()
+            if stalled is None:
+                undelivered.busy()
+            for tp, expected, position in stalled or ():
+                log.warning(
+                    "%s partition %d: the consumer fetched up to offset %d, the stream delivered nothing from "
+                    "%d on (faust-streaming #596); seeking back to %d to have them delivered",
+                    tp.topic, tp.partition, position - 1, expected, expected,
+                )  # fmt: skip
+                events.metrics.skipped_messages.labels(tp.topic).inc(position - expected)
+                await app.consumer.seek_wait({tp: expected})
         except HOUSEKEEPING_ERRORS as exc:
             # A rebalance can take a partition away mid-look (IllegalStateError): the next look starts afresh.
             log.info("the look for undelivered messages was cut short (%r); looking again afresh", exc)
-        undelivered.busy()
+            undelivered.busy()
 
     @app.agent(items_topic, name="rtrec.catalog")
     async def process_catalog(stream: faust.StreamT) -> None:
