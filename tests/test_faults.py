@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -110,9 +111,11 @@ def _replays_with_another_list(events: Sequence[Event], recommendations: Sequenc
     ``WINDOW`` of the user's events. A user's lists arrive in order (one partition), so the events the
     lists before a replay accounted for tell how far the window had gone past its trigger.
     """
-    index = {}
-    for user_events in _by_user(events).values():
-        index.update({e.event_id: i for i, e in enumerate(user_events)})
+    index: dict[str, int] = {}  # event id → its place among its user's events
+    per_user: Counter[str] = Counter()
+    for event in events:
+        index[event.event_id] = per_user[event.user_id]
+        per_user[event.user_id] += 1
     first: dict[tuple[str, str], tuple[str, ...]] = {}
     reached: dict[str, int] = {}  # per user, the furthest of their events a list has accounted for so far
     differing: dict[tuple[str, str], bool] = {}  # pair → whether the window could still go back to its trigger
@@ -125,13 +128,6 @@ def _replays_with_another_list(events: Sequence[Event], recommendations: Sequenc
         reached[rec.user_id] = max([reached.get(rec.user_id, -1), *covered])
     remembered = sum(differing.values())
     return remembered, len(differing) - remembered
-
-
-def _by_user(events: Sequence[Event]) -> dict[str, list[Event]]:
-    grouped: dict[str, list[Event]] = {}
-    for event in events:
-        grouped.setdefault(event.user_id, []).append(event)
-    return grouped
 
 
 def _account(
