@@ -14,11 +14,10 @@ from typing import Any
 import numpy as np
 
 from encoder.config import INTEREST_BUNDLE, TEXT_BUNDLE, TEXT_DIM, BundleManifest, InterestEncoderConfig
-from encoder.data import Dataset, EventLog, History, leave_one_out
+from encoder.data import Dataset, EventLog
 from encoder.runtime import OnnxTextEmbedder, cuda_available
 from streams.errors import ConfigError, ModelError
-from streams.records import EVENT_TYPES, Event
-from streams.workload import GeneratedEvent, Workload, WorkloadConfig
+from streams.records import EVENT_TYPES
 
 
 def ensure_text_encoder(models: Path, progress: Callable[[str], None] = lambda _msg: None) -> Path:
@@ -45,59 +44,6 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def workload_histories(workload: Workload, n_users: int, events_per_user: int) -> list[list[GeneratedEvent]]:
-    """Histories of users the live stream never sees (their indices start after the live ones)."""
-    return workload.histories(n_users, events_per_user, first_user=10_000_000)
-
-
-def catalogue_walks(workload: Workload, length: int) -> list[list[GeneratedEvent]]:
-    """Histories that walk the whole catalogue in order, so that an id-only model learns every id.
-
-    Walks overlap by the two items leave-one-out holds out of each history, so every
-    item also occurs in some training part; the last walk wraps around to the start.
-    """
-    ids = [item.item_id for item in workload.catalog]
-    step = max(length - 2, 1)
-    start_ms = workload.config.start_ms
-    walks = []
-    for start in range(0, len(ids), step):
-        walk = [ids[(start + j) % len(ids)] for j in range(length)]
-        walks.append(
-            [
-                GeneratedEvent(
-                    Event(f"walk-{start}-{j}", f"walk-{start}", item_id, "view", start_ms + j * 60_000),
-                    workload.category_of[item_id],
-                )
-                for j, item_id in enumerate(walk)
-            ]
-        )
-    return walks
-
-
-def content_hash(workload: Workload, histories: list[list[GeneratedEvent]]) -> str:
-    """What the model would learn from: the catalogue's text and every training event."""
-    digest = hashlib.sha256()
-    for item in workload.catalog:
-        digest.update(f"{item.item_id}\t{item.text()}\n".encode())
-    for history in histories:
-        digest.update("|".join(f"{g.event.item_id},{g.event.type},{g.event.ts}" for g in history).encode())
-    return digest.hexdigest()[:16]
-
-
-def workload_dataset(workload: Workload, histories: list[list[GeneratedEvent]]) -> Dataset:
-    item_ids = [item.item_id for item in workload.catalog]
-    row = {item_id: i for i, item_id in enumerate(item_ids)}
-    converted = {
-        str(user): History(
-            items=np.array([row[g.event.item_id] for g in history], dtype=np.int64),
-            types=[g.event.type for g in history],
-            ts_ms=np.array([g.event.ts for g in history], dtype=np.int64),
-        )
-        for user, history in enumerate(histories)
-    }
-    return leave_one_out("generated workload", item_ids, converted, [item.text() for item in workload.catalog], True)
-
-
 def stream_encoder_config(n_items: int, text_dim: int = TEXT_DIM, **overrides: Any) -> InterestEncoderConfig:
     """The stream's model: ids and text (so items published later are placed by their text alone)."""
     defaults: dict[str, Any] = {"event_types": EVENT_TYPES, "n_items": n_items, "text_dim": text_dim, "id_dropout": 0.3}
@@ -107,45 +53,7 @@ def stream_encoder_config(n_items: int, text_dim: int = TEXT_DIM, **overrides: A
         raise ConfigError(f"interest encoder: {exc}") from None
 
 
-def ensure_interest_encoder(
-    models: Path,
-    workload_config: WorkloadConfig,
-    overrides: dict[str, Any] | None = None,
-    *,
-    n_users: int = 600,
-    events_per_user: int = 60,
-    cover_catalogue: bool = False,
-    force: bool = False,
-    progress: Callable[[str], None] = lambda _msg: None,
-) -> Path:
-    """Train on the generated workload and export, unless a bundle trained on the same data exists.
-
-    ``cover_catalogue`` adds walks over every item, for an id-only model that must know them all.
-    """
-    workload = Workload(workload_config)
-    cfg = stream_encoder_config(len(workload.catalog), **(overrides or {}))  # bad flags fail first
-    embedder = OnnxTextEmbedder(ensure_text_encoder(models, progress), provider="cpu")
-    if embedder.dim != TEXT_DIM:
-        raise ModelError(f"the text encoder makes {embedder.dim}-d vectors, expected {TEXT_DIM}")
-    histories = workload_histories(workload, n_users, events_per_user)
-    if cover_catalogue:
-        histories += catalogue_walks(workload, events_per_user)
-    print_ = fingerprint(cfg, embedder.version, content_hash(workload, histories))
-    bundle = models / INTEREST_BUNDLE
-    if not force and _reusable(bundle, print_, progress):
-        return bundle
-    dataset = workload_dataset(workload, histories)
-    text_vectors = None
-    if cfg.text_dim:
-        progress(f"embedding {len(workload.catalog):,} catalogue items for training…")
-        assert dataset.item_texts is not None
-        text_vectors = embedder.embed_batch(dataset.item_texts)
-    # A GPU worker runs the float16 user tower (RTREC_ENCODER_PRECISION=auto), so export it where one is.
-    train_and_export(dataset, cfg, bundle, text_vectors, print_, progress, fp16=cuda_available())
-    return bundle
-
-
-def _reusable(bundle: Path, fingerprint_: str, progress: Callable[[str], None]) -> bool:
+def reusable(bundle: Path, fingerprint_: str, progress: Callable[[str], None]) -> bool:
     """Whether ``bundle`` was trained on the same data with the same config."""
     try:
         if BundleManifest.read(bundle, "interest-encoder").training.get("fingerprint") == fingerprint_:
@@ -178,7 +86,7 @@ def ensure_log_encoder(
         digest.update(history.ts_ms.tobytes())
     print_ = fingerprint(cfg, embedder.version, digest.hexdigest()[:16])
     bundle = models / INTEREST_BUNDLE
-    if _reusable(bundle, print_, progress):
+    if reusable(bundle, print_, progress):
         return bundle
     text_vectors = None
     if cfg.text_dim:

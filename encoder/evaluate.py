@@ -20,7 +20,7 @@ import numpy as np
 from encoder.baselines import Popularity, Scorer, baselines
 from encoder.data import Dataset, Example, History
 from encoder.features import WindowArrays, assemble_inputs
-from encoder.metrics import (
+from encoder.ranking_metrics import (
     RankCounts,
     coverage,
     expected_rank,

@@ -27,8 +27,8 @@ from torch.nn import functional as F  # noqa: N812
 from encoder.config import InterestEncoderConfig
 from encoder.data import Dataset, Example, History
 from encoder.features import EventTypeVocabulary, ages_from_newest, left_pad
-from encoder.metrics import RankCounts, summarize
 from encoder.model import InterestEncoder, routed, score_all, user_scores
+from encoder.ranking_metrics import RankCounts, summarize
 
 Progress = Callable[[str], None]
 

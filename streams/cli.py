@@ -91,7 +91,7 @@ def cmd_topics(settings: Settings, _args: argparse.Namespace) -> int:
 def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
     import time
 
-    from streams.kafka_io import forget_user_records, make_producer
+    from streams.clients.kafka_io import forget_user_records, make_producer
 
     # Checked before anything is sent: none is sent unless the worker would apply all.
     records = forget_user_records(args.user_ids, int(time.time() * 1000), settings.limits())
@@ -107,10 +107,10 @@ def cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_load_items(settings: Settings, args: argparse.Namespace) -> int:
-    from streams.catalog_load import publish_catalog, read_items
-    from streams.client import Publisher
+    from streams.clients.catalog_load import publish_catalog, read_items
+    from streams.clients.helpers import Publisher
     from streams.recommend import now_ms
-    from streams.worker_process import wait_group_caught_up
+    from streams.tools.worker_runner import wait_group_caught_up
 
     items = read_items(args.file, now_ms(), settings.limits())
     _say(f"{len(items):,} items read and checked from {args.file}; publishing to {settings.items_topic}…")
@@ -128,10 +128,10 @@ def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
     import itertools
     import secrets
 
-    from streams.catalog_load import publish_catalog
-    from streams.client import Publisher
+    from streams.clients.catalog_load import publish_catalog
+    from streams.clients.helpers import Publisher
     from streams.recommend import now_ms
-    from streams.workload import Workload, WorkloadConfig
+    from streams.tools.workload import Workload, WorkloadConfig
 
     if args.rate <= 0 or args.events < 0 or args.users < 1 or args.items < 1:
         raise ConfigError("produce: --rate, --users and --items must be > 0, --events >= 0")
@@ -168,7 +168,7 @@ def _format_recommendation(rec: Recommendation, now: int) -> str:
 
 
 def cmd_tail(settings: Settings, args: argparse.Namespace) -> int:
-    from streams.client import RecommendationReader
+    from streams.clients.helpers import RecommendationReader
     from streams.recommend import now_ms
 
     shown = 0
@@ -241,7 +241,7 @@ def _load_data(args: argparse.Namespace) -> Dataset:
 def _train_from_topics(settings: Settings, args: argparse.Namespace) -> int:
     from encoder.build import ensure_log_encoder
     from infra.kafka_local import local_broker_for
-    from streams.topic_log import read_topic_log
+    from streams.clients.topic_log import read_topic_log
 
     with local_broker_for(settings, _say):
         _say(f"reading {settings.items_topic} and {settings.events_topic} from their start…")
@@ -254,13 +254,14 @@ def _train_from_topics(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_train(settings: Settings, args: argparse.Namespace) -> int:
-    from encoder.build import ensure_interest_encoder, ensure_text_encoder, fingerprint, train_and_export
+    from encoder.build import ensure_text_encoder, fingerprint, train_and_export
     from encoder.runtime import OnnxTextEmbedder
+    from streams.tools.stream_model import ensure_interest_encoder
 
     if args.from_topics:
         return _train_from_topics(settings, args)
     if args.data is None:
-        from streams.workload import WorkloadConfig
+        from streams.tools.workload import WorkloadConfig
 
         overrides = {"epochs": 8, "patience": 3} | _model_overrides(args)
         bundle = ensure_interest_encoder(
@@ -326,7 +327,7 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_stream_eval(settings: Settings, args: argparse.Namespace) -> int:
     from encoder.datasets import load_event_log
-    from streams.stream_eval import StreamEvalOptions, format_table, run_stream_eval, write_report
+    from streams.tools.stream_eval import StreamEvalOptions, format_table, run_stream_eval, write_report
 
     options = StreamEvalOptions(
         train_fraction=args.train_fraction,
@@ -345,7 +346,7 @@ def cmd_stream_eval(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_worker(settings: Settings, _args: argparse.Namespace) -> int:
     import faust
 
-    from streams.app import build_app, load_components
+    from streams.worker.app import build_app, load_components
 
     logging.basicConfig(level=settings.log_level.upper(), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
     components = load_components(settings)
@@ -361,7 +362,7 @@ def cmd_worker(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
-    from streams.demo import DemoOptions, run_demo
+    from streams.tools.demo import DemoOptions, run_demo
 
     options = DemoOptions(
         events=args.events, rate=args.rate, users=args.users, items=args.items, keep_broker=args.keep_broker
@@ -385,7 +386,7 @@ def cmd_bench_encoder(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
-    from streams.bench import BenchOptions, run_bench
+    from streams.tools.bench import BenchOptions, run_bench
 
     options = BenchOptions(
         items=args.items,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from encoder.build import ensure_interest_encoder
 from infra.kafka_local import LocalKafka, LocalKafkaConfig, free_port
+from streams.tools.stream_model import ensure_interest_encoder
 from tests.harness import TEST_WORKLOAD
 
 TEST_ENCODER = {"epochs": 40, "patience": 5, "seed": 1}  # overrides of the stream model's config
@@ -45,3 +45,10 @@ def pytest_configure(config: pytest.Config) -> None:
     # Workers are subprocesses: they must not inherit a user's RTREC_* environment.
     for name in [k for k in os.environ if k.startswith("RTREC_") and k != "PYTEST_RTREC_MODELS"]:
         del os.environ[name]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Whatever starts the broker is an integration test, so `-m "not integration"` never starts one.
+    for item in items:
+        if "kafka" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)

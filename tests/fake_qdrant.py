@@ -1,7 +1,7 @@
 """A stand-in Qdrant server for fault tests: the REST calls our server adapter makes, answered
 by qdrant-client's in-memory engine, on a port the test can close and reopen.
 
-Not a Qdrant: only the endpoints ``streams.store_qdrant`` uses, with Qdrant's request and
+Not a Qdrant: only the endpoints ``streams.stores.server`` uses, with Qdrant's request and
 response shapes (validated and produced by qdrant-client's own models), so that the
 worker's real HTTP client, retries and all, talks to it as to a server. Its data lives in
 the test process and outlives an outage.

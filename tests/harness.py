@@ -17,8 +17,7 @@ from pathlib import Path
 import msgpack
 
 from infra.topics import ensure_pipeline_topics
-from streams.agents import windows_changelog_topic
-from streams.kafka_io import delete_items, iterate, make_consumer, make_producer, publish_events, publish_items
+from streams.clients.kafka_io import delete_items, iterate, make_consumer, make_producer, publish_events, publish_items
 from streams.records import (
     DeadLetter,
     Event,
@@ -28,8 +27,9 @@ from streams.records import (
     decode_recommendation,
 )
 from streams.settings import Settings
-from streams.worker_process import WorkerProcess
-from streams.workload import Workload, WorkloadConfig
+from streams.tools.worker_runner import WorkerProcess
+from streams.tools.workload import Workload, WorkloadConfig
+from streams.worker.windows import windows_changelog_topic
 
 TEST_WORKLOAD = WorkloadConfig(n_items=240, n_users=60, seed=7)
 TOPICS = ("events", "items", "recommendations", "deadletter", "control")

@@ -18,10 +18,10 @@ import pytest
 
 from encoder.config import TEXT_BUNDLE
 from infra.kafka_local import LocalKafka
-from streams.agents import windows_changelog_topic
-from streams.kafka_io import end_offsets, read_until
+from streams.clients.kafka_io import end_offsets, read_until
 from streams.settings import Settings
 from streams.state import UserWindow
+from streams.worker.windows import windows_changelog_topic
 
 pytestmark = pytest.mark.integration
 

@@ -143,7 +143,16 @@ def test_the_worker_image_pins_what_the_lock_pins() -> None:
 
 
 def test_the_worker_and_its_commands_run_without_torch() -> None:
-    modules = "streams.cli, streams.app, streams.web, streams.client, streams.catalog_load, infra.topics"
+    modules = ", ".join(
+        [
+            "streams.cli",
+            "streams.worker.app",
+            "streams.worker.http_api",
+            "streams.clients.helpers",
+            "streams.clients.catalog_load",
+            "infra.topics",
+        ]
+    )
     training = ("torch", "transformers", "onnx", "scipy", "matplotlib")
     probe = f"import sys, {modules}; print([m for m in {training!r} if m in sys.modules])"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from encoder.build import catalogue_walks, train_and_export, workload_dataset, workload_histories
+from encoder.build import train_and_export
 from encoder.config import INTEREST_BUNDLE, ITEM_IDS_FILE, TEXT_BUNDLE, InterestEncoderConfig
 from encoder.data import Dataset, Example, History, leave_one_out
 from encoder.export import (
@@ -24,8 +24,8 @@ from encoder.export import (
     to_tensors,
 )
 from encoder.features import EventTypeVocabulary, WindowArrays, assemble_inputs
-from encoder.metrics import summarize
 from encoder.model import InterestEncoder
+from encoder.ranking_metrics import summarize
 from encoder.runtime import OnnxInterestEncoder, OnnxItemEncoder, OnnxTextEmbedder
 from encoder.train import CatalogueTensors, TrainingResult, rank_examples, train_interest_encoder
 from streams.cli import main
@@ -33,7 +33,8 @@ from streams.errors import ModelError
 from streams.ports import SearchHit
 from streams.records import EVENT_TYPES
 from streams.rerank import merge_interests
-from streams.workload import Workload, WorkloadConfig
+from streams.tools.stream_model import catalogue_walks, workload_dataset, workload_histories
+from streams.tools.workload import Workload, WorkloadConfig
 
 TINY = InterestEncoderConfig(
     event_types=EVENT_TYPES, n_items=40, text_dim=16, d_model=16, n_heads=2, max_len=12, epochs=15, patience=15,
@@ -344,9 +345,11 @@ def test_session_bundles_exist_with_manifests(models_dir: Path) -> None:
 def test_stream_code_never_imports_torch() -> None:
     code = (
         "import importlib, pkgutil, sys, streams\n"
-        "for m in pkgutil.iter_modules(streams.__path__):\n"
-        "    if m.name != '__main__':\n"
-        "        importlib.import_module('streams.' + m.name)\n"
+        "names = [m.name for m in pkgutil.walk_packages(streams.__path__, 'streams.')]\n"
+        "assert 'streams.worker.agents' in names and 'streams.stores.edge' in names, names\n"
+        "for name in names:\n"
+        "    if not name.endswith('__main__'):\n"
+        "        importlib.import_module(name)\n"
         "import encoder.runtime, encoder.features, encoder.build\n"
         "print('torch' in sys.modules)\n"
     )

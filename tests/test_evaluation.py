@@ -16,7 +16,7 @@ from encoder.baselines import ItemCooccurrence, Popularity, RecentPopularity
 from encoder.data import History, leave_one_out
 from encoder.datasets import load_dataset
 from encoder.evaluate import BundleScorer
-from encoder.metrics import RankCounts, coverage, intra_list_diversity, summarize, top_k
+from encoder.ranking_metrics import RankCounts, coverage, intra_list_diversity, summarize, top_k
 from streams.cli import main
 from streams.errors import DataError
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from streams.app import load_components
 from streams.item_vectors import ItemVectorCache
-from streams.process import CatalogBatchProcessor, EventBatchProcessor, IncomingMessage, WindowLimits
+from streams.pipeline import CatalogBatchProcessor, EventBatchProcessor, IncomingMessage, WindowLimits
 from streams.recommend import Recommender
 from streams.records import ControlCommand, Event, encode_control, encode_event, encode_item
 from streams.settings import Settings
 from streams.state import UserWindow
-from streams.workload import Workload
+from streams.tools.workload import Workload
+from streams.worker.app import load_components
 from tests.harness import TEST_WORKLOAD
 
 HORIZON_MS = 10**12

@@ -27,11 +27,11 @@ from kafka.admin import ConfigResource, ConfigResourceType
 
 from infra.kafka_local import LocalKafka, LocalKafkaConfig, free_port
 from infra.topics import admin_client
-from streams.bench import load_catalog
 from streams.recommend import now_ms
 from streams.records import Event, Recommendation, encode_event, encode_item
 from streams.state import UserWindow
-from streams.worker_process import WorkerProcess
+from streams.tools.bench import load_catalog
+from streams.tools.worker_runner import WorkerProcess
 from tests.fake_qdrant import FakeQdrant
 from tests.harness import Pipeline
 

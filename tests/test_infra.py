@@ -14,8 +14,8 @@ from kafka.structs import OffsetAndMetadata
 
 from infra.kafka_local import LocalKafka, LocalKafkaConfig, free_port, new_cluster_id
 from infra.topics import admin_client, ensure_pipeline_topics, topic_specs
+from streams.clients.kafka_io import make_producer, read_offsets, read_uncommitted
 from streams.errors import BrokerError
-from streams.kafka_io import make_producer, read_offsets, read_uncommitted
 from streams.settings import Settings
 from tests.harness import isolated_names
 

@@ -18,12 +18,12 @@ import pytest
 
 from infra.kafka_local import LocalKafka, free_port
 from streams.cli import main
-from streams.client import Publisher, RecommendationReader
+from streams.clients.helpers import Publisher, RecommendationReader
 from streams.errors import InvalidRecord
 from streams.recommend import REASON_VERBS, now_ms
 from streams.records import Event, Recommendation
 from streams.settings import Settings
-from streams.worker_process import WorkerProcess, wait_group_ready
+from streams.tools.worker_runner import WorkerProcess, wait_group_ready
 from tests.harness import Pipeline
 
 pytestmark = pytest.mark.integration

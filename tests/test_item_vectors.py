@@ -9,7 +9,7 @@ import numpy as np
 
 from streams.item_vectors import EVICTED_SHARE, FIRST_ROWS, ItemVectorCache, ItemVectors
 from streams.ports import VectorPoint
-from streams.store_edge import EdgeVectorStore
+from streams.stores.edge import EdgeVectorStore
 
 
 class CountingStore(EdgeVectorStore):

@@ -10,18 +10,18 @@ from pathlib import Path
 
 import numpy as np
 
-from encoder.build import ensure_interest_encoder
 from encoder.config import INTEREST_BUNDLE, TEXT_BUNDLE, BundleManifest
 from encoder.runtime import OnnxItemEncoder
 from infra.kafka_local import LocalKafka, free_port
-from streams.app import load_components
-from streams.catalog_sync import ItemEmbedder, items_collection_name
 from streams.item_vectors import ItemVectorCache
-from streams.process import CatalogBatchProcessor, IncomingMessage, ItemTarget
+from streams.pipeline import CatalogBatchProcessor, IncomingMessage, ItemTarget
 from streams.recommend import now_ms
 from streams.records import Item, encode_item
 from streams.settings import Settings
-from streams.workload import Workload
+from streams.tools.stream_model import ensure_interest_encoder
+from streams.tools.workload import Workload
+from streams.worker.app import load_components
+from streams.worker.catalog_sync import ItemEmbedder, items_collection_name
 from tests.conftest import TEST_ENCODER
 from tests.harness import TEST_WORKLOAD, Pipeline
 

@@ -6,10 +6,10 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from encoder.build import ensure_interest_encoder
 from encoder.config import TEXT_BUNDLE
 from infra.kafka_local import LocalKafka
 from streams.recommend import now_ms
+from streams.tools.stream_model import ensure_interest_encoder
 from tests.conftest import TEST_ENCODER
 from tests.harness import TEST_WORKLOAD, Pipeline
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from streams.offset_holes import OffsetHoles, UndeliveredWatch
+from streams.worker.offset_holes import OffsetHoles, UndeliveredWatch
 
 
 def test_every_range_of_offsets_a_partition_jumped_over_is_reported_once() -> None:

@@ -26,16 +26,16 @@ from kafka import KafkaConsumer
 
 from encoder.config import INTEREST_BUNDLE, BundleManifest
 from infra.kafka_local import LocalKafka, LocalKafkaConfig, free_port
-from streams.agents import windows_changelog_topic
-from streams.app import open_vector_store
 from streams.cli import main
+from streams.clients.kafka_io import make_consumer
 from streams.errors import VectorStoreError
-from streams.kafka_io import make_consumer
 from streams.ports import VectorPoint
 from streams.pseudonym import Pseudonyms
 from streams.recommend import now_ms
 from streams.settings import Secret, Settings
-from streams.store_edge import EdgeVectorStore
+from streams.stores.edge import EdgeVectorStore
+from streams.worker.app import open_vector_store
+from streams.worker.windows import windows_changelog_topic
 from tests.fake_qdrant import FakeQdrant
 from tests.harness import Pipeline
 

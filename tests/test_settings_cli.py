@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from streams.catalog_load import item_from_row
 from streams.cli import main
+from streams.clients.catalog_load import item_from_row
 from streams.errors import ConfigError, InvalidRecord
 from streams.settings import Secret, Settings
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from encoder.data import History
 from encoder.datasets import load_event_log
 from infra.kafka_local import LocalKafka
-from streams.workload import Workload
+from streams.tools.workload import Workload
 from tests.harness import TEST_WORKLOAD
 
 

@@ -12,11 +12,11 @@ from encoder.config import INTEREST_BUNDLE, TEXT_BUNDLE
 from infra.kafka_local import LocalKafka
 from infra.topics import ensure_pipeline_topics
 from streams.cli import main
-from streams.client import Publisher
-from streams.kafka_io import make_producer
+from streams.clients.helpers import Publisher
+from streams.clients.kafka_io import make_producer
+from streams.clients.topic_log import read_topic_log
 from streams.settings import Settings
-from streams.topic_log import read_topic_log
-from streams.workload import Workload
+from streams.tools.workload import Workload
 from tests.harness import TEST_WORKLOAD, isolated_names
 
 

@@ -22,14 +22,14 @@ import pytest
 from qdrant_client import QdrantClient
 
 from infra.kafka_local import free_port
-from streams.app import open_vector_store
 from streams.errors import VectorStoreError
 from streams.metrics import WorkerMetrics
 from streams.ports import ItemFilter, SearchHit, SearchQuery, VectorPoint, VectorStore
 from streams.settings import Settings
-from streams.store_edge import EdgeVectorStore, HitFields
-from streams.store_qdrant import QdrantVectorStore
-from streams.store_retry import RetryingVectorStore
+from streams.stores.edge import EdgeVectorStore, HitFields
+from streams.stores.retry import RetryingVectorStore
+from streams.stores.server import QdrantVectorStore
+from streams.worker.app import open_vector_store
 from tests.fake_qdrant import FakeQdrant
 
 DIM = 8

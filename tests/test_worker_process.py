@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from streams.worker_process import crash_cause
+from streams.tools.worker_runner import crash_cause
 
 LOG = """\
 [2026-11-24 04:43:40,001] [28395] [INFO] [^Worker]: Ready

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from streams.workload import Workload, WorkloadConfig
+from streams.tools.workload import Workload, WorkloadConfig
 
 
 def test_catalogue_is_seeded_readable_and_spans_the_categories() -> None:

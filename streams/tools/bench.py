@@ -39,15 +39,15 @@ import numpy as np
 
 from infra.kafka_local import local_broker_for
 from infra.topics import ensure_pipeline_topics
-from streams.catalog_sync import items_collection_name
+from streams.clients.kafka_io import make_consumer, make_producer
 from streams.errors import RtrecError
-from streams.kafka_io import make_consumer, make_producer
 from streams.metrics import STAGES
 from streams.pseudonym import Pseudonyms
 from streams.records import Event, decode_recommendation, encode_event, encode_item
 from streams.settings import Settings
-from streams.worker_process import WorkerProcess, wait_group_ready
-from streams.workload import EVENT_TYPE_WEIGHTS, Workload, WorkloadConfig
+from streams.tools.worker_runner import WorkerProcess, wait_group_ready
+from streams.tools.workload import EVENT_TYPE_WEIGHTS, Workload, WorkloadConfig
+from streams.worker.catalog_sync import items_collection_name
 
 # The bench model: the stream's architecture (ids only: the event path never reads text,
 # and 100k items need no text embedding), trained briefly: its speed, not its quality, is measured.
@@ -173,8 +173,8 @@ def seed_state(settings: Settings, users: Sequence[str], items: int, seed: int, 
     from kafka.partitioner.default import murmur2
 
     from infra.topics import TopicSpec, ensure_topics
-    from streams.agents import windows_changelog_topic
-    from streams.process import WindowLimits
+    from streams.pipeline import WindowLimits
+    from streams.worker.windows import windows_changelog_topic
 
     topic = windows_changelog_topic(settings)
     compacted = {"cleanup.policy": "compact"}  # as Faust creates a changelog
@@ -344,7 +344,7 @@ class Bench:
         ]
 
     def prepare(self) -> None:
-        from encoder.build import ensure_interest_encoder
+        from streams.tools.stream_model import ensure_interest_encoder
 
         for topic, what in ensure_pipeline_topics(self.settings).items():
             self.say(f"topic {topic}: {what}")
@@ -497,8 +497,8 @@ class Bench:
 
 def search_recall(settings: Settings, user_ids: Sequence[str], n_items: int, k: int = 10) -> float:
     """How many of the exact top-k items (by dot product over the whole catalogue) the store's search finds."""
-    from streams.app import load_components
     from streams.ports import SearchQuery
+    from streams.worker.app import load_components
 
     components = load_components(settings)
     store = components.store
@@ -525,8 +525,8 @@ def search_recall(settings: Settings, user_ids: Sequence[str], n_items: int, k: 
 
 def load_catalog(settings: Settings, items: Sequence[tuple[str, bytes]], say: Callable[[str], None]) -> None:
     """Bulk-load encoded catalogue records into ``settings``' store and index them."""
-    from streams.app import load_components
-    from streams.process import CatalogBatchProcessor, IncomingMessage
+    from streams.pipeline import CatalogBatchProcessor, IncomingMessage
+    from streams.worker.app import load_components
 
     components = load_components(settings)
     store = components.store

@@ -26,8 +26,8 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
+from streams.clients.kafka_io import forget_user_records, make_producer, topic_partitions
 from streams.errors import BrokerError, InvalidRecord
-from streams.kafka_io import forget_user_records, make_producer, topic_partitions
 from streams.recommend import now_ms
 from streams.records import (
     Event,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from encoder.datasets import read_table
-from streams.client import Publisher
+from streams.clients.helpers import Publisher
 from streams.errors import DataError, InvalidRecord
 from streams.records import Item, Limits, decode_item, encode_item
 

@@ -4,7 +4,7 @@ Readiness is Faust's own "[^Worker]: Ready" line, logged once table recovery is
 over and the stream partitions are seeked to their committed offsets. Input sent
 before that point can hit faust-streaming's recovery race (its issue #596: the stream
 can skip messages fetched around the recovery). The worker reads skipped messages back
-from the broker (``streams.offset_holes``), but the demo and the bench still send nothing
+from the broker (``streams.worker.offset_holes``), but the demo and the bench still send nothing
 until a worker is ready, so that their figures do not include that detour.
 """
 
@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from streams.clients.kafka_io import group_lag
 from streams.errors import RtrecError
-from streams.kafka_io import group_lag
 from streams.settings import Settings
 
 READY_LINE = b"[^Worker]: Ready"
@@ -134,7 +134,7 @@ def wait_group_ready(workers: Sequence[WorkerProcess], timeout_s: float = 120.0)
     One worker's "Ready" can come before another's join rebalances the group; input sent
     while a worker recovers in that rebalance meets faust-streaming's recovery race (#596),
     which stalled `rtrec bench` with two workers before the worker read skipped messages back
-    (``streams.offset_holes``).
+    (``streams.worker.offset_holes``).
     """
     deadline = time.monotonic() + timeout_s
     for worker in workers:

@@ -20,22 +20,22 @@ from mode.types.signals import BaseSignalT
 
 from encoder.config import INTEREST_BUNDLE, TEXT_BUNDLE
 from encoder.runtime import OnnxInterestEncoder, OnnxItemEncoder, OnnxTextEmbedder
-from streams.agents import register_agents
-from streams.catalog_sync import ItemEmbedder, fill_missing, items_collection_name
 from streams.errors import ModelError
 from streams.item_vectors import ItemVectorCache
 from streams.metrics import WorkerMetrics
-from streams.model_swap import ModelSwapper, served_model_info
+from streams.pipeline import CatalogBatchProcessor, EventBatchProcessor, WindowLimits
 from streams.ports import InterestEncoderRuntime, ItemEncoderRuntime, TextEmbedder, VectorStore
-from streams.process import CatalogBatchProcessor, EventBatchProcessor, WindowLimits
 from streams.pseudonym import Pseudonyms
 from streams.recommend import Recommender, now_ms
 from streams.settings import Settings
-from streams.store_edge import EdgeVectorStore
-from streams.store_qdrant import QdrantVectorStore
-from streams.store_retry import RetryingVectorStore
+from streams.stores.edge import EdgeVectorStore
+from streams.stores.retry import RetryingVectorStore
+from streams.stores.server import QdrantVectorStore
 from streams.trending import Trending
-from streams.web import register_http_api
+from streams.worker.agents import register_agents
+from streams.worker.catalog_sync import ItemEmbedder, fill_missing, items_collection_name
+from streams.worker.http_api import register_http_api
+from streams.worker.model_swap import ModelSwapper, served_model_info
 
 PRODUCER_BATCH_BYTES = 512 * 1024
 
@@ -107,7 +107,7 @@ def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | No
 
 
 def build_app(settings: Settings, components: Components) -> faust.App:
-    # Outages of the store pause the stream rather than fail it (streams.store_retry).
+    # Outages of the store pause the stream rather than fail it (streams.stores.retry).
     store = RetryingVectorStore(components.store, components.metrics)
     items_collection = items_collection_name(settings.items_collection, components.item_encoder)
     store.ensure_collection(items_collection, components.item_encoder.dim)

@@ -28,14 +28,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from encoder.config import INTEREST_BUNDLE, BundleManifest
-from streams.catalog_sync import ItemEmbedder, catalogue_ends, items_collection_name, latest, read_catalog
 from streams.errors import ModelError
 from streams.item_vectors import ItemVectorCache
 from streams.metrics import WorkerMetrics
+from streams.pipeline import CatalogBatchProcessor, ItemTarget
 from streams.ports import InterestEncoderRuntime, ItemEncoderRuntime, TextEmbedder, VectorStore
-from streams.process import CatalogBatchProcessor, ItemTarget
 from streams.recommend import Recommender
 from streams.settings import Settings
+from streams.worker.catalog_sync import ItemEmbedder, catalogue_ends, items_collection_name, latest, read_catalog
 
 log = logging.getLogger(__name__)
 

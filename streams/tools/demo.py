@@ -21,12 +21,12 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from infra.kafka_local import local_broker_for
 from infra.topics import ensure_pipeline_topics
-from streams.kafka_io import iterate, make_consumer, make_producer, publish_items
+from streams.clients.kafka_io import iterate, make_consumer, make_producer, publish_items
 from streams.recommend import now_ms
 from streams.records import decode_deadletter, decode_recommendation, encode_event
 from streams.settings import Settings
-from streams.worker_process import WorkerProcess
-from streams.workload import Workload, WorkloadConfig
+from streams.tools.worker_runner import WorkerProcess
+from streams.tools.workload import Workload, WorkloadConfig
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def run_demo(settings: Settings, options: DemoOptions, say: Callable[[str], None
 
 
 def _run_demo(settings: Settings, options: DemoOptions, say: Callable[[str], None]) -> Tally:
-    from encoder.build import ensure_interest_encoder
+    from streams.tools.stream_model import ensure_interest_encoder
 
     worker = None
     try:

@@ -1,7 +1,7 @@
 """A Qdrant server behind the ``VectorStore`` interface (the production store).
 
 External string ids map to 64-bit point ids, with the original id kept in the
-payload under ``ext_id`` (``streams.vector_search``, shared with the embedded
+payload under ``ext_id`` (``streams.stores.search``, shared with the embedded
 store). Collections rank by dot product, as the model scores.
 """
 
@@ -18,7 +18,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 
 from streams.errors import VectorStoreError
 from streams.ports import SearchHit, SearchQuery, VectorPoint
-from streams.vector_search import EXTERNAL_ID, RANKING_FIELDS, point_id, rank_without_unavailable
+from streams.stores.search import EXTERNAL_ID, RANKING_FIELDS, point_id, rank_without_unavailable
 
 # The interest encoder scores items by dot product (it is trained that way): the store ranks alike.
 DISTANCE = models.Distance.DOT

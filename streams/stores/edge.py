@@ -1,7 +1,7 @@
 """Embedded Qdrant (Qdrant Edge, the Qdrant engine in-process) behind the ``VectorStore`` interface.
 
 One shard per collection under ``<qdrant_path>/<collection>``. Ids, payloads and
-ranking are those of the server store (``streams.store_qdrant``), so a pipeline
+ranking are those of the server store (``streams.stores.server``), so a pipeline
 moves between the two without re-thinking anything.
 
 Two measured facts shape this adapter (2-core CPU, 100k × 64-d items):
@@ -41,7 +41,7 @@ import qdrant_edge as edge
 
 from streams.errors import VectorStoreError
 from streams.ports import SearchHit, SearchQuery, VectorPoint
-from streams.vector_search import EXTERNAL_ID, RANKING_FIELDS, point_id, rank_without_unavailable
+from streams.stores.search import EXTERNAL_ID, RANKING_FIELDS, point_id, rank_without_unavailable
 
 log = logging.getLogger(__name__)
 

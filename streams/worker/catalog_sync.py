@@ -6,7 +6,7 @@ therefore starts from an empty collection. It is filled from the catalogue topic
 which is compacted and so holds the latest version of every item:
 
 - at start-up, with the items the collection lacks, before any event is read;
-- in the background before a model swap (``streams.model_swap``).
+- in the background before a model swap (``streams.worker.model_swap``).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streams.clients.kafka_io import TopicRecord, end_offsets, read_until
 from streams.errors import InvalidRecord
-from streams.kafka_io import TopicRecord, end_offsets, read_until
 from streams.ports import ItemEncoderRuntime, TextEmbedder, VectorPoint, VectorStore
 from streams.records import Item, Limits, decode_item
 from streams.settings import Settings

@@ -25,11 +25,11 @@ from faust.tables.manager import TableManager
 from faust.web import Request, Response, View
 from multidict import MultiMapping
 
-from streams.agents import Agents
 from streams.errors import InvalidRecord
+from streams.pipeline import EventBatchProcessor
 from streams.ports import ItemFilter
-from streams.process import EventBatchProcessor
 from streams.settings import Settings
+from streams.worker.agents import Agents
 
 
 class BadParameter(ValueError):

@@ -42,14 +42,14 @@ import numpy as np
 from encoder.data import EventLog, History, LoggedEvent
 from infra.kafka_local import local_broker_for
 from infra.topics import ensure_pipeline_topics
-from streams.client import Publisher, RecommendationReader
+from streams.clients.helpers import Publisher, RecommendationReader
 from streams.errors import RtrecError
-from streams.process import WindowLimits
+from streams.pipeline import WindowLimits
 from streams.recommend import now_ms
 from streams.records import Event, Item
 from streams.settings import Settings
 from streams.state import UserWindow
-from streams.worker_process import WorkerProcess
+from streams.tools.worker_runner import WorkerProcess
 
 K = 10
 METHODS = ("stream", "offline", "popularity stream")
@@ -170,7 +170,7 @@ def offline_lists(
     """
     from encoder.build import ensure_text_encoder
     from encoder.evaluate import BundleScorer
-    from encoder.metrics import top_k
+    from encoder.ranking_metrics import top_k
     from encoder.runtime import OnnxTextEmbedder
 
     embedder = OnnxTextEmbedder(ensure_text_encoder(models), provider="cpu") if log.item_texts else None

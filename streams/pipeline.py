@@ -13,7 +13,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from streams.catalog_sync import ItemEmbedder
 from streams.errors import InvalidRecord
 from streams.item_vectors import ItemVectorCache
 from streams.metrics import WorkerMetrics
@@ -33,6 +32,7 @@ from streams.records import (
 from streams.settings import Settings
 from streams.state import AddOutcome, UserWindow
 from streams.trending import Trending
+from streams.worker.catalog_sync import ItemEmbedder
 
 log = logging.getLogger(__name__)
 

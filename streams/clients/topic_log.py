@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from encoder.data import EventLog, History
-from streams.catalog_sync import catalogue_ends, read_catalog
+from streams.clients.kafka_io import end_offsets, read_until
 from streams.errors import DataError, InvalidRecord
-from streams.kafka_io import end_offsets, read_until
 from streams.records import decode_control, decode_event
 from streams.settings import Settings
+from streams.worker.catalog_sync import catalogue_ends, read_catalog
 
 PROGRESS_EVERY = 100_000
 

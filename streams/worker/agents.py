@@ -1,0 +1,76 @@
+"""The worker's agents and timers, registered on a Faust app. Each piece lives in its own module:
+the events agent (``events_agent``), the window table (``windows``), what is sent (``output``) and
+the housekeeping timers (``timers``); the catalogue agent is small enough to stand here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import faust
+
+from streams.pipeline import CatalogBatchProcessor, EventBatchProcessor
+from streams.pseudonym import Pseudonyms
+from streams.settings import Settings
+from streams.worker.events_agent import EventsAgent, incoming
+from streams.worker.faust_compat import take_batches
+from streams.worker.output import Output
+from streams.worker.timers import LAG_INTERVAL_S, LagGauge, UndeliveredLook
+from streams.worker.windows import WindowTable, add_windows_table
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Agents:
+    windows: WindowTable  # user's state key (bytes) → stored window
+    state_key: Callable[[str], str]  # user id → the key their state is kept under
+    event_worker: ThreadPoolExecutor  # the thread every model and store call of the events agent runs on
+    catalog_worker: ThreadPoolExecutor  # the same for the catalogue agent
+
+
+def _raw_topic(app: faust.App, *names: str) -> faust.TopicT:
+    """Bytes in, bytes out: validation is ours (streams.records), not a Faust codec's."""
+    return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+
+
+def register_agents(
+    app: faust.App,
+    settings: Settings,
+    events: EventBatchProcessor,
+    catalog: CatalogBatchProcessor,
+    pseudonyms: Pseudonyms,
+) -> Agents:
+    windows = add_windows_table(app, settings)
+    output = Output(app, settings, events.metrics)
+    events_agent = EventsAgent(app, settings, events, windows, pseudonyms.of, output)
+    app.agent(_raw_topic(app, settings.events_topic, settings.control_topic), name="rtrec.events")(events_agent.run)
+    catalog_worker = register_catalog_agent(app, settings, catalog, output)
+    app.timer(LAG_INTERVAL_S, name="rtrec.redeliver_stalled")(UndeliveredLook(app, settings, events_agent).tick)
+    app.timer(LAG_INTERVAL_S, name="rtrec.track_lag")(LagGauge(app, settings, events.metrics).tick)
+    return Agents(windows, pseudonyms.of, events_agent.worker, catalog_worker)
+
+
+def register_catalog_agent(
+    app: faust.App, settings: Settings, catalog: CatalogBatchProcessor, output: Output
+) -> ThreadPoolExecutor:
+    """The catalogue agent: item changes embedded and upserted on a thread of its own."""
+    worker = ThreadPoolExecutor(1, thread_name_prefix="rtrec-catalog")
+
+    async def process_catalog(stream: faust.StreamT) -> None:
+        loop = asyncio.get_running_loop()
+        async for batch in take_batches(stream, settings.batch_max, settings.batch_within_s):
+            outcome = await loop.run_in_executor(worker, catalog.process, incoming(batch))
+            await output.dead_letters(outcome.dead_letters)
+            log.info(
+                "catalog: %d upserted, %d deleted, %d dead-lettered",
+                len(outcome.upserted),
+                len(outcome.deleted),
+                len(outcome.dead_letters),
+            )
+
+    app.agent(_raw_topic(app, settings.items_topic), name="rtrec.catalog")(process_catalog)
+    return worker

@@ -1,0 +1,72 @@
+"""The table of user windows: one per user, on the changelog partition of the user's events."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import faust
+
+from streams.settings import Settings
+from streams.worker.faust_compat import current_event_on
+
+WINDOWS_TABLE = "user-windows"
+
+
+class WindowTable(faust.Table):
+    """The windows, each written to the changelog partition of its user's events.
+
+    A micro-batch spans several partitions and its writes happen after the batch, outside
+    any one event's context, so each write names its partition (the one its user's events
+    came from) instead of Faust taking the current event's. That keeps changelog partition
+    p holding exactly the windows of events partition p, which is what recovery after a
+    rebalance assumes, also when the keys are pseudonyms that hash elsewhere. The RocksDB
+    store files a key under "the current event's" partition, so a write also presents one.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._writing: dict[bytes, int] = {}
+
+    def put(self, key: bytes, value: bytes, partition: int) -> None:
+        with self._writing_to(key, partition), current_event_on(partition):
+            self[key] = value
+
+    def partition_for_key(self, key: Any) -> int | None:
+        return self._writing.get(key)
+
+    @contextmanager
+    def _writing_to(self, key: bytes, partition: int) -> Iterator[None]:
+        self._writing[key] = partition
+        try:
+            yield
+        finally:
+            del self._writing[key]
+
+
+def windows_changelog_topic(settings: Settings) -> str:
+    """The topic Faust backs the windows table with (a restarted worker recovers its windows from it)."""
+    return f"{settings.app_id}-{WINDOWS_TABLE}-changelog"
+
+
+def _rocksdb_options(memory_mb: int) -> dict[str, int]:
+    """Faust's RocksDB options that keep one partition's database within ``memory_mb``."""
+    budget = memory_mb * 2**20
+    return {"block_cache_size": budget * 3 // 4, "write_buffer_size": budget // 8, "max_write_buffer_number": 2}
+
+
+def add_windows_table(app: faust.App, settings: Settings) -> WindowTable:
+    windows = WindowTable(
+        app,
+        name=WINDOWS_TABLE,
+        default=None,
+        beacon=app.tables.beacon,
+        partitions=settings.topic_partitions,
+        key_type=bytes,  # bytes means the raw codec for the changelog
+        value_type=bytes,
+        use_partitioner=True,  # reads need no event context; writes name their partition (WindowTable)
+        options=_rocksdb_options(settings.table_cache_mb) if settings.table_store.startswith("rocksdb") else None,
+    )
+    app.tables.add(windows)
+    return windows
