@@ -12,9 +12,9 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from streams.errors import ModelError
 
@@ -56,6 +56,11 @@ TEXT_BUNDLE = "text-encoder"  # folder names inside the models directory
 INTEREST_BUNDLE = "interest-encoder"
 
 
+def hyper(default: Any, help: str) -> Any:
+    """A hyper-parameter a person sets: the CLI's model flags are these fields, with this help."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class InterestEncoderConfig:
     """Every hyper-parameter of the interest encoder and its training, validated."""
@@ -63,30 +68,33 @@ class InterestEncoderConfig:
     event_types: tuple[str, ...]
     n_items: int = 0  # items with a learned id embedding; 0 = no id embeddings (text only)
     text_dim: int = 0  # dims of the item text vectors; 0 = no text (ids only)
-    d_model: int = 64
-    n_heads: int = 2
-    n_layers: int = 2
+    d_model: int = hyper(64, "width of the towers")
+    n_heads: int = hyper(2, "attention heads")
+    n_layers: int = hyper(2, "transformer blocks")
     ffn_mult: int = 4
-    max_len: int = 50  # newest events a window keeps (and the longest training sequence)
-    dropout: float = 0.2
-    interests: int = 1  # user vectors per window: > 1 gives a user of several interests one per interest
+    max_len: int = hyper(50, "newest events a window (and a training sequence) keeps")
+    dropout: float = hyper(0.2, "dropout rate")
+    interests: int = hyper(
+        1, "user vectors per window: > 1 for users of several interests (hard-routed, merged by closest interest)"
+    )
     # Training.
-    loss: str = "full"  # full: softmax over the whole catalogue; sampled: shared uniform negatives
-    negatives: int = 1024  # per batch, for the sampled loss
-    id_dropout: float = 0.0  # share of input items trained as unseen (index 0), so the text path stands alone
-    # Share of the training softmax's candidates scored without their id each step, so that an item placed by
-    # its text alone also learns to win as the next item (what a new item must do).
-    candidate_id_dropout: float = 0.0
-    epochs: int = 200
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    patience: int = 10  # epochs without a better validation NDCG@10 before stopping
+    loss: str = hyper("full", "full (softmax over the catalogue) or sampled (uniform negatives)")
+    negatives: int = hyper(1024, "negatives per batch for the sampled loss")
+    id_dropout: float = hyper(0.0, "share of items trained without their id, so the text path stands alone")
+    candidate_id_dropout: float = hyper(
+        0.0, "share of the training softmax's items scored without their id, so new items (text only) learn to win"
+    )
+    epochs: int = hyper(200, "maximum epochs (early stopping may end sooner)")
+    batch_size: int = hyper(128, "sequences per step")
+    learning_rate: float = hyper(1e-3, "Adam learning rate")
+    weight_decay: float = hyper(0.0, "Adam weight decay")
+    patience: int = hyper(10, "epochs without a better validation NDCG@10 before stopping")
     eval_every: int = 1
-    valid_users: int = 4096  # validation users scored each epoch (a seeded sample when there are more)
-    # After early stopping, train afresh on training + validation targets for the best epoch count.
-    refit: bool = False
-    seed: int = 0
+    valid_users: int = hyper(4096, "validation users scored each epoch (a seeded sample when there are more)")
+    refit: bool = hyper(
+        False, "after early stopping, train afresh on training + validation targets for the best epoch count"
+    )
+    seed: int = hyper(0, "random seed")
 
     def __post_init__(self) -> None:
         if not self.event_types:
@@ -120,6 +128,12 @@ class InterestEncoderConfig:
         data = asdict(self)
         data["event_types"] = list(self.event_types)
         return data
+
+    @classmethod
+    def hyper_parameters(cls) -> list[tuple[str, type, str]]:
+        """(name, type, help) of each field a person sets (``hyper``), for the CLI's model flags."""
+        types = get_type_hints(cls)
+        return [(f.name, types[f.name], f.metadata["help"]) for f in fields(cls) if "help" in f.metadata]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InterestEncoderConfig:

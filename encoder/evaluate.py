@@ -191,22 +191,42 @@ def write_report(evaluation: Evaluation, folder: Path, command: str) -> Path:
         "Leave-one-out, full ranking over all items, each user's history removed from the ranking; "
         "ties between scores count at their expected rank.",
         "",
-        "| method | "
-        + " | ".join(
-            c.replace("hr@", "Recall@").replace("ndcg@", "NDCG@").replace("mrr", "MRR").replace("_", " ")
-            for c in columns
-        )
-        + " | seconds |",
-        "|---" * (len(columns) + 2) + "|",
+        *_results_table(evaluation, columns),
+        "",
+        *_notes(evaluation, columns),
+        *_breakdown_tables(evaluation),
     ]
+    plots = _plots(evaluation, folder)
+    lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
+    (folder / "report.md").write_text("\n".join(lines) + "\n")
+    results = {
+        "command": command,
+        "data": evaluation.dataset.describe(),
+        "methods": evaluation.table(),
+        "breakdowns": evaluation.breakdowns,
+        "training": evaluation.training,
+    }
+    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return folder / "report.md"
+
+
+def _results_table(evaluation: Evaluation, columns: list[str]) -> list[str]:
+    names = [
+        c.replace("hr@", "Recall@").replace("ndcg@", "NDCG@").replace("mrr", "MRR").replace("_", " ") for c in columns
+    ]
+    lines = ["| method | " + " | ".join(names) + " | seconds |", "|---" * (len(columns) + 2) + "|"]
     for r in evaluation.results:
         cells = [
             (f"{r.metrics[c]:.0f}" if "rank" in c else f"{r.metrics[c]:.4f}") if c in r.metrics else "" for c in columns
         ]
         lines.append(f"| {r.name} | " + " | ".join(cells) + f" | {r.seconds:.1f} |")
-    facts = {**evaluation.dataset.describe()}
+    return lines
+
+
+def _notes(evaluation: Evaluation, columns: list[str]) -> list[str]:
+    """The data, the training and what each less common column means."""
+    lines = ["Data: " + ", ".join(f"{k} {v}" for k, v in evaluation.dataset.describe().items())]
     training = evaluation.training
-    lines += ["", "Data: " + ", ".join(f"{k} {v}" for k, v in facts.items())]
     if training:
         lines.append(
             f"Training: {training.get('seconds', '?')} s on {training.get('device', '?')} "
@@ -221,6 +241,11 @@ def write_report(evaluation: Evaluation, folder: Path, command: str) -> Path:
     for group, keep in evaluation.dataset.test_groups.items():
         lines.append(f"{group}: the {int(keep.sum()):,} test users of the group '{group}' alone.")
     lines.append("diversity@10: mean pairwise cosine distance of the top 10, measured with the model's item vectors.")
+    return lines
+
+
+def _breakdown_tables(evaluation: Evaluation) -> list[str]:
+    lines = []
     for title, per_method in evaluation.breakdowns.items():
         lines += ["", f"## NDCG@10 by {title}", "", "| bucket | users | " + " | ".join(per_method) + " |"]
         lines.append("|---" * (len(per_method) + 2) + "|")
@@ -228,23 +253,7 @@ def write_report(evaluation: Evaluation, folder: Path, command: str) -> Path:
         for i, row in enumerate(first):
             cells = [f"{rows[i]['ndcg@10']:.4f}" for rows in per_method.values()]
             lines.append(f"| {row['bucket']} | {row['users']} | " + " | ".join(cells) + " |")
-    plots = _plots(evaluation, folder)
-    lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
-    (folder / "report.md").write_text("\n".join(lines) + "\n")
-    (folder / "results.json").write_text(
-        json.dumps(
-            {
-                "command": command,
-                "data": facts,
-                "methods": evaluation.table(),
-                "breakdowns": evaluation.breakdowns,
-                "training": training,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    return folder / "report.md"
+    return lines
 
 
 def _plots(evaluation: Evaluation, folder: Path) -> list[str]:

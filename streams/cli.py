@@ -16,13 +16,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from encoder.config import PRECISIONS
+from encoder.config import PRECISIONS, InterestEncoderConfig
 from infra.kafka_local import LocalKafka, LocalKafkaConfig
 from streams.errors import ConfigError, RtrecError
-from streams.settings import ENV_PREFIX, Settings
+from streams.settings import ENV_PREFIX, Settings, reference_table, spec_of
 
 if TYPE_CHECKING:
-    from encoder.config import InterestEncoderConfig as InterestEncoderConfigType
     from encoder.data import Dataset
     from streams.records import Recommendation
 
@@ -39,7 +38,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
             dest=f"setting_{f.name}",
             default=None,
             metavar="VALUE",
-            help=f"{ENV_PREFIX}{f.name.upper()} (default: {f.default!s})",
+            help=f"{ENV_PREFIX}{f.name.upper()}: {spec_of(f).help} (default: {spec_of(f).shown or f.default!s})",
         )
 
 
@@ -55,7 +54,10 @@ def _say(message: str) -> None:
 # ------------------------------------------------------------------ commands
 
 
-def cmd_config(settings: Settings, _args: argparse.Namespace) -> int:
+def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(reference_table(), end="")
+        return 0
     values = settings.describe()
     width = max(len(k) for k in values)
     for name, value in values.items():
@@ -187,41 +189,12 @@ def cmd_tail(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-MODEL_FLAGS = {  # flag → (config field, type, help); unset flags keep the config's defaults
-    "d_model": (int, "width of the towers"),
-    "n_layers": (int, "transformer blocks"),
-    "n_heads": (int, "attention heads"),
-    "dropout": (float, "dropout rate"),
-    "max_len": (int, "newest events a window (and a training sequence) keeps"),
-    "interests": (
-        int,
-        "user vectors per window: > 1 for users of several interests (hard-routed, merged by closest interest)",
-    ),
-    "learning_rate": (float, "Adam learning rate"),
-    "batch_size": (int, "sequences per step"),
-    "epochs": (int, "maximum epochs (early stopping may end sooner)"),
-    "patience": (int, "epochs without a better validation NDCG@10 before stopping"),
-    "loss": (str, "full (softmax over the catalogue) or sampled (uniform negatives)"),
-    "negatives": (int, "negatives per batch for the sampled loss"),
-    "id_dropout": (float, "share of items trained without their id, so the text path stands alone"),
-    "candidate_id_dropout": (
-        float,
-        "share of the training softmax's items scored without their id, so new items (text only) learn to win",
-    ),
-    "valid_users": (int, "validation users scored each epoch"),
-    "weight_decay": (float, "Adam weight decay"),
-    "refit": (bool, "after early stopping, train afresh on training + validation targets for the best epoch count"),
-    "seed": (int, "random seed"),
-}
-
-
 def _model_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name) is not None}
+    names = [name for name, _, _ in InterestEncoderConfig.hyper_parameters()]
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
-def _encoder_config(args: argparse.Namespace, **fields: Any) -> InterestEncoderConfigType:
-    from encoder.config import InterestEncoderConfig
-
+def _encoder_config(args: argparse.Namespace, **fields: Any) -> InterestEncoderConfig:
     try:
         return InterestEncoderConfig(**(fields | _model_overrides(args)))
     except (ValueError, TypeError) as exc:
@@ -425,7 +398,7 @@ def _add_new_items_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    for name, (kind, text) in MODEL_FLAGS.items():
+    for name, kind, text in InterestEncoderConfig.hyper_parameters():
         if kind is bool:
             parser.add_argument(_flag(name), action="store_const", const=True, default=None, help=text)
         else:
@@ -448,7 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("config", help="print the effective configuration (secrets masked)").set_defaults(run=cmd_config)
+    config = sub.add_parser("config", help="print the effective configuration (secrets masked)")
+    config.add_argument(
+        "--markdown", action="store_true", help="print every setting's table for docs/configuration.md instead"
+    )
+    config.set_defaults(run=cmd_config)
 
     broker = sub.add_parser("broker", help="the local single-node Kafka (KRaft) assembled from Maven Central")
     broker.add_argument("action", choices=["start", "stop", "status"])

@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterator, KeysView, Mapping, Sequence
 
 import numpy as np
 
-from streams.ports import VectorStore
+from streams.ports import ItemEncoderRuntime, TextEmbedder, VectorPoint, VectorStore
+from streams.records import Item
 from streams.settings import Settings
 
 FIRST_ROWS = 1024  # the matrix grows by doubling up to the capacity
@@ -185,3 +186,25 @@ class ItemVectorCache:
 
     def __len__(self) -> int:
         return len(self._rows)
+
+
+class ItemEmbedder:
+    """Items → vectors of one item tower: text through the text encoder first when the tower reads it."""
+
+    def __init__(self, text_embedder: TextEmbedder, item_encoder: ItemEncoderRuntime) -> None:
+        self.text_embedder = text_embedder
+        self.item_encoder = item_encoder
+
+    def can_place(self, item: Item) -> bool:
+        return self.item_encoder.reads_text or self.item_encoder.knows(item.item_id)
+
+    def vectors(self, items: Sequence[Item]) -> np.ndarray:
+        ids = [item.item_id for item in items]
+        if not self.item_encoder.reads_text:
+            return self.item_encoder.encode_batch(ids)
+        return self.item_encoder.encode_batch(ids, self.text_embedder.embed_batch([item.text() for item in items]))
+
+    def points(self, items: Sequence[Item]) -> list[VectorPoint]:
+        placeable = [item for item in items if self.can_place(item)]
+        vectors = self.vectors(placeable)
+        return [VectorPoint(item.item_id, v, item.payload()) for item, v in zip(placeable, vectors, strict=True)]

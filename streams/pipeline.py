@@ -9,12 +9,12 @@ are processed as usual.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from streams.errors import InvalidRecord
-from streams.item_vectors import ItemVectorCache
+from streams.item_vectors import ItemEmbedder, ItemVectorCache, ItemVectors
 from streams.metrics import WorkerMetrics
 from streams.ports import ItemEncoderRuntime, TextEmbedder, VectorPoint, VectorStore
 from streams.recommend import Recommender, RefreshRequest, now_ms
@@ -32,13 +32,14 @@ from streams.records import (
 from streams.settings import Settings
 from streams.state import AddOutcome, UserWindow
 from streams.trending import Trending
-from streams.worker.catalog_sync import ItemEmbedder
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class IncomingMessage:
+    """A consumed record as the batch logic sees it: raw bytes and where they came from."""
+
     key: bytes | None
     value: bytes | None
     topic: str
@@ -48,6 +49,8 @@ class IncomingMessage:
 
 @dataclass(frozen=True)
 class WindowLimits:
+    """The bounds of every user window (count, event-time horizon, remembered event ids)."""
+
     max_events: int
     horizon_ms: int
     dedup_capacity: int
@@ -104,6 +107,8 @@ def _reject(
 
 @dataclass
 class EventBatchOutcome:
+    """What an events micro-batch leaves to the agent: windows to store, lists and dead letters to send."""
+
     windows: dict[str, bytes] = field(default_factory=dict)  # what to store, per touched user
     recommendations: list[Recommendation] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
@@ -158,23 +163,10 @@ class EventBatchProcessor:
     def process(self, messages: Sequence[IncomingMessage], stored: Mapping[str, bytes | None]) -> EventBatchOutcome:
         outcome = EventBatchOutcome()
         stage = self.metrics.stage
-        now = self.clock()
-        valid: list[tuple[IncomingMessage, Event]] = []
-        forgotten: dict[str, int] = {}  # user → the time up to which their events are erased
-        erased = 0
+        tally: Counter[AddOutcome] = Counter()
         with stage("decode"):
-            for message in messages:
-                try:
-                    if message.topic == self.control_topic:
-                        command = decode_control(message.value, message.key, self.limits)
-                        erased += self._apply(command, valid, forgotten)
-                    else:
-                        valid.append((message, decode_event(message.value, message.key, self.limits, now_ms=now)))
-                except InvalidRecord as exc:
-                    kind = "control" if message.topic == self.control_topic else "events"
-                    _reject(outcome.dead_letters, message, exc, kind, self.metrics, self.clock, self.limits)
+            valid, forgotten = self._decode(messages, outcome, tally)
         self.recommender.forget(sorted(forgotten))
-
         with stage("state"):
             windows = {
                 user: self._load(user, stored.get(user)) for user in {e.user_id for _, e in valid} | {*forgotten}
@@ -185,6 +177,55 @@ class EventBatchProcessor:
             # One fetch for the new events' items and everything already in the windows.
             needed = {event.item_id for _, event in valid} | {e.item_id for w in windows.values() for e in w.entries}
             vectors = self.recommender.item_vectors(list(needed))
+        by_user = self._by_known_user(valid, vectors, outcome)
+        with stage("state"):
+            requests, fresh = self._add_to_windows(by_user, windows, outcome, tally)
+            for user_id in forgotten.keys() - outcome.windows.keys():  # the marker, also where no event was kept
+                outcome.windows[user_id] = windows[user_id].to_bytes()
+        with stage("lookup"):
+            # A replay's window may hold entries evicted since, whose vectors the fetch above left out.
+            then_items = {e.item_id for r in requests if r.replayed for e in r.window.entries} - vectors.keys()
+            if then_items:
+                vectors = vectors.merged(self.recommender.item_vectors(list(then_items)))
+        self.trending.add(fresh)
+        outcome.recommendations = self.recommender.refresh_batch(requests, vectors)
+        outcome.counts = {
+            "events": len(messages),
+            "added": tally[AddOutcome.ADDED],
+            "duplicates": tally[AddOutcome.DUPLICATE],
+            "too_old": tally[AddOutcome.TOO_OLD],
+            "dead_lettered": len(outcome.dead_letters),
+            "recommendations": len(outcome.recommendations),
+            "forgotten_users": len(forgotten),
+            "erased": tally[AddOutcome.FORGOTTEN],
+        }
+        self._count(outcome.counts)
+        return outcome
+
+    def _decode(
+        self, messages: Sequence[IncomingMessage], outcome: EventBatchOutcome, tally: Counter[AddOutcome]
+    ) -> tuple[list[tuple[IncomingMessage, Event]], dict[str, int]]:
+        """The batch's valid events, with control commands applied to them, and each forgotten user's
+        erasure time; what does not decode is dead-lettered."""
+        now = self.clock()
+        valid: list[tuple[IncomingMessage, Event]] = []
+        forgotten: dict[str, int] = {}  # user → the time up to which their events are erased
+        for message in messages:
+            try:
+                if message.topic == self.control_topic:
+                    command = decode_control(message.value, message.key, self.limits)
+                    tally[AddOutcome.FORGOTTEN] += self._apply(command, valid, forgotten)
+                else:
+                    valid.append((message, decode_event(message.value, message.key, self.limits, now_ms=now)))
+            except InvalidRecord as exc:
+                kind = "control" if message.topic == self.control_topic else "events"
+                _reject(outcome.dead_letters, message, exc, kind, self.metrics, self.clock, self.limits)
+        return valid, forgotten
+
+    def _by_known_user(
+        self, valid: list[tuple[IncomingMessage, Event]], vectors: ItemVectors, outcome: EventBatchOutcome
+    ) -> dict[str, list[Event]]:
+        """The events of items in the catalogue, by user; the others are dead-lettered."""
         by_user: dict[str, list[Event]] = {}
         for message, event in valid:
             if event.item_id not in vectors:
@@ -192,58 +233,40 @@ class EventBatchProcessor:
                 _reject(outcome.dead_letters, message, unknown, "events", self.metrics, self.clock, self.limits)
                 continue
             by_user.setdefault(event.user_id, []).append(event)
+        return by_user
 
+    def _add_to_windows(
+        self,
+        by_user: Mapping[str, list[Event]],
+        windows: Mapping[str, UserWindow],
+        outcome: EventBatchOutcome,
+        tally: Counter[AddOutcome],
+    ) -> tuple[list[RefreshRequest], list[Event]]:
+        """Each user's events into their window: the windows to store, one refresh per user with a kept
+        event, and the events new to their windows (what trending counts)."""
         requests = []
-        fresh: list[Event] = []  # events new to their windows: what trending counts
-        added = duplicates = too_old = 0
-        with stage("state"):
-            for user_id, events in by_user.items():
-                window = windows[user_id]
-                results = [window.add(event) for event in events]
-                fresh += [e for e, r in zip(events, results, strict=True) if r is AddOutcome.ADDED]
-                added += results.count(AddOutcome.ADDED)
-                duplicates += results.count(AddOutcome.DUPLICATE)
-                too_old += results.count(AddOutcome.TOO_OLD)
-                erased += results.count(AddOutcome.FORGOTTEN)
-                events = [e for e, r in zip(events, results, strict=True) if r is not AddOutcome.FORGOTTEN]
-                if not events:
-                    continue  # all of them erased: nothing to store or answer
-                results = [r for r in results if r is not AddOutcome.FORGOTTEN]
-                stored_now = window.to_bytes()
-                outcome.windows[user_id] = stored_now
-                self._keep(user_id, stored_now, window)
-                # Redelivered events only (a replay after a crash): answer from the window they first met,
-                # so that a (user, trigger) pair gets the list it got before, not one of a later window.
-                # Otherwise the trigger is the last event new to the window, a pair not answered before.
-                new = [e for e, r in zip(events, results, strict=True) if r is not AddOutcome.DUPLICATE]
-                then = None if new else window.as_of(events[-1].event_id)
-                ids = tuple(e.event_id for e in events)
-                served = window if then is None else then
-                trigger = new[-1] if new else events[-1]
-                requests.append(RefreshRequest(user_id, served, trigger, ids, replayed=then is not None))
-            for user_id in forgotten.keys() - outcome.windows.keys():  # the marker, also where no event was kept
-                outcome.windows[user_id] = windows[user_id].to_bytes()
-
-        with stage("lookup"):
-            # A replay's window may hold entries evicted since, whose vectors the fetch above left out.
-            then_items = {e.item_id for r in requests if r.replayed for e in r.window.entries} - vectors.keys()
-            if then_items:
-                vectors = vectors.merged(self.recommender.item_vectors(list(then_items)))
-
-        self.trending.add(fresh)
-        outcome.recommendations = self.recommender.refresh_batch(requests, vectors)
-        outcome.counts = {
-            "events": len(messages),
-            "added": added,
-            "duplicates": duplicates,
-            "too_old": too_old,
-            "dead_lettered": len(outcome.dead_letters),
-            "recommendations": len(outcome.recommendations),
-            "forgotten_users": len(forgotten),
-            "erased": erased,
-        }
-        self._count(outcome.counts)
-        return outcome
+        fresh: list[Event] = []
+        for user_id, events in by_user.items():
+            window = windows[user_id]
+            results = [window.add(event) for event in events]
+            tally.update(results)
+            fresh += [e for e, r in zip(events, results, strict=True) if r is AddOutcome.ADDED]
+            kept = [(e, r) for e, r in zip(events, results, strict=True) if r is not AddOutcome.FORGOTTEN]
+            if not kept:
+                continue  # all of them erased: nothing to store or answer
+            stored_now = window.to_bytes()
+            outcome.windows[user_id] = stored_now
+            self._keep(user_id, stored_now, window)
+            # Redelivered events only (a replay after a crash): answer from the window they first met,
+            # so that a (user, trigger) pair gets the list it got before, not one of a later window.
+            # Otherwise the trigger is the last event new to the window, a pair not answered before.
+            new = [e for e, r in kept if r is not AddOutcome.DUPLICATE]
+            then = None if new else window.as_of(kept[-1][0].event_id)
+            ids = tuple(e.event_id for e, _ in kept)
+            trigger = new[-1] if new else kept[-1][0]
+            served = window if then is None else then
+            requests.append(RefreshRequest(user_id, served, trigger, ids, replayed=then is not None))
+        return requests, fresh
 
     def _apply(
         self, command: ControlCommand, earlier: list[tuple[IncomingMessage, Event]], forgotten: dict[str, int]
@@ -287,6 +310,8 @@ class EventBatchProcessor:
 
 @dataclass
 class CatalogBatchOutcome:
+    """What a catalogue micro-batch did, and the dead letters it leaves to the agent to send."""
+
     upserted: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)

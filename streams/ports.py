@@ -1,8 +1,10 @@
-"""The small interfaces between the steps of the pipeline.
+"""The small interfaces between the steps of the pipeline, and the contracts they keep.
 
-The worker is wired with implementations of these (``app.build_app``): the
-ONNX Runtime encoders and a Qdrant store in production, other implementations
-in tests. Each Protocol lists only what the stream calls.
+The worker is wired with implementations of these (``streams.worker.app.build_app``): the
+ONNX Runtime encoders and a Qdrant store in production. Each Protocol lists only what the
+stream calls, and each has one contract suite that every implementation passes:
+``tests/test_encoder_runtime.py`` for the encoder runtimes, ``tests/test_vector_store.py``
+for the vector stores.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from encoder.features import EncoderInputs
+from encoder.features import EncoderInputs, EventTypeVocabulary
 
 
 class TextEmbedder(Protocol):
+    """The pretrained text encoder: item text to the vectors the item tower reads."""
+
     dim: int
     version: str
     provider: str
@@ -27,14 +31,24 @@ class TextEmbedder(Protocol):
 
 
 class InterestEncoderRuntime(Protocol):
+    """The model's user tower: a batch of windows to user vectors in the item tower's space.
+
+    Contract: a window's vector is the exported model's within the precision's tolerance
+    (``encoder.export``), and does not depend on what it is batched with (float precisions to
+    rounding; int8 within its tolerance, its activations being quantized per call).
+    """
+
     dim: int
     version: str
     provider: str
-    max_len: int
+    precision: str  # fp32, fp16 or int8: the user tower actually loaded
+    max_len: int  # newest events of a window the model reads
     interests: int  # user vectors per window
 
     @property
-    def vocabulary(self) -> Any: ...  # EventTypeVocabulary of the loaded model
+    def vocabulary(self) -> EventTypeVocabulary:
+        """The loaded model's event types (an unknown type has an id of its own)."""
+        ...
 
     def encode_batch(self, inputs: EncoderInputs) -> np.ndarray:
         """[batch, dim] float32 user vectors, or [batch, interests, dim]; items rank by dot product with them."""
@@ -63,6 +77,8 @@ class ItemEncoderRuntime(Protocol):
 
 @dataclass(frozen=True)
 class VectorPoint:
+    """A vector to write, under its external id, with its payload."""
+
     id: str  # the external id (item_id / user_id)
     vector: np.ndarray
     payload: dict[str, Any] = field(default_factory=dict)
@@ -108,6 +124,8 @@ class ItemFilter:
 
 @dataclass(frozen=True)
 class SearchQuery:
+    """One search of ``VectorStore.search_batch`` (see its contract)."""
+
     vector: np.ndarray
     limit: int
     exclude_ids: Sequence[str] = ()
@@ -117,13 +135,23 @@ class SearchQuery:
 
 @dataclass(slots=True)  # not frozen: a search builds tens of thousands a batch, and frozen ones cost 3x as much
 class SearchHit:
+    """One result of a search: the item's external id, its dot product with the query, its payload."""
+
     id: str
     score: float
     payload: dict[str, Any]  # at least "available" when the item has it; read-only (hits of an item may share it)
 
 
 class VectorStore(Protocol):
-    def ensure_collection(self, name: str, dim: int) -> None: ...
+    """Collections of vectors under external string ids, with their payloads, searched by dot product.
+
+    Every call is retried by ``streams.stores.retry`` when the store is away; an implementation
+    raises ``VectorStoreError`` for that and for nothing else it can recover from.
+    """
+
+    def ensure_collection(self, name: str, dim: int) -> None:
+        """Create the collection (dot-product vectors of ``dim``) unless it exists; idempotent."""
+        ...
 
     def build_index(self, collection: str) -> None:
         """Index what was written so far (after a bulk load); blocks searches while it runs."""
@@ -133,9 +161,13 @@ class VectorStore(Protocol):
         """Delete a collection and everything in it (a missing one is no error)."""
         ...
 
-    def upsert(self, collection: str, points: Sequence[VectorPoint]) -> None: ...
+    def upsert(self, collection: str, points: Sequence[VectorPoint]) -> None:
+        """Write the points; an existing id is replaced, vector and payload. Visible to the next call."""
+        ...
 
-    def delete(self, collection: str, ids: Sequence[str]) -> None: ...
+    def delete(self, collection: str, ids: Sequence[str]) -> None:
+        """Remove the ids; unknown ids are no error."""
+        ...
 
     def fetch_vectors(self, collection: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
         """Vectors of the ids that exist; unknown ids are absent from the result."""
@@ -145,6 +177,15 @@ class VectorStore(Protocol):
         """The given payload fields of the ids that exist; unknown ids are absent from the result."""
         ...
 
-    def search_batch(self, collection: str, queries: Sequence[SearchQuery]) -> list[list[SearchHit]]: ...
+    def search_batch(self, collection: str, queries: Sequence[SearchQuery]) -> list[list[SearchHit]]:
+        """One list of hits per query, in the queries' order. Each list holds at most ``limit`` hits,
+        highest dot product with the query's vector first (the score), and never an id of
+        ``exclude_ids``, an item whose payload says ``available: false`` when ``only_available``, or
+        one the ``item_filter`` does not admit (``ItemFilter.admits``). Each hit's payload holds at
+        least ``available`` where the item has it. An approximate index may miss a true neighbour
+        (``rtrec bench`` reports the recall), never break these rules."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the store (files, locks, connections); the object is not used afterwards."""
+        ...

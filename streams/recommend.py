@@ -41,6 +41,8 @@ def now_ms() -> int:
 
 @dataclass(frozen=True)
 class RefreshRequest:
+    """One user's refresh in a micro-batch: the window after the batch's events, and what triggered it."""
+
     user_id: str
     window: UserWindow
     trigger: Event  # the user's last event in this micro-batch that was new to their window (if any was)
@@ -51,6 +53,8 @@ class RefreshRequest:
 
 
 class Recommender:
+    """Windows → user vectors → upsert → search → re-rank → explained lists, a batch at a time."""
+
     def __init__(
         self,
         encoder: InterestEncoderRuntime,

@@ -45,23 +45,14 @@ NO_FEEDBACK = Feedback()
 
 @dataclass(frozen=True)
 class RerankPolicy:
+    """How a user's candidates are re-ranked. Built from validated settings (``Settings.rerank_policy``),
+    where each value's bounds are declared once."""
+
     diversity: float = 0.0  # 0: relevance only; towards 1: each pick avoids what is already picked
     freshness_half_life_s: float = 0.0  # 0: catalogue age does not matter
     candidates: int = 50  # how deep to fetch when re-ranking is on
     dislike_penalty: float = 0.5  # relevance lost per unit of cosine similarity to a rejected item
     bought_duplicate_similarity: float = 0.0  # leave out candidates this similar to a bought item (0: off)
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.diversity < 1.0:
-            raise ValueError(f"diversity must be in [0, 1), got {self.diversity}")
-        if self.freshness_half_life_s < 0:
-            raise ValueError(f"freshness half-life must be >= 0, got {self.freshness_half_life_s}")
-        if self.candidates < 1:
-            raise ValueError(f"candidates must be >= 1, got {self.candidates}")
-        if self.dislike_penalty < 0:
-            raise ValueError(f"dislike penalty must be >= 0, got {self.dislike_penalty}")
-        if not 0.0 <= self.bought_duplicate_similarity <= 1.0:
-            raise ValueError(f"bought-duplicate similarity must be in [0, 1], got {self.bought_duplicate_similarity}")
 
     def active(self, feedback: Feedback = NO_FEEDBACK) -> bool:
         """Whether this user's list is re-ranked (and so fetched deeper than k)."""

@@ -1,7 +1,8 @@
 """The one settings object, read from ``RTREC_*`` environment variables once at start.
 
-Every field is documented in the README's configuration table (a test keeps the two
-in step). CLI flags override environment values through ``Settings.with_overrides``.
+Each field carries its description and bounds (``setting``): validation is one loop over them,
+and docs/configuration.md is generated from them (``rtrec config --markdown``; a test keeps the
+page in step). CLI flags override environment values through ``Settings.with_overrides``.
 Nothing reads the environment at import time.
 """
 
@@ -11,7 +12,7 @@ import dataclasses
 import os
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -50,100 +51,265 @@ class Secret:
 
 
 @dataclass(frozen=True)
+class SettingSpec:
+    """What a setting means and which values it takes: the one place each is described and bounded.
+
+    ``rtrec config``, the validation, the CLI's flags and docs/configuration.md all read it.
+    """
+
+    help: str
+    at_least: float | None = None
+    above: float | None = None
+    at_most: float | None = None
+    below: float | None = None
+    choices: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ()
+    port: bool = False  # a TCP port, 0 meaning off
+    file: bool = False  # a path that must name an existing file when given
+    shown: str = ""  # the default as the docs show it, where the value itself says less (a derived path)
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is not allowed, completing "RTREC_X must ..."; None when it is."""
+        if self.port and not 0 <= value <= 65535:
+            return f"be a TCP port (0: off), got {value}"
+        interval = _interval(self)
+        if interval and not _within(self, value):
+            return f"be {interval}, got {value}"
+        if self.choices and value not in self.choices:
+            return f"be one of {', '.join(self.choices)}, got {value!r}"
+        if self.prefixes and not str(value).startswith(self.prefixes):
+            return f"be {' or '.join(self.prefixes)}, got {value!r}"
+        return None
+
+
+def _within(spec: SettingSpec, value: float) -> bool:
+    return (
+        (spec.at_least is None or value >= spec.at_least)
+        and (spec.above is None or value > spec.above)
+        and (spec.at_most is None or value <= spec.at_most)
+        and (spec.below is None or value < spec.below)
+    )
+
+
+def _interval(spec: SettingSpec) -> str:
+    """The bounds in words: ">= 1", "> 0", "in [0, 1)", "in [6, 300]"."""
+    low = (f"[{spec.at_least:g}" if spec.at_least is not None else None) or (
+        f"({spec.above:g}" if spec.above is not None else None
+    )
+    high = (f"{spec.at_most:g}]" if spec.at_most is not None else None) or (
+        f"{spec.below:g})" if spec.below is not None else None
+    )
+    if low and high:
+        return f"in {low}, {high}"
+    if low:
+        return (">= " if low[0] == "[" else "> ") + low[1:]
+    if high:
+        return ("<= " if high[-1] == "]" else "< ") + high[:-1]
+    return ""
+
+
+def setting(default: Any, help: str, **bounds: Any) -> Any:
+    """A ``Settings`` field with its description and bounds (``SettingSpec``)."""
+    return field(default=default, metadata={"spec": SettingSpec(help, **bounds)})
+
+
+def spec_of(f: dataclasses.Field[Any]) -> SettingSpec:
+    spec = f.metadata["spec"]
+    assert isinstance(spec, SettingSpec)
+    return spec
+
+
+@dataclass(frozen=True)
 class Settings:
-    # Where local state lives: the local broker, embedded Qdrant, models, Faust data.
-    home: Path = Path(".rtrec")
-    # Kafka. Empty means the local broker that `rtrec broker start` / `rtrec demo` runs.
-    kafka_bootstrap: str = ""
-    local_kafka_port: int = 19092
-    # Kafka security for every client (worker, producers, readers, admin): PLAINTEXT, SSL,
-    # SASL_PLAINTEXT or SASL_SSL; SASL with PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.
-    kafka_security_protocol: str = "PLAINTEXT"
-    kafka_sasl_mechanism: str = "PLAIN"
-    kafka_sasl_username: str = ""
-    kafka_sasl_password: Secret | None = None
-    # CA bundle that signed the brokers' certificates (empty: the system's CAs).
-    kafka_ssl_cafile: str = ""
-    topic_partitions: int = 4
-    topic_replication: int = 1
-    events_topic: str = "rec.events"
-    items_topic: str = "rec.items"
-    recommendations_topic: str = "rec.recommendations"
-    deadletter_topic: str = "rec.deadletter"
-    control_topic: str = "rec.control"
-    events_retention_hours: int = 24 * 7
-    app_id: str = "rtrec"
-    # Keyed hash of user ids in state and the vector store (empty: ids kept as given); see streams.pseudonym.
-    pseudonymize_key: Secret | None = None
-    # How long a worker that died without leaving (SIGKILL, lost host) keeps its partitions before
-    # the group hands them to the others: the longest pause a crash causes.
-    kafka_session_timeout_s: float = 10.0
-    # Faust table store: memory:// (state rebuilt from the changelog at start) or rocksdb://.
-    table_store: str = "memory://"
-    # rocksdb:// only: memory RocksDB may use per table partition (block cache and write buffers); the rest
-    # stays on disk. Faust's own defaults allow over 2 GB per partition.
-    table_cache_mb: int = 64
-    # Qdrant. Empty URL means embedded local mode in `qdrant_path` (default: <home>/qdrant).
-    qdrant_url: str = ""
-    qdrant_api_key: Secret | None = None
-    # CA bundle that signed an https Qdrant server's certificate (empty: the system's CAs).
-    qdrant_ca_cert: str = ""
-    qdrant_path: str = ""
-    items_collection: str = "items"
-    # HNSW candidates per search (0: Qdrant's default); lower is faster, check recall with `rtrec bench`.
-    search_ef: int = 0
-    users_collection: str = "users"
-    # Models. Empty dir means <home>/models.
-    model_dir: str = ""
-    # How often a worker looks for a new bundle in the model folder and swaps it in live (0: never).
-    model_reload_s: float = 30.0
-    encoder_provider: str = "auto"
-    # auto: the bundle's float16 user tower on CUDA when it has one, else float32; int8 only when asked.
-    encoder_precision: str = "auto"
-    # ONNX Runtime threads per encoder call (0: one per core; 1 when running one worker per core).
-    encoder_threads: int = 0
-    # The user window and the recommendation list.
-    window_size: int = 50
-    window_horizon_s: int = 30 * 24 * 3600
-    dedup_capacity: int = 500
-    top_k: int = 10
-    # Re-ranking (streams.rerank): MMR diversity in [0, 1), freshness half-life of catalogue age
-    # (0: off), and how many candidates to re-rank when either is on.
-    rerank_diversity: float = 0.0
-    rerank_freshness_half_life_h: float = 0.0
-    rerank_candidates: int = 50
-    # Feedback: relevance lost per unit of similarity to a disliked, skipped or returned item; and hiding candidates at
-    # least this similar (cosine) to an item the user bought (0: off).
-    rerank_dislike_penalty: float = 0.5
-    rerank_bought_duplicate_similarity: float = 0.0
-    # Trending (the cold-start list): an event's weight halves every this many seconds of event time.
-    trending_half_life_s: float = 3600.0
-    # Business rules every list obeys: comma-separated categories to keep (empty: all) and to leave out.
-    allow_categories: str = ""
-    deny_categories: str = ""
-    # Item vectors cached in the worker (LRU), and how long another worker's catalogue change may go unseen.
-    item_cache_size: int = 200_000
-    item_cache_ttl_s: float = 300.0
-    # Windows kept decoded in the worker (LRU): a hit saves decoding one (~90 µs); a full window with its
-    # remembered event ids takes ~90 KB decoded (~11 KB stored).
-    window_cache_size: int = 10_000
-    # Micro-batching at the stream boundary.
-    batch_max: int = 256
-    batch_within_s: float = 0.05
-    # Input limits: anything beyond goes to the dead-letter topic.
-    max_message_bytes: int = 1_000_000
-    max_id_chars: int = 256
-    max_text_chars: int = 20_000
-    max_future_skew_s: int = 24 * 3600
-    log_level: str = "info"
-    # Prometheus /metrics of the worker on this port (0: off; one port per worker process).
-    metrics_port: int = 0
-    # The worker's HTTP API on this port (0: off; one port per worker process), and the host name
-    # other workers reach it by (a request for a user another worker serves is forwarded there).
-    http_port: int = 0
-    http_host: str = "127.0.0.1"
-    # Most items one HTTP request may ask for.
-    max_http_k: int = 100
+    """Every setting, each described and bounded where it is declared (``setting``)."""
+
+    home: Path = setting(Path(".rtrec"), "folder for local state: broker data, embedded Qdrant, models, Faust data")
+    kafka_bootstrap: str = setting("", "Kafka bootstrap servers (`host:port,…`); empty means the local broker")
+    local_kafka_port: int = setting(19092, "port of the local broker (its controller uses the next one)")
+    kafka_security_protocol: str = setting(
+        "PLAINTEXT",
+        "`PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`, for every client: the worker, producers, "
+        "readers, the admin client",
+        choices=KAFKA_PROTOCOLS,
+    )
+    kafka_sasl_mechanism: str = setting(
+        "PLAIN",
+        "`PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` (with a `SASL_*` protocol)",
+        choices=SASL_MECHANISMS,
+    )
+    kafka_sasl_username: str = setting("", "SASL user (required with a `SASL_*` protocol)")
+    kafka_sasl_password: Secret | None = setting(
+        None,
+        "SASL password (never printed: `rtrec config` masks it, errors and logs leave it out)",
+    )
+    kafka_ssl_cafile: str = setting(
+        "",
+        "CA bundle that signed the brokers' certificates (empty: the system's CAs)",
+        file=True,
+    )
+    topic_partitions: int = setting(4, "partitions of every topic (and of the window table's changelog)", at_least=1)
+    topic_replication: int = setting(1, "replication factor of the topics", at_least=1)
+    events_topic: str = setting("rec.events", "input events")
+    items_topic: str = setting("rec.items", "catalogue changes")
+    recommendations_topic: str = setting("rec.recommendations", "output")
+    deadletter_topic: str = setting("rec.deadletter", "invalid input, with reasons")
+    control_topic: str = setting("rec.control", "control commands")
+    events_retention_hours: int = setting(24 * 7, "retention of the events topic")
+    app_id: str = setting("rtrec", "Faust app id = consumer group; workers with the same id share the partitions")
+    pseudonymize_key: Secret | None = setting(
+        None,
+        "with a key, the window table and the users collection hold a keyed hash (HMAC-SHA-256) of each user "
+        "id instead of the id (input and output topics keep real ids); changing it orphans existing state",
+    )
+    kafka_session_timeout_s: float = setting(
+        10.0,
+        "how long a worker that died without leaving (SIGKILL, lost host) keeps its partitions before the "
+        "group hands them on: the longest pause a crash causes (6 to 300)",
+        at_least=6,
+        at_most=300,
+    )
+    table_store: str = setting(
+        "memory://",
+        "Faust table store: `memory://` rebuilds windows from the changelog at start; `rocksdb://` keeps them"
+        " on disk under `<home>/faust` (RocksDB through `rocksdict`) and reads only the changelog written "
+        "since",
+        prefixes=("memory://", "rocksdb://"),
+    )
+    table_cache_mb: int = setting(
+        64,
+        "`rocksdb://` only: memory RocksDB may use per table partition (three quarters block cache, the rest "
+        "write buffers); Faust's own defaults allow over 2 GB per partition",
+        at_least=1,
+    )
+    qdrant_url: str = setting(
+        "",
+        "Qdrant server URL; empty means embedded Qdrant (Qdrant Edge, in-process) in `RTREC_QDRANT_PATH`",
+    )
+    qdrant_api_key: Secret | None = setting(None, "API key for the Qdrant server (never printed)")
+    qdrant_ca_cert: str = setting(
+        "",
+        "CA bundle that signed an `https://` Qdrant server's certificate (empty: the system's CAs)",
+        file=True,
+    )
+    qdrant_path: str = setting("", "folder of the embedded Qdrant", shown="<home>/qdrant")
+    items_collection: str = setting(
+        "items",
+        "Qdrant collection of item vectors; each item tower gets its own, `<this>-<tower id>` (the tower id "
+        "names the model's item space)",
+    )
+    search_ef: int = setting(
+        0,
+        "HNSW candidates per search (0: Qdrant's default); lower is faster, `rtrec bench` reports the recall it costs",
+        at_least=0,
+    )
+    users_collection: str = setting("users", "Qdrant collection of user vectors")
+    model_dir: str = setting("", "where the model bundles live", shown="<home>/models")
+    model_reload_s: float = setting(
+        30.0,
+        "how often a worker looks for a new interest-encoder bundle in `RTREC_MODEL_DIR` and swaps it in "
+        "without stopping (0: never)",
+        at_least=0,
+    )
+    encoder_provider: str = setting(
+        "auto",
+        "`auto` (CUDA when a GPU driver is present), `cpu` or `cuda` (fails if CUDA cannot start)",
+        choices=("auto", "cpu", "cuda"),
+    )
+    encoder_precision: str = setting(
+        "auto",
+        "user tower precision: `auto` (the bundle's float16 tower on CUDA when it has one, else float32), "
+        "`fp32`, `fp16`, `int8` (a bundle exported with `--int8`)",
+        choices=PRECISIONS,
+    )
+    encoder_threads: int = setting(
+        0,
+        "ONNX Runtime threads per encoder call (0: one per core; 1 when running one worker per core)",
+        at_least=0,
+    )
+    window_size: int = setting(50, "events kept per user", at_least=1)
+    window_horizon_s: int = setting(
+        30 * 24 * 3600,
+        "events older than this (event time, from the user's newest event) leave the window",
+        above=0,
+    )
+    dedup_capacity: int = setting(500, "recent event ids remembered per user for deduplication", at_least=1)
+    top_k: int = setting(10, "items per recommendation", at_least=1)
+    rerank_diversity: float = setting(
+        0.0,
+        "MMR trade-off in [0, 1): 0 ranks by relevance alone; higher values make each pick avoid items "
+        "similar to those already picked",
+        at_least=0,
+        below=1,
+    )
+    rerank_freshness_half_life_h: float = setting(
+        0.0,
+        "relevance halves for every this many hours of an item's catalogue age (0: off)",
+        at_least=0,
+    )
+    rerank_candidates: int = setting(
+        50,
+        "candidates fetched and re-ranked when diversity or freshness is on",
+        at_least=1,
+    )
+    rerank_dislike_penalty: float = setting(
+        0.5,
+        "relevance (rescaled to [0, 1]) a candidate loses per unit of cosine similarity to an item the user "
+        "disliked, skipped or returned (0: off)",
+        at_least=0,
+    )
+    rerank_bought_duplicate_similarity: float = setting(
+        0.0,
+        "leave out candidates at least this similar (cosine) to an item the user bought: near-duplicates of a"
+        " purchase (0: off)",
+        at_least=0,
+        at_most=1,
+    )
+    trending_half_life_s: float = setting(
+        3600.0,
+        "the cold-start list (`GET /trending`): an event's weight halves every this many seconds of event time",
+        above=0,
+    )
+    allow_categories: str = setting(
+        "",
+        "comma-separated categories every list keeps to (empty: all); an HTTP request can only narrow it",
+    )
+    deny_categories: str = setting("", "comma-separated categories never recommended")
+    item_cache_size: int = setting(
+        200_000,
+        "item vectors cached in each worker (least recently used leave first)",
+        at_least=1,
+    )
+    item_cache_ttl_s: float = setting(
+        300.0,
+        "a cached item vector is re-read after this long (how long another worker's catalogue change can go "
+        "unseen; 0: never cache)",
+        at_least=0,
+    )
+    window_cache_size: int = setting(
+        10_000,
+        "user windows kept decoded in each worker (least recently used leave first; 0: none): a hit saves "
+        "decoding one (~90 µs), and a full window takes ~90 KB decoded, so this bounds that memory (~0.9 GB)",
+        at_least=0,
+    )
+    batch_max: int = setting(256, "largest micro-batch taken from the stream", at_least=1)
+    batch_within_s: float = setting(0.05, "longest wait to fill a micro-batch", above=0)
+    max_message_bytes: int = setting(1_000_000, "larger messages are dead-lettered")
+    max_id_chars: int = setting(256, "longer ids are dead-lettered")
+    max_text_chars: int = setting(20_000, "longer item text is dead-lettered")
+    max_future_skew_s: int = setting(24 * 3600, "events stamped further in the future are dead-lettered")
+    log_level: str = setting("info", "worker log level")
+    metrics_port: int = setting(
+        0,
+        "Prometheus `/metrics` of the worker on this port (0: off; one port per worker process)",
+        port=True,
+    )
+    http_port: int = setting(0, "the worker's HTTP API on this port (0: off; one port per worker process)", port=True)
+    http_host: str = setting(
+        "127.0.0.1",
+        "the host name other workers reach this worker's HTTP API by (requests for users another worker "
+        "serves are forwarded there; empty: this machine's host name, as in containers)",
+    )
+    max_http_k: int = setting(100, "most items one HTTP request may ask for", at_least=1)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -186,85 +352,19 @@ class Settings:
         )
 
     def validated(self) -> Settings:
-        positive = (
-            "topic_partitions",
-            "topic_replication",
-            "window_size",
-            "top_k",
-            "batch_max",
-            "dedup_capacity",
-            "item_cache_size",
-            "table_cache_mb",
-            "max_http_k",
-            "rerank_candidates",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.rerank_diversity < 1:
-            raise ConfigError(f"{ENV_PREFIX}RERANK_DIVERSITY must be in [0, 1), got {self.rerank_diversity}")
-        if self.trending_half_life_s <= 0:
-            raise ConfigError(f"{ENV_PREFIX}TRENDING_HALF_LIFE_S must be > 0, got {self.trending_half_life_s}")
-        if self.rerank_dislike_penalty < 0:
-            raise ConfigError(f"{ENV_PREFIX}RERANK_DISLIKE_PENALTY must be >= 0, got {self.rerank_dislike_penalty}")
-        if not 0 <= self.rerank_bought_duplicate_similarity <= 1:
+        for f in dataclasses.fields(self):
+            spec, value = spec_of(f), getattr(self, f.name)
+            if (problem := spec.problem(value)) is not None:
+                raise ConfigError(f"{ENV_PREFIX}{f.name.upper()} must {problem}")
+            if spec.file and value and not Path(value).is_file():
+                raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}: no such file {value!r}")
+        if self.kafka_security_protocol.startswith("SASL") and (
+            not self.kafka_sasl_username or self.kafka_sasl_password is None
+        ):
             raise ConfigError(
-                f"{ENV_PREFIX}RERANK_BOUGHT_DUPLICATE_SIMILARITY must be in [0, 1], "
-                f"got {self.rerank_bought_duplicate_similarity}"
+                f"{ENV_PREFIX}KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                f"{ENV_PREFIX}KAFKA_SASL_USERNAME and {ENV_PREFIX}KAFKA_SASL_PASSWORD"
             )
-        if self.rerank_freshness_half_life_h < 0:
-            raise ConfigError(
-                f"{ENV_PREFIX}RERANK_FRESHNESS_HALF_LIFE_H must be >= 0, got {self.rerank_freshness_half_life_h}"
-            )
-        if self.search_ef < 0:
-            raise ConfigError(f"{ENV_PREFIX}SEARCH_EF must be >= 0, got {self.search_ef}")
-        if self.model_reload_s < 0:
-            raise ConfigError(f"{ENV_PREFIX}MODEL_RELOAD_S must be >= 0 (0: never), got {self.model_reload_s}")
-        if self.encoder_threads < 0:
-            raise ConfigError(f"{ENV_PREFIX}ENCODER_THREADS must be >= 0, got {self.encoder_threads}")
-        for name in ("metrics_port", "http_port"):
-            if not 0 <= getattr(self, name) <= 65535:
-                raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be a TCP port (0: off), got {getattr(self, name)}")
-        if self.window_horizon_s <= 0:
-            raise ConfigError(f"{ENV_PREFIX}WINDOW_HORIZON_S must be > 0, got {self.window_horizon_s}")
-        if self.window_cache_size < 0:
-            raise ConfigError(f"{ENV_PREFIX}WINDOW_CACHE_SIZE must be >= 0, got {self.window_cache_size}")
-        if self.item_cache_ttl_s < 0:
-            raise ConfigError(f"{ENV_PREFIX}ITEM_CACHE_TTL_S must be >= 0, got {self.item_cache_ttl_s}")
-        if not 6 <= self.kafka_session_timeout_s <= 300:
-            raise ConfigError(
-                f"{ENV_PREFIX}KAFKA_SESSION_TIMEOUT_S must be within the broker's default bounds, 6 to 300 s, "
-                f"got {self.kafka_session_timeout_s}"
-            )
-        if self.kafka_security_protocol not in KAFKA_PROTOCOLS:
-            raise ConfigError(
-                f"{ENV_PREFIX}KAFKA_SECURITY_PROTOCOL must be one of {', '.join(KAFKA_PROTOCOLS)}, "
-                f"got {self.kafka_security_protocol!r}"
-            )
-        if self.kafka_security_protocol.startswith("SASL"):
-            if self.kafka_sasl_mechanism not in SASL_MECHANISMS:
-                raise ConfigError(
-                    f"{ENV_PREFIX}KAFKA_SASL_MECHANISM must be one of {', '.join(SASL_MECHANISMS)}, "
-                    f"got {self.kafka_sasl_mechanism!r}"
-                )
-            if not self.kafka_sasl_username or self.kafka_sasl_password is None:
-                raise ConfigError(
-                    f"{ENV_PREFIX}KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
-                    f"{ENV_PREFIX}KAFKA_SASL_USERNAME and {ENV_PREFIX}KAFKA_SASL_PASSWORD"
-                )
-        for name in ("kafka_ssl_cafile", "qdrant_ca_cert"):
-            if getattr(self, name) and not Path(getattr(self, name)).is_file():
-                raise ConfigError(f"{ENV_PREFIX}{name.upper()}: no such file {getattr(self, name)!r}")
-        if self.batch_within_s <= 0:
-            raise ConfigError(f"{ENV_PREFIX}BATCH_WITHIN_S must be > 0, got {self.batch_within_s}")
-        if self.encoder_precision not in PRECISIONS:
-            raise ConfigError(
-                f"{ENV_PREFIX}ENCODER_PRECISION must be one of {', '.join(PRECISIONS)}, got {self.encoder_precision!r}"
-            )
-        if self.encoder_provider not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"{ENV_PREFIX}ENCODER_PROVIDER must be auto, cpu or cuda, got {self.encoder_provider!r}")
-        if not self.table_store.startswith(("memory://", "rocksdb://")):
-            raise ConfigError(f"{ENV_PREFIX}TABLE_STORE must be memory:// or rocksdb://, got {self.table_store!r}")
         return self
 
     def limits(self) -> Limits:
@@ -277,6 +377,7 @@ class Settings:
         )
 
     def rerank_policy(self) -> RerankPolicy:
+        """The re-ranking preferences, bounded by these settings' own bounds."""
         return RerankPolicy(
             diversity=self.rerank_diversity,
             freshness_half_life_s=self.rerank_freshness_half_life_h * 3600,
@@ -352,6 +453,17 @@ class Settings:
             value = getattr(self, f.name)
             shown[ENV_PREFIX + f.name.upper()] = "" if value is None else str(value)
         return shown
+
+
+def reference_table() -> str:
+    """Every setting as a Markdown table (variable, default, meaning), as docs/configuration.md shows it."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        spec = spec_of(f)
+        shown = spec.shown or ("" if f.default in ("", None) else str(f.default))
+        default = f"`{shown}`" if shown else "*(empty)*"
+        lines.append(f"| `{ENV_PREFIX}{f.name.upper()}` | {default} | {spec.help} |")
+    return "\n".join(lines) + "\n"
 
 
 def _names(listed: str) -> tuple[str, ...]:

@@ -7,17 +7,26 @@ independent kafka-python consumer, as a consumer of the product would.
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgpack
 
 from infra.topics import ensure_pipeline_topics
+from streams.clients.helpers import Publisher
 from streams.clients.kafka_io import delete_items, iterate, make_consumer, make_producer, publish_events, publish_items
+from streams.item_vectors import ItemVectorCache
+from streams.pipeline import CatalogBatchProcessor, EventBatchProcessor, IncomingMessage, WindowLimits
+from streams.pseudonym import Pseudonyms
+from streams.recommend import Recommender
 from streams.records import (
     DeadLetter,
     Event,
@@ -25,10 +34,12 @@ from streams.records import (
     Recommendation,
     decode_deadletter,
     decode_recommendation,
+    encode_item,
 )
-from streams.settings import Settings
+from streams.settings import Secret, Settings
 from streams.tools.worker_runner import WorkerProcess
 from streams.tools.workload import Workload, WorkloadConfig
+from streams.worker.app import load_components
 from streams.worker.windows import windows_changelog_topic
 
 TEST_WORKLOAD = WorkloadConfig(n_items=240, n_users=60, seed=7)
@@ -175,3 +186,65 @@ class Pipeline:
     def _check_worker(self) -> None:
         if self.worker is not None:
             self.worker.check_alive()
+
+
+def http_get(port: int, path: str) -> tuple[int, Any]:
+    """A worker's HTTP answer: its status and its JSON body (the raw text where it is not JSON)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+        try:
+            return exc.code, json.loads(body)
+        except ValueError:  # Faust's own 503 during a rebalance is not always JSON
+            return exc.code, body.decode(errors="replace")
+
+
+def forget_and_ask(pipeline: Pipeline, user_id: str, timeout_s: float = 60.0) -> None:
+    """Forget a user who has a list, then ask the API for it: a 404 naming the forget, or the trending
+    list with fallback=trending (issue 25: this answered 500 when the emptied window was read)."""
+    port = pipeline.settings.http_port
+    status, body = http_get(port, f"/users/{user_id}/recommendations?k=3")
+    assert status == 200 and body["items"], body
+    with Publisher(pipeline.settings) as publisher:
+        publisher.forget_user(user_id)
+    deadline = time.monotonic() + timeout_s
+    while (status := http_get(port, f"/users/{user_id}/recommendations?k=3")[0]) == 200:
+        assert time.monotonic() < deadline, "the forget never reached the user's window"
+        time.sleep(0.2)
+    status, body = http_get(port, f"/users/{user_id}/recommendations?k=3")
+    assert status == 404 and "forgotten" in body["error"], (status, body)
+    status, body = http_get(port, f"/users/{user_id}/recommendations?k=3&fallback=trending")
+    assert status == 200 and body["source"] == "trending" and body["user_id"] == user_id, body
+    assert 0 < len(body["items"]) <= 3
+
+
+@dataclass
+class Processors:
+    """The batch logic of both agents over the real encoders and an embedded store, without a broker."""
+
+    events: EventBatchProcessor
+    catalog: CatalogBatchProcessor
+    items: list[Item]  # the catalogue published to it
+
+
+def processors(
+    home: Path, models_dir: Path, limits: WindowLimits, n_items: int = 20, pseudonymize_key: Secret | None = None
+) -> Processors:
+    settings = Settings(home=home, model_dir=str(models_dir), pseudonymize_key=pseudonymize_key)
+    parts = load_components(settings)
+    parts.store.ensure_collection(settings.items_collection, parts.item_encoder.dim)
+    parts.store.ensure_collection(settings.users_collection, parts.interest_encoder.dim)
+    cache = ItemVectorCache(parts.store, settings.items_collection, capacity=1000, ttl_s=60)
+    catalog = CatalogBatchProcessor(
+        parts.text_embedder, parts.item_encoder, parts.store, items_collection=settings.items_collection,
+        limits=settings.limits(), item_cache=cache,
+    )  # fmt: skip
+    items = Workload(TEST_WORKLOAD).catalog[:n_items]
+    catalog.process([IncomingMessage(i.item_id.encode(), encode_item(i), "items", 0, n) for n, i in enumerate(items)])
+    recommender = Recommender(
+        parts.interest_encoder, parts.store, cache, users_collection=settings.users_collection, top_k=5,
+        pseudonyms=Pseudonyms(pseudonymize_key),
+    )  # fmt: skip
+    return Processors(EventBatchProcessor(recommender, limits, settings.limits()), catalog, items)

@@ -249,7 +249,7 @@ def test_a_model_of_two_interests_predicts_better_and_shows_users_both(tmp_path:
     assert shown[2] >= 15 and shown[1] <= 2, shown
 
 
-def test_float16_and_int8_user_towers_match_float32_and_are_chosen_only_where_asked(
+def test_float16_and_int8_user_towers_are_exported_within_tolerance_and_chosen_only_where_asked(
     tmp_path: Path, trained: tuple[Dataset, np.ndarray, TrainingResult], capsys: pytest.CaptureFixture[str]
 ) -> None:
     data, _, result = trained
@@ -264,21 +264,8 @@ def test_float16_and_int8_user_towers_match_float32_and_are_chosen_only_where_as
     automatic = OnnxInterestEncoder(bundle, provider="cpu")
     forced = OnnxInterestEncoder(bundle, provider="cpu", precision="fp16")
     assert (automatic.precision, forced.precision) == ("fp32", "fp16")  # on a CPU, auto keeps float32
-    # Ages of up to a day (beyond float16's range in seconds) must not overflow.
-    inputs = random_inputs(TINY, 9, 12, seed=5)
-    assert inputs.ages_s.max() > 65_504
-    np.testing.assert_allclose(
-        forced.encode_batch(inputs),
-        automatic.encode_batch(inputs),
-        atol=FP16_RELATIVE_TOLERANCE * half["max_abs_output"],
-    )
-    int8 = OnnxInterestEncoder(bundle, provider="cpu", precision="int8")
-    assert int8.precision == "int8"
-    np.testing.assert_allclose(
-        int8.encode_batch(inputs),
-        automatic.encode_batch(inputs),
-        atol=INT8_RELATIVE_TOLERANCE * quantized["max_abs_output"],
-    )
+    assert OnnxInterestEncoder(bundle, provider="cpu", precision="int8").precision == "int8"
+    # How each precision's vectors stand to the model's: tests/test_encoder_runtime.py.
     # The encoder benchmark measures what this machine has: here, CPU float32 and int8.
     assert main(["bench-encoder", "--bundle", str(bundle), "--batches", "1,4", "--seconds", "0.01"]) == 0
     table = capsys.readouterr().out

@@ -5,35 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from streams.item_vectors import ItemVectorCache
-from streams.pipeline import CatalogBatchProcessor, EventBatchProcessor, IncomingMessage, WindowLimits
-from streams.recommend import Recommender
-from streams.records import ControlCommand, Event, encode_control, encode_event, encode_item
-from streams.settings import Settings
+from streams.pipeline import EventBatchProcessor, IncomingMessage, WindowLimits
+from streams.records import ControlCommand, Event, encode_control, encode_event
 from streams.state import UserWindow
-from streams.tools.workload import Workload
-from streams.worker.app import load_components
-from tests.harness import TEST_WORKLOAD
+from tests.harness import processors
 
 HORIZON_MS = 10**12
 
 
 def _processor(tmp_path: Path, models_dir: Path) -> EventBatchProcessor:
-    settings = Settings(home=tmp_path, model_dir=str(models_dir))
-    parts = load_components(settings)
-    parts.store.ensure_collection(settings.items_collection, parts.item_encoder.dim)
-    parts.store.ensure_collection(settings.users_collection, parts.interest_encoder.dim)
-    cache = ItemVectorCache(parts.store, settings.items_collection, capacity=1000, ttl_s=60)
-    catalog = CatalogBatchProcessor(
-        parts.text_embedder, parts.item_encoder, parts.store, items_collection=settings.items_collection,
-        limits=settings.limits(), item_cache=cache,
-    )  # fmt: skip
-    items = Workload(TEST_WORKLOAD).catalog[:20]
-    catalog.process([IncomingMessage(i.item_id.encode(), encode_item(i), "items", 0, n) for n, i in enumerate(items)])
-    recommender = Recommender(
-        parts.interest_encoder, parts.store, cache, users_collection=settings.users_collection, top_k=5
-    )
-    return EventBatchProcessor(recommender, WindowLimits(10, HORIZON_MS, 100), settings.limits())
+    return processors(tmp_path, models_dir, WindowLimits(10, HORIZON_MS, 100)).events
 
 
 def _messages(*events: Event) -> list[IncomingMessage]:

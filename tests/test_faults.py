@@ -4,7 +4,7 @@ Each test streams generated events (with a few malformed ones) while a fault str
 then checks that every event is accounted for, either reflected in a recommendation for
 its user or dead-lettered, and that the stored windows equal those of a run without
 the fault (replayed here from the events themselves). Each test prints its figures;
-the README's table of the fault suite comes from them.
+the fault suite's table in docs/guarantees.md comes from them.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from streams.recommend import REASON_VERBS, now_ms
 from streams.records import Event, Recommendation
 from streams.settings import Settings
 from streams.tools.worker_runner import WorkerProcess, wait_group_ready
-from tests.harness import Pipeline
+from tests.harness import Pipeline, forget_and_ask, http_get
 
 pytestmark = pytest.mark.integration
 
@@ -42,20 +42,7 @@ def pipeline(kafka: LocalKafka, models_dir: Path, tmp_path_factory: pytest.TempP
 
 
 def _get(pipeline: Pipeline, path: str) -> tuple[int, Any]:
-    return _get_port(pipeline.settings.http_port, path)
-
-
-def _get_port(port: int, path: str) -> tuple[int, Any]:
-    url = f"http://127.0.0.1:{port}{path}"
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        body = exc.read()
-        try:
-            return exc.code, json.loads(body)
-        except ValueError:  # Faust's own 503 during a rebalance is not always JSON
-            return exc.code, body.decode(errors="replace")
+    return http_get(pipeline.settings.http_port, path)
 
 
 def _metrics(pipeline: Pipeline) -> dict[str, float]:
@@ -84,6 +71,13 @@ def _latest_for(pipeline: Pipeline, events: list[Event]) -> Recommendation:
 def _flags(settings: Settings) -> list[str]:
     names = ("kafka_bootstrap", "app_id", "items_topic", "recommendations_topic", "events_topic")
     return [arg for name in names for arg in (f"--{name.replace('_', '-')}", str(getattr(settings, name)))]
+
+
+def test_a_forgotten_users_list_is_a_404_naming_it_or_the_trending_list(pipeline: Pipeline) -> None:
+    events = _events(pipeline, 905, pipeline.workload.categories[2], 5)
+    pipeline.send_events(events)
+    _latest_for(pipeline, events)
+    forget_and_ask(pipeline, events[0].user_id)
 
 
 def test_the_http_api_serves_the_users_current_list_with_k_and_filters(pipeline: Pipeline) -> None:
@@ -290,7 +284,7 @@ def test_a_request_reaching_the_other_worker_is_forwarded_to_the_users_owner(
         deadline = time.monotonic() + 90
         while True:  # until the rebalance has settled and both answer every user
             answers = {
-                (port, events[0].user_id): _get_port(port, f"/users/{events[0].user_id}/recommendations")
+                (port, events[0].user_id): http_get(port, f"/users/{events[0].user_id}/recommendations")
                 for events in users
                 for port in ports
             }

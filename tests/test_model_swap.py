@@ -13,7 +13,7 @@ import numpy as np
 from encoder.config import INTEREST_BUNDLE, TEXT_BUNDLE, BundleManifest
 from encoder.runtime import OnnxItemEncoder
 from infra.kafka_local import LocalKafka, free_port
-from streams.item_vectors import ItemVectorCache
+from streams.item_vectors import ItemEmbedder, ItemVectorCache
 from streams.pipeline import CatalogBatchProcessor, IncomingMessage, ItemTarget
 from streams.recommend import now_ms
 from streams.records import Item, encode_item
@@ -21,7 +21,7 @@ from streams.settings import Settings
 from streams.tools.stream_model import ensure_interest_encoder
 from streams.tools.workload import Workload
 from streams.worker.app import load_components
-from streams.worker.catalog_sync import ItemEmbedder, items_collection_name
+from streams.worker.catalog_sync import items_collection_name
 from tests.conftest import TEST_ENCODER
 from tests.harness import TEST_WORKLOAD, Pipeline
 

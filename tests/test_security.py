@@ -10,15 +10,12 @@ one clear error line that does not repeat the password.
 
 from __future__ import annotations
 
-import json
 import ssl
 import subprocess
 import tempfile
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -37,7 +34,7 @@ from streams.stores.edge import EdgeVectorStore
 from streams.worker.app import open_vector_store
 from streams.worker.windows import windows_changelog_topic
 from tests.fake_qdrant import FakeQdrant
-from tests.harness import Pipeline
+from tests.harness import Pipeline, forget_and_ask, http_get
 
 pytestmark = pytest.mark.integration
 
@@ -278,8 +275,10 @@ def test_pseudonymised_state_holds_no_user_id_and_survives_a_restart(
         # A restarted worker recovers the windows from those partitions, and the API finds them by real id.
         pipeline.restart_worker()
         user = events[0].user_id
-        status, body = _get_json(pipeline.settings.http_port, f"/users/{user}/recommendations")
+        status, body = http_get(pipeline.settings.http_port, f"/users/{user}/recommendations")
         assert status == 200 and body["window_events"] == 4 and len(body["items"]) == 10
+        forgotten = events[-1].user_id
+        forget_and_ask(pipeline, forgotten)  # the forget finds the window and the vector under its pseudonym
     finally:
         pipeline.stop()
     # The users collection holds vectors under pseudonyms only.
@@ -289,7 +288,7 @@ def test_pseudonymised_state_holds_no_user_id_and_survives_a_restart(
         store.ensure_collection(pipeline.settings.users_collection, dim)
         users_collection = pipeline.settings.users_collection
         assert set(store.fetch_vectors(users_collection, [pseudonyms.of(u) for u in ids])) == {
-            pseudonyms.of(u) for u in ids
+            pseudonyms.of(u) for u in ids - {forgotten}
         }
         assert store.fetch_vectors(users_collection, sorted(ids)) == {}
     finally:
@@ -303,8 +302,3 @@ def _keyed_records(consumer: KafkaConsumer) -> Iterator[tuple[str, int, bytes]]:
             for record in records:
                 if record.key is not None:
                     yield tp.topic, tp.partition, record.key
-
-
-def _get_json(port: int, path: str) -> tuple[int, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
-        return response.status, json.loads(response.read())

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from encoder.config import InterestEncoderConfig
 from streams.cli import main
 from streams.clients.catalog_load import item_from_row
 from streams.errors import ConfigError, InvalidRecord
-from streams.settings import Secret, Settings
+from streams.settings import Secret, Settings, reference_table, spec_of
 
 
 def test_environment_values_are_parsed_and_typed() -> None:
@@ -31,7 +33,16 @@ def test_environment_values_are_parsed_and_typed() -> None:
         ({"RTREC_TOPIC_PARTITIONS": "many"}, "RTREC_TOPIC_PARTITIONS: cannot parse 'many'"),
         ({"RTREC_TOPIC_PARTITION": "4"}, "unknown setting(s): RTREC_TOPIC_PARTITION"),
         ({"RTREC_WINDOW_SIZE": "0"}, "RTREC_WINDOW_SIZE must be >= 1"),
-        ({"RTREC_ENCODER_PROVIDER": "tpu"}, "RTREC_ENCODER_PROVIDER must be auto, cpu or cuda"),
+        ({"RTREC_ENCODER_PROVIDER": "tpu"}, "RTREC_ENCODER_PROVIDER must be one of auto, cpu, cuda, got 'tpu'"),
+        ({"RTREC_RERANK_DIVERSITY": "1.0"}, "RTREC_RERANK_DIVERSITY must be in [0, 1), got 1.0"),
+        ({"RTREC_RERANK_DIVERSITY": "-0.1"}, "RTREC_RERANK_DIVERSITY must be in [0, 1), got -0.1"),
+        ({"RTREC_RERANK_FRESHNESS_HALF_LIFE_H": "-1"}, "RTREC_RERANK_FRESHNESS_HALF_LIFE_H must be >= 0"),
+        ({"RTREC_RERANK_DISLIKE_PENALTY": "-0.5"}, "RTREC_RERANK_DISLIKE_PENALTY must be >= 0"),
+        ({"RTREC_RERANK_BOUGHT_DUPLICATE_SIMILARITY": "1.5"}, "must be in [0, 1], got 1.5"),
+        ({"RTREC_KAFKA_SESSION_TIMEOUT_S": "5"}, "RTREC_KAFKA_SESSION_TIMEOUT_S must be in [6, 300], got 5.0"),
+        ({"RTREC_HTTP_PORT": "70000"}, "RTREC_HTTP_PORT must be a TCP port (0: off), got 70000"),
+        ({"RTREC_TABLE_STORE": "redis://"}, "RTREC_TABLE_STORE must be memory:// or rocksdb://, got 'redis://'"),
+        ({"RTREC_QDRANT_CA_CERT": "/no/such/ca.pem"}, "RTREC_QDRANT_CA_CERT: no such file '/no/such/ca.pem'"),
         ({"RTREC_ENCODER_PRECISION": "int4"}, "RTREC_ENCODER_PRECISION must be one of auto, fp32, fp16, int8"),
     ],
 )
@@ -120,10 +131,22 @@ def test_catalogue_rows_become_items_as_the_worker_reads_them() -> None:
         item_from_row({"item_id": "x" * 300, "title": "T"}, now_ms=5, limits=limits)
 
 
-def test_readme_documents_every_setting_with_its_default() -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    for name, value in Settings().describe().items():
-        row = next((line for line in readme.splitlines() if line.startswith(f"| `{name}` |")), None)
-        assert row is not None, f"{name} is missing from the README's configuration table"
-        default = row.split("|")[2].strip()
-        assert default in (f"`{value}`", "*(empty)*", "`<home>/qdrant`", "`<home>/models`"), (name, default, value)
+def test_the_configuration_page_is_generated_from_the_settings() -> None:
+    page = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    assert reference_table() in page, "docs/configuration.md is stale: paste `rtrec config --markdown` into it"
+
+
+def test_every_setting_is_described_and_its_default_is_within_its_bounds() -> None:
+    for f in dataclasses.fields(Settings):
+        spec = spec_of(f)
+        assert len(spec.help) > 5, f.name
+        assert spec.problem(f.default) is None, f.name
+
+
+def test_model_flags_are_the_encoder_configs_hyper_parameters(capsys: pytest.CaptureFixture[str]) -> None:
+    names = {name for name, _, _ in InterestEncoderConfig.hyper_parameters()}
+    assert {"d_model", "dropout", "refit", "loss"} <= names and "event_types" not in names
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    shown = capsys.readouterr().out
+    assert all("--" + name.replace("_", "-") in shown for name in names)

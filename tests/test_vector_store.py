@@ -1,8 +1,8 @@
 """One contract suite for every VectorStore implementation.
 
-Embedded Qdrant always runs, and so does the server adapter over qdrant-client's in-memory
-engine; a Qdrant server runs too when PYTEST_QDRANT_URL points
-at one (e.g. `docker compose up qdrant`, then PYTEST_QDRANT_URL=http://localhost:6333).
+Embedded Qdrant always runs, with and without the retrying wrapper the worker wraps every store in,
+and so does the server adapter over qdrant-client's in-memory engine; a Qdrant server runs too when
+PYTEST_QDRANT_URL points at one (e.g. `docker compose up qdrant`, then PYTEST_QDRANT_URL=http://localhost:6333).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class StoreUnderTest:
     name: str  # a collection of DIM-d vectors, fresh for each test
 
 
-@pytest.fixture(params=["embedded", "server-adapter", "fake-server", "server"])
+@pytest.fixture(params=["embedded", "retrying-embedded", "server-adapter", "fake-server", "server"])
 def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
     name = f"items-{uuid.uuid4().hex[:8]}"
     if request.param == "server-adapter":
@@ -60,6 +60,14 @@ def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnd
         yield StoreUnderTest(adapter, name)
         adapter.close()
         fake.stop()
+        return
+    if request.param == "retrying-embedded":
+        # What the worker is wired with: the outage-retrying wrapper, over the embedded store.
+        inner = open_vector_store(Settings(home=tmp_path, items_collection=name))
+        retrying = RetryingVectorStore(inner, WorkerMetrics())
+        retrying.ensure_collection(name, DIM)
+        yield StoreUnderTest(retrying, name)
+        retrying.close()
         return
     if request.param == "server":
         url = os.environ.get("PYTEST_QDRANT_URL")

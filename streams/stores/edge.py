@@ -107,6 +107,9 @@ class HitFields:
 
 
 class EdgeVectorStore:
+    """Embedded Qdrant: the Qdrant engine (Qdrant Edge) in the worker's process, one shard per collection
+    in a folder of its own. One process holds the folder at a time."""
+
     def __init__(
         self, path: Path, *, search_threads: int = 1, search_ef: int = 0, lock_wait_s: float = LOCK_WAIT_S
     ) -> None:

@@ -28,6 +28,9 @@ T = TypeVar("T")
 
 
 class RetryingVectorStore:
+    """Any ``VectorStore``, every call retried with exponential backoff while the store is away, so an
+    outage pauses the stream instead of failing it; ``stop_retrying`` lets a stopping worker go."""
+
     def __init__(
         self,
         inner: VectorStore,

@@ -25,6 +25,8 @@ DISTANCE = models.Distance.DOT
 
 
 class QdrantVectorStore:
+    """A Qdrant server (or cluster) through qdrant-client: the store several workers share."""
+
     def __init__(self, client: QdrantClient, *, prefix: str = "", search_ef: int = 0, url: str = "") -> None:
         self._client = client
         self._search_params = models.SearchParams(hnsw_ef=search_ef) if search_ef else None

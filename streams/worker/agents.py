@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Agents:
+    """What the rest of the worker (HTTP API, model swap) reaches of the agents."""
+
     windows: WindowTable  # user's state key (bytes) → stored window
     state_key: Callable[[str], str]  # user id → the key their state is kept under
     event_worker: ThreadPoolExecutor  # the thread every model and store call of the events agent runs on

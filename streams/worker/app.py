@@ -21,7 +21,7 @@ from mode.types.signals import BaseSignalT
 from encoder.config import INTEREST_BUNDLE, TEXT_BUNDLE
 from encoder.runtime import OnnxInterestEncoder, OnnxItemEncoder, OnnxTextEmbedder
 from streams.errors import ModelError
-from streams.item_vectors import ItemVectorCache
+from streams.item_vectors import ItemEmbedder, ItemVectorCache
 from streams.metrics import WorkerMetrics
 from streams.pipeline import CatalogBatchProcessor, EventBatchProcessor, WindowLimits
 from streams.ports import InterestEncoderRuntime, ItemEncoderRuntime, TextEmbedder, VectorStore
@@ -33,7 +33,7 @@ from streams.stores.retry import RetryingVectorStore
 from streams.stores.server import QdrantVectorStore
 from streams.trending import Trending
 from streams.worker.agents import register_agents
-from streams.worker.catalog_sync import ItemEmbedder, fill_missing, items_collection_name
+from streams.worker.catalog_sync import fill_missing, items_collection_name
 from streams.worker.http_api import register_http_api
 from streams.worker.model_swap import ModelSwapper, served_model_info
 
@@ -42,6 +42,8 @@ PRODUCER_BATCH_BYTES = 512 * 1024
 
 @dataclass
 class Components:
+    """The parts a worker is wired with (injected: a test or another deployment brings its own)."""
+
     text_embedder: TextEmbedder
     interest_encoder: InterestEncoderRuntime
     item_encoder: ItemEncoderRuntime
@@ -106,9 +108,17 @@ def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | No
     return faust.SSLCredentials(context) if context is not None else None
 
 
-def build_app(settings: Settings, components: Components) -> faust.App:
-    # Outages of the store pause the stream rather than fail it (streams.stores.retry).
-    store = RetryingVectorStore(components.store, components.metrics)
+@dataclass(frozen=True)
+class Processors:
+    """The batch logic of both agents, over the worker's store and caches."""
+
+    recommender: Recommender
+    events: EventBatchProcessor
+    catalog: CatalogBatchProcessor
+    pseudonyms: Pseudonyms
+
+
+def build_processors(settings: Settings, components: Components, store: VectorStore) -> Processors:
     items_collection = items_collection_name(settings.items_collection, components.item_encoder)
     store.ensure_collection(items_collection, components.item_encoder.dim)
     store.ensure_collection(settings.users_collection, components.interest_encoder.dim)
@@ -148,8 +158,12 @@ def build_app(settings: Settings, components: Components) -> faust.App:
         clock=components.clock,
         metrics=components.metrics,
     )
+    return Processors(recommender, events, catalog, pseudonyms)
+
+
+def faust_app(settings: Settings) -> faust.App:
     settings.faust_data_path.parent.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
-    app = faust.App(
+    return faust.App(
         settings.app_id,
         broker=[f"kafka://{server}" for server in settings.bootstrap_servers.split(",")],
         broker_credentials=broker_credentials(settings),
@@ -173,17 +187,24 @@ def build_app(settings: Settings, components: Components) -> faust.App:
         # record batch on the broker, so it stays under the broker's default message.max.bytes (1 MiB).
         producer_max_batch_size=PRODUCER_BATCH_BYTES,
     )
-    agents = register_agents(app, settings, events, catalog, pseudonyms)
+
+
+def build_app(settings: Settings, components: Components) -> faust.App:
+    # Outages of the store pause the stream rather than fail it (streams.stores.retry).
+    store = RetryingVectorStore(components.store, components.metrics)
+    processors = build_processors(settings, components, store)
+    app = faust_app(settings)
+    agents = register_agents(app, settings, processors.events, processors.catalog, processors.pseudonyms)
     info = model_info(settings, components)
     if settings.http_port:
-        register_http_api(app, settings, agents, events, info)
+        register_http_api(app, settings, agents, processors.events, info)
     if settings.model_reload_s > 0:
         swapper = ModelSwapper(
             settings,
             store,
             components.text_embedder,
-            recommender,
-            catalog,
+            processors.recommender,
+            processors.catalog,
             event_worker=agents.event_worker,
             catalog_worker=agents.catalog_worker,
             load=load_model,

@@ -15,11 +15,10 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from streams.clients.kafka_io import TopicRecord, end_offsets, read_until
 from streams.errors import InvalidRecord
-from streams.ports import ItemEncoderRuntime, TextEmbedder, VectorPoint, VectorStore
+from streams.item_vectors import ItemEmbedder
+from streams.ports import ItemEncoderRuntime, VectorStore
 from streams.records import Item, Limits, decode_item
 from streams.settings import Settings
 
@@ -34,30 +33,10 @@ def items_collection_name(base: str, item_encoder: ItemEncoderRuntime) -> str:
 
 @dataclass(frozen=True)
 class CatalogChange:
+    """The latest version of one item read from the catalogue topic."""
+
     item_id: str
     item: Item | None  # None: the item was deleted
-
-
-class ItemEmbedder:
-    """Items → vectors of one item tower: text through the text encoder first when the tower reads it."""
-
-    def __init__(self, text_embedder: TextEmbedder, item_encoder: ItemEncoderRuntime) -> None:
-        self.text_embedder = text_embedder
-        self.item_encoder = item_encoder
-
-    def can_place(self, item: Item) -> bool:
-        return self.item_encoder.reads_text or self.item_encoder.knows(item.item_id)
-
-    def vectors(self, items: Sequence[Item]) -> np.ndarray:
-        ids = [item.item_id for item in items]
-        if not self.item_encoder.reads_text:
-            return self.item_encoder.encode_batch(ids)
-        return self.item_encoder.encode_batch(ids, self.text_embedder.embed_batch([item.text() for item in items]))
-
-    def points(self, items: Sequence[Item]) -> list[VectorPoint]:
-        placeable = [item for item in items if self.can_place(item)]
-        vectors = self.vectors(placeable)
-        return [VectorPoint(item.item_id, v, item.payload()) for item, v in zip(placeable, vectors, strict=True)]
 
 
 def catalogue_ends(settings: Settings) -> dict[int, int]:

@@ -1,6 +1,8 @@
 """The worker's HTTP API (Faust's web server), for services that ask rather than listen.
 
     GET /users/{user_id}/recommendations?k=&category=&exclude_category=&min_price=&max_price=&fallback=trending
+                  a user with no events in the window (never seen, or forgotten) is a 404 naming why,
+                  or the trending list with fallback=trending
     GET /trending?k=&category=&exclude_category=&min_price=&max_price=   what is popular now (cold start)
     GET /health   the process is up (liveness)
     GET /ready    partitions assigned and the window table recovered (readiness)
@@ -16,9 +18,10 @@ without writing anything.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from dataclasses import asdict
-from typing import Any, cast
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, cast
 
 import faust
 from faust.tables.manager import TableManager
@@ -29,6 +32,7 @@ from streams.errors import InvalidRecord
 from streams.pipeline import EventBatchProcessor
 from streams.ports import ItemFilter
 from streams.settings import Settings
+from streams.state import UserWindow
 from streams.worker.agents import Agents
 
 
@@ -84,38 +88,57 @@ def parse_request(query: MultiMapping[str], default_k: int, max_k: int) -> tuple
 TRENDING_DEPTH = 200  # popular items looked at for one trending list
 
 
-def register_http_api(
-    app: faust.App,
-    settings: Settings,
-    agents: Agents,
-    events: EventBatchProcessor,
-    model_info: Mapping[str, Any],
-) -> None:
-    recommender = events.recommender
-    windows = agents.windows
+@dataclass(frozen=True)
+class Answer:
+    """An HTTP answer: a status and its JSON body."""
 
-    @app.page("/users/{user_id}/recommendations")
-    @app.table_route(table=windows, match_info="user_id")
-    async def user_recommendations(web: View, request: Request, user_id: str) -> Response:
+    status: int
+    body: dict[str, Any]
+
+
+class WindowReader(Protocol):
+    def get(self, key: bytes) -> bytes | None: ...
+
+
+class HttpApi:
+    """What the API answers, apart from Faust's web server: every state a user's window can be in
+    (none, unreadable, emptied by a forget, holding events) gets a 200, 400 or 404 with a JSON body.
+
+    Model and store calls run on the events agent's thread, so they stay ordered with the stream's.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        windows: WindowReader,
+        state_key: Callable[[str], str],
+        worker: Executor,
+        events: EventBatchProcessor,
+    ) -> None:
+        self.settings = settings
+        self.windows = windows
+        self.state_key = state_key
+        self.worker = worker
+        self.events = events
+
+    async def user_recommendations(self, user_id: str, query: MultiMapping[str]) -> Answer:
         try:
-            k, rules = parse_request(cast(MultiMapping[str], request.query), settings.top_k, settings.max_http_k)
+            k, rules = parse_request(query, self.settings.top_k, self.settings.max_http_k)
         except BadParameter as exc:
-            return web.json({"error": str(exc)}, status=400)
-        if len(user_id) > settings.max_id_chars:
-            return web.json({"error": f"user_id longer than {settings.max_id_chars} characters"}, status=400)
-        raw = windows.get(agents.state_key(user_id).encode("utf-8"))
-        if raw is None:
-            if "fallback" in request.query:  # a user with no history yet: what is popular now
-                return web.json(await trending_answer(k, rules) | {"user_id": user_id})
-            return web.json({"error": f"unknown user {user_id!r}: no events in the window"}, status=404)
-        try:
-            window = events.window_limits.load(raw)
-        except InvalidRecord as exc:
-            return web.json({"error": f"the stored window is unreadable: {exc.reason}"}, status=500)
+            return Answer(400, {"error": str(exc)})
+        if len(user_id) > self.settings.max_id_chars:
+            return Answer(400, {"error": f"user_id longer than {self.settings.max_id_chars} characters"})
+        window, missing = self._window(user_id)
+        if window is None:
+            if "fallback" in query:  # a user with no history (any more): what is popular now
+                return Answer(200, await self._trending(k, rules) | {"user_id": user_id})
+            return Answer(404, {"error": f"unknown user {user_id!r}: no events in the window{missing}"})
         loop = asyncio.get_running_loop()
-        # On the events agent's thread: model and store calls stay ordered with the stream's.
-        rec = await loop.run_in_executor(agents.event_worker, recommender.current, user_id, window, k, rules)
-        return web.json(
+        recommender = self.events.recommender
+        rec = await loop.run_in_executor(self.worker, recommender.current, user_id, window, k, rules)
+        newest = window.entries[-1]
+        return Answer(
+            200,
             {
                 "user_id": user_id,
                 "source": "personal",
@@ -123,21 +146,42 @@ def register_http_api(
                 "filter": asdict(rules) if rules else None,
                 "model": recommender.encoder.version,
                 "window_events": len(window),
-                "as_of_event_id": rec.trigger_event_id if rec else window.entries[-1].event_id,
-                "as_of_ts": rec.event_ts if rec else window.newest_ts,
+                "as_of_event_id": rec.trigger_event_id if rec else newest.event_id,
+                "as_of_ts": rec.event_ts if rec else newest.ts,
                 "items": [asdict(item) for item in rec.items] if rec else [],
-            }
+            },
         )
 
-    async def trending_answer(k: int, rules: ItemFilter | None) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        items = await loop.run_in_executor(agents.event_worker, trending_items, k, rules)
+    async def trending(self, query: MultiMapping[str]) -> Answer:
+        try:
+            k, rules = parse_request(query, self.settings.top_k, self.settings.max_http_k)
+        except BadParameter as exc:
+            return Answer(400, {"error": str(exc)})
+        return Answer(200, await self._trending(k, rules))
+
+    def _window(self, user_id: str) -> tuple[UserWindow | None, str]:
+        """The user's window when it holds any event; else None and why (appended to the 404's text)."""
+        raw = self.windows.get(self.state_key(user_id).encode("utf-8"))
+        if raw is None:
+            return None, ""
+        try:
+            window = self.events.window_limits.load(raw)
+        except InvalidRecord as exc:
+            # The stream starts such a user afresh at their next event; until then they have no events.
+            return None, f" (the stored window is unreadable: {exc.reason})"
+        if not window.entries:
+            return None, " (the user was forgotten)" if window.forgotten_until else ""
+        return window, ""
+
+    async def _trending(self, k: int, rules: ItemFilter | None) -> dict[str, Any]:
+        items = await asyncio.get_running_loop().run_in_executor(self.worker, self._trending_items, k, rules)
         return {"source": "trending", "k": k, "filter": asdict(rules) if rules else None, "items": items}
 
-    def trending_items(k: int, request_rules: ItemFilter | None) -> list[dict[str, Any]]:
+    def _trending_items(self, k: int, request_rules: ItemFilter | None) -> list[dict[str, Any]]:
+        recommender = self.events.recommender
         rules = recommender.rules_for(request_rules)
         # Over-fetched: some of the most popular may be filtered out, deleted or unavailable.
-        ranked = events.trending.top(max(TRENDING_DEPTH, 10 * k))
+        ranked = self.events.trending.top(max(TRENDING_DEPTH, 10 * k))
         payloads = recommender.store.fetch_payloads(
             recommender.items_collection, [item_id for item_id, _ in ranked], ["category", "price", "available"]
         )
@@ -151,13 +195,26 @@ def register_http_api(
                 break
         return shown
 
+
+def register_http_api(
+    app: faust.App,
+    settings: Settings,
+    agents: Agents,
+    events: EventBatchProcessor,
+    model_info: Mapping[str, Any],
+) -> None:
+    api = HttpApi(settings, agents.windows, agents.state_key, agents.event_worker, events)
+
+    @app.page("/users/{user_id}/recommendations")
+    @app.table_route(table=agents.windows, match_info="user_id")
+    async def user_recommendations(web: View, request: Request, user_id: str) -> Response:
+        answer = await api.user_recommendations(user_id, cast(MultiMapping[str], request.query))
+        return web.json(answer.body, status=answer.status)
+
     @app.page("/trending")
     async def trending(web: View, request: Request) -> Response:
-        try:
-            k, rules = parse_request(cast(MultiMapping[str], request.query), settings.top_k, settings.max_http_k)
-        except BadParameter as exc:
-            return web.json({"error": str(exc)}, status=400)
-        return web.json(await trending_answer(k, rules))
+        answer = await api.trending(cast(MultiMapping[str], request.query))
+        return web.json(answer.body, status=answer.status)
 
     @app.page("/health")
     async def health(web: View, request: Request) -> Response:

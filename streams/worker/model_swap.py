@@ -29,13 +29,13 @@ from typing import Any
 
 from encoder.config import INTEREST_BUNDLE, BundleManifest
 from streams.errors import ModelError
-from streams.item_vectors import ItemVectorCache
+from streams.item_vectors import ItemEmbedder, ItemVectorCache
 from streams.metrics import WorkerMetrics
 from streams.pipeline import CatalogBatchProcessor, ItemTarget
 from streams.ports import InterestEncoderRuntime, ItemEncoderRuntime, TextEmbedder, VectorStore
 from streams.recommend import Recommender
 from streams.settings import Settings
-from streams.worker.catalog_sync import ItemEmbedder, catalogue_ends, items_collection_name, latest, read_catalog
+from streams.worker.catalog_sync import catalogue_ends, items_collection_name, latest, read_catalog
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def served_model_info(interest: InterestEncoderRuntime, items: ItemEncoderRuntim
         "interest_encoder": {
             "version": interest.version,
             "provider": interest.provider,
-            "precision": getattr(interest, "precision", "fp32"),
+            "precision": interest.precision,
             "dim": interest.dim,
             "max_len": interest.max_len,
             "interests": interest.interests,
@@ -58,6 +58,9 @@ def served_model_info(interest: InterestEncoderRuntime, items: ItemEncoderRuntim
 
 
 class ModelSwapper:
+    """Watches the model folder and swaps a new interest-encoder bundle in between two micro-batches,
+    after filling its item tower's collection in the background."""
+
     def __init__(
         self,
         settings: Settings,

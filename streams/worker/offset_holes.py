@@ -35,6 +35,8 @@ Partition = TypeVar("Partition", bound=Hashable)
 
 @dataclass
 class OffsetHoles(Generic[Partition]):
+    """The offsets the stream jumped over between batches (faust-streaming #596), per partition."""
+
     _generation: int | None = None
     _next: dict[Partition, int] = field(default_factory=dict)  # the offset each partition should deliver next
 
