@@ -12,13 +12,9 @@ instead: on Linux it is sent SIGTERM when that process dies, however it dies.
 from __future__ import annotations
 
 import base64
-import ctypes
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from infra.processes import port_open, running_pid, stop_process, terminated_with
 from streams.errors import BrokerError
 
 if TYPE_CHECKING:
@@ -73,18 +70,6 @@ def new_cluster_id() -> str:
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         if not cluster_id.startswith("-"):
             return cluster_id
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 @dataclass(frozen=True)
@@ -240,15 +225,7 @@ class LocalKafka:
     # ------------------------------------------------------------ lifecycle
 
     def running_pid(self) -> int | None:
-        try:
-            pid = int(self._pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        return pid
+        return running_pid(self._pid_file)
 
     def start(self, timeout_s: float = 60.0, *, with_parent: bool = False) -> str:
         """Start the broker (or find it running) and return its bootstrap address.
@@ -258,7 +235,7 @@ class LocalKafka:
         """
         if self.running_pid() is not None:
             return self.config.bootstrap
-        if _port_open(self.config.port):
+        if port_open(self.config.port):
             raise BrokerError(f"port {self.config.port} is already in use by another process")
         libs = self.ensure_runtime()
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -282,7 +259,7 @@ class LocalKafka:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_terminated_with(os.getpid()) if with_parent else None,
+            preexec_fn=terminated_with(os.getpid()) if with_parent else None,
         )
         log.close()
         self._pid_file.write_text(str(self._process.pid))
@@ -297,7 +274,7 @@ class LocalKafka:
                 raise BrokerError(f"Kafka exited with code {self._process.returncode}; see {self.log_file}")
             with self.log_file.open("rb") as f:
                 f.seek(max(0, offset - 4096))
-                if READY_LINE.encode() in f.read() and _port_open(self.config.port):
+                if READY_LINE.encode() in f.read() and port_open(self.config.port):
                     return
             time.sleep(0.2)
         self.stop()
@@ -305,43 +282,9 @@ class LocalKafka:
 
     def stop(self, timeout_s: float = 30.0) -> bool:
         """Stop the broker gracefully (SIGTERM, then SIGKILL after the timeout). True if one was running."""
-        pid = self.running_pid()
-        if pid is None:
-            return False
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._process is not None and self._process.pid == pid:
-                if self._process.poll() is not None:
-                    break
-            else:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-            time.sleep(0.2)
-        else:
-            os.kill(pid, signal.SIGKILL)
-        self._pid_file.unlink(missing_ok=True)
+        stopped = stop_process(self._pid_file, self._process, timeout_s)
         self._process = None
-        return True
-
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _terminated_with(parent: int) -> Callable[[], None] | None:
-    """What a child runs before exec so that it gets SIGTERM when ``parent`` dies (None off Linux)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork: a forked child must not dlopen
-
-    def arm() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died before the request took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return arm
+        return stopped
 
 
 @contextmanager

@@ -82,6 +82,25 @@ def cmd_broker(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_qdrant(settings: Settings, args: argparse.Namespace) -> int:
+    from infra.qdrant_local import HOW_TO_GET_ONE, LocalQdrant, LocalQdrantConfig, find_binary
+
+    binary = find_binary(settings.qdrant_binary)
+    if binary is None:
+        raise ConfigError(HOW_TO_GET_ONE)
+    server = LocalQdrant(LocalQdrantConfig(settings.qdrant_server_path, binary, settings.local_qdrant_port), _say)
+    if args.action == "start":
+        url = server.start()
+        print(f"Qdrant is up at {url} (storage: {server.storage}); workers use it with RTREC_QDRANT_URL={url}")
+    elif args.action == "stop":
+        print("stopped" if server.stop() else "no local Qdrant server was running")
+    else:
+        pid = server.running_pid()
+        print(f"running (pid {pid}) at {server.config.url}" if pid else "not running")
+        return 0 if pid else 1
+    return 0
+
+
 def cmd_topics(settings: Settings, _args: argparse.Namespace) -> int:
     from infra.topics import ensure_pipeline_topics
 
@@ -430,6 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     broker = sub.add_parser("broker", help="the local single-node Kafka (KRaft) assembled from Maven Central")
     broker.add_argument("action", choices=["start", "stop", "status"])
     broker.set_defaults(run=cmd_broker)
+
+    qdrant = sub.add_parser("qdrant", help="a local Qdrant server (the several-workers topology, without Docker)")
+    qdrant.add_argument("action", choices=["start", "stop", "status"])
+    qdrant.set_defaults(run=cmd_qdrant)
 
     sub.add_parser("topics", help="create or update the pipeline's topics (idempotent)").set_defaults(run=cmd_topics)
 

@@ -191,6 +191,18 @@ class Settings:
         "CA bundle that signed an `https://` Qdrant server's certificate (empty: the system's CAs)",
         file=True,
     )
+    qdrant_binary: str = setting(
+        "",
+        "the Qdrant server binary `rtrec qdrant start` and the tests run (empty: `qdrant` on the PATH, else "
+        "`../shared/bin/qdrant` beside the checkout)",
+        file=True,
+    )
+    local_qdrant_port: int = setting(
+        16333,
+        "HTTP port of the local Qdrant server `rtrec qdrant start` runs (gRPC on the next one)",
+        at_least=1,
+        at_most=65535,
+    )
     qdrant_path: str = setting("", "folder of the embedded Qdrant", shown="<home>/qdrant")
     items_collection: str = setting(
         "items",
@@ -429,6 +441,10 @@ class Settings:
     @property
     def qdrant_local_path(self) -> Path:
         return Path(self.qdrant_path) if self.qdrant_path else self.home / "qdrant"
+
+    @property
+    def qdrant_server_path(self) -> Path:
+        return self.home / "qdrant-server"
 
     @property
     def kafka_data_path(self) -> Path:

@@ -1,7 +1,8 @@
 """Session fixtures: one real Kafka broker, the model bundles, and worker harnesses.
 
 The broker is the real Apache Kafka assembled from Maven Central (infra.kafka_local),
-started once per session on free ports. Models are built by our own code: the text
+started once per session on free ports; so is the Qdrant server (infra.qdrant_local) for the
+tests of the server topology. Models are built by our own code: the text
 encoder exported from the packaged all-MiniLM-L6-v2 weights, the interest encoder
 trained on a small generated workload. Set PYTEST_RTREC_MODELS to a folder to reuse
 bundles between sessions (they are rebuilt when their fingerprint changes).
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from infra.kafka_local import LocalKafka, LocalKafkaConfig, free_port
+from infra.kafka_local import LocalKafka, LocalKafkaConfig
+from infra.processes import free_port
+from infra.qdrant_local import HOW_TO_GET_ONE, LocalQdrant, LocalQdrantConfig, find_binary
 from streams.tools.stream_model import ensure_interest_encoder
 from tests.harness import TEST_WORKLOAD
 
@@ -41,7 +44,11 @@ def kafka() -> Iterator[LocalKafka]:
         broker.stop()
 
 
+QDRANT_BINARY = pytest.StashKey[str]()
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    config.stash[QDRANT_BINARY] = os.environ.get("RTREC_QDRANT_BINARY", "")  # the one setting tests honour
     # Workers are subprocesses: they must not inherit a user's RTREC_* environment.
     for name in [k for k in os.environ if k.startswith("RTREC_") and k != "PYTEST_RTREC_MODELS"]:
         del os.environ[name]
@@ -52,3 +59,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "kafka" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def qdrant_server(pytestconfig: pytest.Config) -> Iterator[LocalQdrant]:
+    """A real Qdrant server for the session, on free ports and its own storage (skipped without a binary)."""
+    binary = find_binary(pytestconfig.stash[QDRANT_BINARY])
+    if binary is None:
+        pytest.skip(HOW_TO_GET_ONE)
+    folder = Path(tempfile.mkdtemp(prefix="rtrec-qdrant-"))
+    server = LocalQdrant(LocalQdrantConfig(folder, binary, http_port=free_port(), grpc_port=free_port()))
+    server.start(with_parent=True)
+    try:
+        yield server
+    finally:
+        server.stop()

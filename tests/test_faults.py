@@ -24,15 +24,17 @@ from pathlib import Path
 import msgpack
 import pytest
 from kafka.admin import ConfigResource, ConfigResourceType
+from qdrant_client import QdrantClient
 
-from infra.kafka_local import LocalKafka, LocalKafkaConfig, free_port
+from infra.kafka_local import LocalKafka, LocalKafkaConfig
+from infra.processes import free_port
+from infra.qdrant_local import LocalQdrant
 from infra.topics import admin_client
 from streams.recommend import now_ms
 from streams.records import Event, Recommendation, encode_event, encode_item
 from streams.state import UserWindow
 from streams.tools.bench import load_catalog
 from streams.tools.worker_runner import WorkerProcess
-from tests.fake_qdrant import FakeQdrant
 from tests.harness import Pipeline
 
 pytestmark = pytest.mark.integration
@@ -269,18 +271,30 @@ def _metric_sum(port: int, prefix: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
 
 
-def test_a_vector_store_outage_pauses_the_stream_and_loses_nothing(
-    kafka: LocalKafka, models_dir: Path, tmp_path: Path
+def _points_by_collection(url: str) -> dict[str, int]:
+    client = QdrantClient(url=url, check_compatibility=False)
+    try:
+        return {c.name: client.count(c.name, exact=True).count for c in client.get_collections().collections}
+    finally:
+        client.close()
+
+
+def test_a_qdrant_server_killed_and_restarted_mid_stream_loses_nothing(
+    kafka: LocalKafka, qdrant_server: LocalQdrant, models_dir: Path, tmp_path: Path
 ) -> None:
-    qdrant = FakeQdrant(free_port())  # a Qdrant server the test can take away
-    qdrant.start()
+    # A server of this test's own, on storage it restarts from: killed (SIGKILL) as a crash would.
+    config = dataclasses.replace(
+        qdrant_server.config, data_dir=tmp_path / "qdrant", http_port=free_port(), grpc_port=free_port()
+    )
+    qdrant = LocalQdrant(config)
+    qdrant.start(with_parent=True)
     metrics_port = free_port()
     pipeline = Pipeline(
         kafka.config.bootstrap,
         models_dir,
         tmp_path,
         topic_partitions=4,
-        qdrant_url=qdrant.url,
+        qdrant_url=config.url,
         metrics_port=metrics_port,
     )
     try:
@@ -288,16 +302,20 @@ def test_a_vector_store_outage_pauses_the_stream_and_loses_nothing(
         pipeline.publish_catalog()
         sender = Sender(pipeline, _stream(pipeline, 6_000), rate=500).start()
         at_fault = sender.wait_until_sent(2_000)
-        qdrant.stop()  # connections refused from now on
+        written = _points_by_collection(config.url)
+        assert qdrant.kill()  # connections refused from now on, nothing flushed on the way out
         down_since = time.monotonic()
         time.sleep(8)  # longer than the lag gauge's refresh: the pause must show
         errors = _metric_sum(metrics_port, "rtrec_vector_store_errors_total")
         lag = _metric_sum(metrics_port, "rtrec_consumer_lag")
         assert errors > 0 and lag >= 1_000, (errors, lag)  # calls retried, input piling up uncommitted
         outage_s = time.monotonic() - down_since
-        qdrant.start()
+        qdrant.start()  # on the same storage
+        restored = _points_by_collection(config.url)
+        assert all(restored.get(name, 0) >= count for name, count in written.items()), (written, restored)
+        assert sum(written.values()) > 240  # the catalogue and users' vectors were there to lose
         sender.join()
-        fault = f"Qdrant server refusing connections for {outage_s:.0f} s"
+        fault = f"Qdrant server killed (SIGKILL), restarted on its storage {outage_s:.0f} s later"
         figures = _account(pipeline, sender, fault, at_fault, store_errors_retried=errors, lag_at_outage_end=lag)
         assert figures["lost"] == 0
         assert pipeline.worker is not None

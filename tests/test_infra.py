@@ -12,11 +12,15 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.structs import OffsetAndMetadata
 
-from infra.kafka_local import LocalKafka, LocalKafkaConfig, free_port, new_cluster_id
+from infra.kafka_local import LocalKafka, LocalKafkaConfig, new_cluster_id
+from infra.processes import free_port
+from infra.qdrant_local import QDRANT_VERSION, LocalQdrant, find_binary
 from infra.topics import admin_client, ensure_pipeline_topics, topic_specs
+from streams.cli import main
 from streams.clients.kafka_io import make_producer, read_offsets, read_uncommitted
 from streams.errors import BrokerError
 from streams.settings import Settings
+from streams.worker.app import open_vector_store
 from tests.harness import isolated_names
 
 pytestmark = pytest.mark.integration
@@ -154,3 +158,31 @@ def test_cluster_ids_never_look_like_options() -> None:
     ids = [new_cluster_id() for _ in range(5000)]  # about 1 in 64 random ids would start with '-'
     assert all(len(i) == 22 and not i.startswith("-") for i in ids)
     assert len(set(ids)) == len(ids)
+
+
+def test_the_local_qdrant_server_is_the_tested_release_and_the_cli_starts_and_stops_it(
+    qdrant_server: LocalQdrant, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    version = subprocess.run([str(qdrant_server.config.binary), "--version"], capture_output=True, text=True)
+    assert version.stdout.split() == ["qdrant", QDRANT_VERSION]
+    flags = ["--home", str(tmp_path), "--local-qdrant-port", str(free_port())]
+    flags += ["--qdrant-binary", str(qdrant_server.config.binary)]
+    assert main([*flags, "qdrant", "start"]) == 0
+    url = capsys.readouterr().out.split("Qdrant is up at ")[1].split()[0]
+    try:
+        assert main([*flags, "qdrant", "status"]) == 0 and "running (pid" in capsys.readouterr().out
+        store = open_vector_store(Settings(qdrant_url=url))
+        store.ensure_collection("probe", 4)
+        store.close()
+    finally:
+        assert main([*flags, "qdrant", "stop"]) == 0
+    assert main([*flags, "qdrant", "status"]) == 1 and "not running" in capsys.readouterr().out
+    assert (tmp_path / "qdrant-server" / "storage" / "collections" / "probe").is_dir()  # under RTREC_HOME
+
+
+def test_without_a_qdrant_binary_the_server_commands_say_how_to_get_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert find_binary(str(tmp_path / "absent")) is None
+    assert main(["--qdrant-binary", str(tmp_path / "absent"), "qdrant", "start"]) == 2
+    assert "RTREC_QDRANT_BINARY: no such file" in capsys.readouterr().err

@@ -16,7 +16,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from infra.kafka_local import LocalKafka, free_port
+from infra.kafka_local import LocalKafka
+from infra.processes import free_port
 from streams.cli import main
 from streams.clients.helpers import Publisher, RecommendationReader
 from streams.errors import InvalidRecord

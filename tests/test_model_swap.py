@@ -12,7 +12,8 @@ import numpy as np
 
 from encoder.config import INTEREST_BUNDLE, TEXT_BUNDLE, BundleManifest
 from encoder.runtime import OnnxItemEncoder
-from infra.kafka_local import LocalKafka, free_port
+from infra.kafka_local import LocalKafka
+from infra.processes import free_port
 from streams.item_vectors import ItemEmbedder, ItemVectorCache
 from streams.pipeline import CatalogBatchProcessor, IncomingMessage, ItemTarget
 from streams.recommend import now_ms

@@ -10,7 +10,6 @@ one clear error line that does not repeat the password.
 
 from __future__ import annotations
 
-import ssl
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -22,7 +21,9 @@ import pytest
 from kafka import KafkaConsumer
 
 from encoder.config import INTEREST_BUNDLE, BundleManifest
-from infra.kafka_local import LocalKafka, LocalKafkaConfig, free_port
+from infra.kafka_local import LocalKafka, LocalKafkaConfig
+from infra.processes import free_port
+from infra.qdrant_local import LocalQdrant, LocalQdrantConfig
 from streams.cli import main
 from streams.clients.kafka_io import make_consumer
 from streams.errors import VectorStoreError
@@ -33,7 +34,6 @@ from streams.settings import Secret, Settings
 from streams.stores.edge import EdgeVectorStore
 from streams.worker.app import open_vector_store
 from streams.worker.windows import windows_changelog_topic
-from tests.fake_qdrant import FakeQdrant
 from tests.harness import Pipeline, forget_and_ask, http_get
 
 pytestmark = pytest.mark.integration
@@ -204,37 +204,41 @@ QDRANT_KEY = "qdrant-key-for-rtrec"
 
 
 def test_the_qdrant_server_is_reached_over_tls_with_its_api_key(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    qdrant_server: LocalQdrant, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     ca_file, _ = _tls_material(tmp_path)
-    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls.load_cert_chain(tmp_path / "broker.pem", tmp_path / "broker.key")
-    qdrant = FakeQdrant(free_port(), api_key=QDRANT_KEY, tls=tls)  # https only, the key required
-    qdrant.start()
+    config = LocalQdrantConfig(
+        tmp_path / "qdrant", qdrant_server.config.binary, http_port=free_port(), grpc_port=free_port(),
+        api_key=QDRANT_KEY, tls_cert=tmp_path / "broker.pem", tls_key=tmp_path / "broker.key",
+    )  # fmt: skip
+    qdrant = LocalQdrant(config)  # Qdrant's own TLS (https only), the key required
+    qdrant.start(with_parent=True)
     try:
         settings = Settings(
-            home=tmp_path, qdrant_url=qdrant.url, qdrant_api_key=Secret(QDRANT_KEY), qdrant_ca_cert=str(ca_file)
+            home=tmp_path, qdrant_url=config.url, qdrant_api_key=Secret(QDRANT_KEY), qdrant_ca_cert=str(ca_file)
         )
+        assert settings.qdrant_url.startswith("https://")
         store = open_vector_store(settings)
         store.ensure_collection("items", 4)
         store.upsert("items", [VectorPoint("i1", np.ones(4, dtype=np.float32), {})])
         assert list(store.fetch_vectors("items", ["i1"])) == ["i1"]
-        assert qdrant.requests >= 3 and qdrant.refused == 0
+        store.close()
         wrong_key = "not-the-qdrant-key"
-        failures = {
-            r"refused the request \(401 Unauthorized\): RTREC_QDRANT_API_KEY": replace(
-                settings, qdrant_api_key=Secret(wrong_key)
-            ),
+        refused = r"refused the request \(401 Unauthorized\): RTREC_QDRANT_API_KEY"
+        failures = [
+            (refused, replace(settings, qdrant_api_key=Secret(wrong_key))),
+            (refused, replace(settings, qdrant_api_key=None)),
             # Without a CA file the system's CAs are trusted, and none of them signed the server's certificate.
-            r"TLS handshake with Qdrant at https://.* certificate verify failed.*RTREC_QDRANT_CA_CERT": (
-                replace(settings, qdrant_ca_cert="")
+            (
+                r"TLS handshake with Qdrant at https://.* certificate verify failed.*RTREC_QDRANT_CA_CERT",
+                replace(settings, qdrant_ca_cert=""),
             ),
-        }
-        for expected, wrong in failures.items():
+        ]
+        for expected, wrong in failures:
             with pytest.raises(VectorStoreError, match=expected) as failure:
                 open_vector_store(wrong).ensure_collection("items", 4)
             assert wrong_key not in str(failure.value) and QDRANT_KEY not in str(failure.value)
-        assert qdrant.refused >= 1
+            assert "\n" not in str(failure.value)  # one line, naming the setting
         assert QDRANT_KEY not in caplog.text and wrong_key not in caplog.text
     finally:
         qdrant.stop()

@@ -1,8 +1,10 @@
 """One contract suite for every VectorStore implementation.
 
 Embedded Qdrant always runs, with and without the retrying wrapper the worker wraps every store in,
-and so does the server adapter over qdrant-client's in-memory engine; a Qdrant server runs too when
-PYTEST_QDRANT_URL points at one (e.g. `docker compose up qdrant`, then PYTEST_QDRANT_URL=http://localhost:6333).
+and so does the server adapter over qdrant-client's in-memory engine, and a real Qdrant server: the
+session's local one (``infra.qdrant_local``; skipped, saying how to get one, where there is no binary),
+or the one PYTEST_QDRANT_URL points at (e.g. `docker compose up qdrant`, then
+PYTEST_QDRANT_URL=http://localhost:6333).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import numpy as np
 import pytest
 from qdrant_client import QdrantClient
 
-from infra.kafka_local import free_port
 from streams.errors import VectorStoreError
 from streams.metrics import WorkerMetrics
 from streams.ports import ItemFilter, SearchHit, SearchQuery, VectorPoint, VectorStore
@@ -30,7 +31,6 @@ from streams.stores.edge import EdgeVectorStore, HitFields
 from streams.stores.retry import RetryingVectorStore
 from streams.stores.server import QdrantVectorStore
 from streams.worker.app import open_vector_store
-from tests.fake_qdrant import FakeQdrant
 
 DIM = 8
 
@@ -41,7 +41,7 @@ class StoreUnderTest:
     name: str  # a collection of DIM-d vectors, fresh for each test
 
 
-@pytest.fixture(params=["embedded", "retrying-embedded", "server-adapter", "fake-server", "server"])
+@pytest.fixture(params=["embedded", "retrying-embedded", "server-adapter", "server"])
 def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
     name = f"items-{uuid.uuid4().hex[:8]}"
     if request.param == "server-adapter":
@@ -50,16 +50,6 @@ def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnd
         adapter.ensure_collection(name, DIM)
         yield StoreUnderTest(adapter, name)
         adapter.close()
-        return
-    if request.param == "fake-server":
-        # The server adapter over HTTP, against the stand-in server the fault tests use.
-        fake = FakeQdrant(free_port())
-        fake.start()
-        adapter = QdrantVectorStore(QdrantClient(url=fake.url, check_compatibility=False))  # no stray thread
-        adapter.ensure_collection(name, DIM)
-        yield StoreUnderTest(adapter, name)
-        adapter.close()
-        fake.stop()
         return
     if request.param == "retrying-embedded":
         # What the worker is wired with: the outage-retrying wrapper, over the embedded store.
@@ -70,9 +60,8 @@ def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnd
         retrying.close()
         return
     if request.param == "server":
-        url = os.environ.get("PYTEST_QDRANT_URL")
-        if not url:
-            pytest.skip("set PYTEST_QDRANT_URL to run the contract suite against a Qdrant server")
+        # A server of the user's own (PYTEST_QDRANT_URL), else the session's local Qdrant server.
+        url = os.environ.get("PYTEST_QDRANT_URL") or request.getfixturevalue("qdrant_server").config.url
         settings = Settings(qdrant_url=url, items_collection=name)
     else:
         settings = Settings(home=tmp_path, items_collection=name)

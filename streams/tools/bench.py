@@ -25,7 +25,6 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import socket
 import threading
 import time
 import urllib.request
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from infra.kafka_local import local_broker_for
+from infra.processes import free_port
 from infra.topics import ensure_pipeline_topics
 from streams.clients.kafka_io import make_consumer, make_producer
 from streams.errors import RtrecError
@@ -272,12 +272,6 @@ def _scrape(port: int) -> dict[str, float]:
     return values
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @dataclass
 class Probe:
     cpu: float
@@ -337,7 +331,7 @@ class Bench:
             self.settings.with_overrides(
                 home=self.run_dir / f"worker-{i}",
                 qdrant_path=str(self.run_dir / f"qdrant-{i}"),
-                metrics_port=_free_port(),
+                metrics_port=free_port(),
                 batch_max=batch_max,
             )
             for i in range(self.options.workers)
