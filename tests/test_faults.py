@@ -32,10 +32,11 @@ from infra.qdrant_local import LocalQdrant
 from infra.topics import admin_client
 from streams.recommend import now_ms
 from streams.records import Event, Recommendation, encode_event, encode_item
+from streams.settings import Settings
 from streams.state import UserWindow
 from streams.tools.bench import load_catalog
-from streams.tools.worker_runner import WorkerProcess
-from tests.harness import Pipeline
+from streams.tools.worker_runner import WorkerProcess, wait_group_ready
+from tests.harness import Pipeline, http_get
 
 pytestmark = pytest.mark.integration
 
@@ -323,6 +324,64 @@ def test_a_qdrant_server_killed_and_restarted_mid_stream_loses_nothing(
     finally:
         pipeline.stop()
         qdrant.stop()
+
+
+def _catalogue_points(url: str, settings: Settings) -> int:
+    """Points in the items collection of the pipeline's model (named after its item tower)."""
+    counts = _points_by_collection(url)
+    return sum(n for name, n in counts.items() if name.startswith(f"{settings.items_collection}-"))
+
+
+def test_two_workers_share_a_qdrant_server_and_one_killed_loses_nothing(
+    kafka: LocalKafka, qdrant_server: LocalQdrant, models_dir: Path, tmp_path: Path
+) -> None:
+    """The production topology: two workers of one group on one Qdrant server, each with its share of the
+    event and catalogue partitions; one is SIGKILLed mid-stream and the other takes its partitions over."""
+    url = qdrant_server.config.url
+    pipeline = Pipeline(
+        kafka.config.bootstrap, models_dir, tmp_path / "first", topic_partitions=4, qdrant_url=url,
+        http_port=free_port(), metrics_port=free_port(),
+    ).start()  # fmt: skip
+    second_settings = dataclasses.replace(
+        pipeline.settings, home=tmp_path / "second", http_port=free_port(), metrics_port=free_port()
+    )
+    second = WorkerProcess(second_settings, tmp_path / "second.log")
+    assert pipeline.worker is not None
+    first = pipeline.worker
+    try:
+        wait_group_ready([first, second])
+        pipeline.publish_catalog()  # its partitions split between the two catalogue agents
+        deadline = time.monotonic() + 120
+        while _catalogue_points(url, pipeline.settings) < len(pipeline.workload.catalog):
+            assert time.monotonic() < deadline, "the catalogue never reached the shared collection"
+            time.sleep(0.5)
+        assert all(re.search(r"catalog: [1-9]\d* upserted", w.log()) for w in (first, second))
+        sender = Sender(pipeline, _stream(pipeline, 6_000), rate=500).start()
+        sender.wait_until_sent(2_000)
+        served = {
+            port: _metric_sum(port, "rtrec_recommendations_total")
+            for port in (pipeline.settings.metrics_port, second_settings.metrics_port)
+        }
+        assert all(n > 0 for n in served.values()), served  # both workers answered their share
+        # Either worker answers for any user: a user of the other's partitions is forwarded to its owner.
+        users = sorted({e.user_id for e in sender.events[:1_500]})[:8]
+        pipeline.collect_until(lambda out: set(users) <= {r.user_id for r in out.recommendations}, timeout_s=60)
+        for port in (pipeline.settings.http_port, second_settings.http_port):
+            for user in users:
+                status, body = http_get(port, f"/users/{user}/recommendations?k=3")
+                assert status == 200 and len(body["items"]) == 3, (port, user, status, body)
+        at_fault = sender.sent
+        second.process.kill()  # SIGKILL: no flush, no commit, no leaving the group
+        second.process.wait()
+        sender.join()
+        fault = "one of two workers sharing a Qdrant server SIGKILLed; the other took its partitions over"
+        figures = _account(pipeline, sender, fault, at_fault, (first,), **{f"lists by worker {n}": v for n, v in
+                           enumerate(served.values(), start=1)})  # fmt: skip
+        assert figures["lost"] == 0
+        first.check_alive()
+    finally:
+        second.stop()
+        pipeline.stop()
 
 
 def test_a_list_the_broker_refuses_is_logged_and_counted(kafka: LocalKafka, models_dir: Path, tmp_path: Path) -> None:
