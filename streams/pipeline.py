@@ -31,7 +31,7 @@ from streams.records import (
 )
 from streams.settings import Settings
 from streams.state import AddOutcome, UserWindow
-from streams.trending import Trending
+from streams.trending import PartitionedTrending
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,15 @@ def dead_letter(
     )
 
 
+def _by_partition(events: Sequence[Event], messages: Sequence[IncomingMessage]) -> dict[int, list[Event]]:
+    """Events grouped by the partition their user's messages came from (a user's are all on one)."""
+    partition_of = {m.key: m.partition for m in messages if m.key is not None}
+    grouped: dict[int, list[Event]] = {}
+    for event in events:
+        grouped.setdefault(partition_of[event.user_id.encode("utf-8")], []).append(event)
+    return grouped
+
+
 def _reject(
     letters: list[DeadLetter],
     message: IncomingMessage,
@@ -134,11 +143,11 @@ class EventBatchProcessor:
         metrics: WorkerMetrics | None = None,
         restored_capacity: int = 10_000,
         control_topic: str = "rec.control",
-        trending: Trending | None = None,
+        trending: PartitionedTrending | None = None,
     ) -> None:
         self.recommender = recommender
         self.control_topic = control_topic
-        self.trending = trending or Trending()
+        self.trending = trending or PartitionedTrending()
         self.window_limits = windows
         self.limits = limits
         self.clock = clock
@@ -187,7 +196,7 @@ class EventBatchProcessor:
             then_items = {e.item_id for r in requests if r.replayed for e in r.window.entries} - vectors.keys()
             if then_items:
                 vectors = vectors.merged(self.recommender.item_vectors(list(then_items)))
-        self.trending.add(fresh)
+        self.trending.add(_by_partition(fresh, messages))
         outcome.recommendations = self.recommender.refresh_batch(requests, vectors)
         outcome.counts = {
             "events": len(messages),

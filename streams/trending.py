@@ -6,17 +6,28 @@ forgets what they did yesterday. Counts are kept as log-scores relative to a fix
 origin (no rescaling pass as time moves), and the least popular items leave once
 more than ``capacity`` are tracked.
 
-Each worker counts the events of its own partitions: users are spread over partitions
-by hash, so every worker's list is a fair sample of everyone's.
+Counts are kept per events partition (``PartitionedTrending``): a worker counts the events
+of the partitions it owns, keeps a snapshot of each in a changelogged table (so a restarted
+worker, or the next owner after a rebalance, starts from it), and the list merges every
+partition's counts, its own and those other workers report.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
+import msgpack
+
+from streams.errors import InvalidRecord
 from streams.records import Event
+
+SNAPSHOT_VERSION = 1
+SNAPSHOT_DEPTH = 2_000  # items a partition's snapshot keeps: far more than a list looks at
+
+LogScores = Sequence[tuple[str, float]]  # (item id, log of its decayed count at time 0), most popular first
 
 
 class Trending:
@@ -27,9 +38,11 @@ class Trending:
         self.capacity = capacity
         self._log_score: dict[str, float] = {}  # log of the decayed count, measured at time 0
         self._lock = threading.Lock()  # the events agent writes while HTTP requests read
+        self.changes = 0  # how many times the counts changed: a snapshot is due when this moved
 
     def add(self, events: Iterable[Event]) -> None:
         with self._lock:
+            self.changes += 1
             for event in events:
                 grown = self._rate * event.ts  # log of this event's weight at time 0
                 held = self._log_score.get(event.item_id)
@@ -40,16 +53,98 @@ class Trending:
 
     def top(self, n: int, exclude: Iterable[str] = ()) -> list[tuple[str, float]]:
         """The ``n`` most popular items now, with their scores relative to the first (1.0)."""
-        skip = set(exclude)
+        return relative(merge([self.log_scores()]), n, exclude)
+
+    def log_scores(self, depth: int | None = None) -> LogScores:
         with self._lock:
-            ranked = sorted(((s, i) for i, s in self._log_score.items() if i not in skip), reverse=True)[:n]
-        if not ranked:
-            return []
-        best = ranked[0][0]
-        return [(item_id, math.exp(score - best)) for score, item_id in ranked]
+            scores = list(self._log_score.items())
+        if depth is not None:
+            return heapq.nsmallest(depth, scores, key=lambda kv: (-kv[1], kv[0]))
+        return sorted(scores, key=lambda kv: (-kv[1], kv[0]))
+
+    def merge(self, scores: LogScores) -> None:
+        """Add counts kept elsewhere (a snapshot, another partition's) to these."""
+        with self._lock:
+            self.changes += 1
+            for item_id, score in scores:
+                held = self._log_score.get(item_id)
+                self._log_score[item_id] = score if held is None else _log_add(held, score)
+
+    def to_bytes(self, depth: int = SNAPSHOT_DEPTH) -> bytes:
+        return msgpack.packb({"v": SNAPSHOT_VERSION, "scores": [list(pair) for pair in self.log_scores(depth)]})
+
+    @staticmethod
+    def scores_from_bytes(raw: bytes) -> LogScores:
+        """The scores of a snapshot (``to_bytes``); ``InvalidRecord`` for anything else."""
+        try:
+            snapshot = msgpack.unpackb(raw)
+            if not isinstance(snapshot, dict) or snapshot.get("v") != SNAPSHOT_VERSION:
+                raise InvalidRecord(f"not a version-{SNAPSHOT_VERSION} trending snapshot", "v")
+            return [(str(item_id), float(score)) for item_id, score in snapshot["scores"]]
+        except (ValueError, TypeError, KeyError, msgpack.ExtraData) as exc:
+            raise InvalidRecord(f"unreadable trending snapshot ({exc})", "scores") from None
 
     def __len__(self) -> int:
         return len(self._log_score)
+
+
+class PartitionedTrending:
+    """One ``Trending`` per events partition a worker owns."""
+
+    def __init__(self, half_life_s: float = 3600.0, capacity: int = 50_000) -> None:
+        self.half_life_s, self.capacity = half_life_s, capacity
+        self._partitions: dict[int, Trending] = {}
+        self._lock = threading.Lock()
+
+    def partition(self, partition: int) -> Trending:
+        with self._lock:
+            if partition not in self._partitions:
+                self._partitions[partition] = Trending(self.half_life_s, self.capacity)
+            return self._partitions[partition]
+
+    def add(self, events_by_partition: Mapping[int, Iterable[Event]]) -> None:
+        for partition, events in events_by_partition.items():
+            self.partition(partition).add(events)
+
+    def owned(self) -> list[int]:
+        with self._lock:
+            return sorted(self._partitions)
+
+    def drop(self, partition: int) -> None:
+        """A partition another worker owns now: its counts go on there."""
+        with self._lock:
+            self._partitions.pop(partition, None)
+
+    def log_scores(self, depth: int | None = None) -> LogScores:
+        """Every owned partition's counts merged."""
+        with self._lock:
+            parts = list(self._partitions.values())
+        merged = merge([part.log_scores() for part in parts])
+        return merged[:depth] if depth is not None else merged
+
+    def top(self, n: int, exclude: Iterable[str] = (), elsewhere: Iterable[LogScores] = ()) -> list[tuple[str, float]]:
+        """The ``n`` most popular items over the owned partitions and the counts ``elsewhere`` (other
+        workers' partitions), scored relative to the first (1.0)."""
+        return relative(merge([self.log_scores(), *elsewhere]), n, exclude)
+
+
+def merge(lists: Iterable[LogScores]) -> LogScores:
+    """Counts of several partitions added up, most popular first."""
+    total: dict[str, float] = {}
+    for scores in lists:
+        for item_id, score in scores:
+            held = total.get(item_id)
+            total[item_id] = score if held is None else _log_add(held, score)
+    return sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def relative(scores: LogScores, n: int, exclude: Iterable[str] = ()) -> list[tuple[str, float]]:
+    skip = set(exclude)
+    ranked = [(item_id, score) for item_id, score in scores if item_id not in skip][:n]
+    if not ranked:
+        return []
+    best = ranked[0][1]
+    return [(item_id, math.exp(score - best)) for item_id, score in ranked]
 
 
 def _log_add(a: float, b: float) -> float:

@@ -40,7 +40,7 @@ from streams.settings import Secret, Settings
 from streams.tools.worker_runner import WorkerProcess
 from streams.tools.workload import Workload, WorkloadConfig
 from streams.worker.app import load_components
-from streams.worker.windows import windows_changelog_topic
+from streams.worker.tables import windows_changelog_topic
 
 TEST_WORKLOAD = WorkloadConfig(n_items=240, n_users=60, seed=7)
 TOPICS = ("events", "items", "recommendations", "deadletter", "control")

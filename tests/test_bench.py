@@ -21,7 +21,7 @@ from infra.kafka_local import LocalKafka
 from streams.clients.kafka_io import end_offsets, read_until
 from streams.settings import Settings
 from streams.state import UserWindow
-from streams.worker.windows import windows_changelog_topic
+from streams.worker.tables import windows_changelog_topic
 
 pytestmark = pytest.mark.integration
 

@@ -33,7 +33,7 @@ from streams.recommend import now_ms
 from streams.settings import Secret, Settings
 from streams.stores.edge import EdgeVectorStore
 from streams.worker.app import open_vector_store
-from streams.worker.windows import windows_changelog_topic
+from streams.worker.tables import windows_changelog_topic
 from tests.harness import Pipeline, forget_and_ask, http_get
 
 pytestmark = pytest.mark.integration

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 
+from streams.errors import InvalidRecord
 from streams.records import Event
-from streams.trending import Trending
+from streams.trending import PartitionedTrending, Trending
 
 HOUR_MS = 3_600_000
 
@@ -36,3 +38,30 @@ def test_only_the_most_popular_are_kept() -> None:
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError):
         Trending(half_life_s=0)
+
+
+def test_partitions_are_counted_apart_and_merged_with_other_workers_counts() -> None:
+    trending = PartitionedTrending(half_life_s=3600)
+    trending.add({0: [_event("a", HOUR_MS, n) for n in range(3)], 1: [_event("b", HOUR_MS, n) for n in range(2)]})
+    trending.add({1: [_event("a", HOUR_MS, 9)]})
+    assert trending.owned() == [0, 1]
+    assert [item for item, _ in trending.top(2)] == ["a", "b"]
+    assert trending.top(2)[1][1] == pytest.approx(2 / 4)
+    # Another worker's partitions, as its /trending/partial reports them.
+    other = Trending(half_life_s=3600)
+    other.add([_event("c", HOUR_MS, n) for n in range(10)])
+    assert [item for item, _ in trending.top(3, elsewhere=[other.log_scores(5)])] == ["c", "a", "b"]
+    trending.drop(0)  # taken over by another worker: its counts go on there
+    assert trending.owned() == [1] and [item for item, _ in trending.top(2)] == ["b", "a"]
+
+
+def test_a_snapshot_restores_the_counts_and_anything_else_is_refused() -> None:
+    counts = Trending(half_life_s=3600)
+    counts.add([_event(f"item-{i}", HOUR_MS, n) for i in range(5) for n in range(i + 1)])
+    restored = Trending(half_life_s=3600)
+    restored.merge(Trending.scores_from_bytes(counts.to_bytes()))
+    assert restored.top(5) == counts.top(5)
+    assert [item for item, _ in Trending.scores_from_bytes(counts.to_bytes(depth=2))] == ["item-4", "item-3"]
+    for raw in (b"\x81\xa1v\x02", b"not msgpack \xff", msgpack.packb([1, 2])):
+        with pytest.raises(InvalidRecord):
+            Trending.scores_from_bytes(raw)

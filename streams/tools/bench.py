@@ -174,7 +174,7 @@ def seed_state(settings: Settings, users: Sequence[str], items: int, seed: int, 
 
     from infra.topics import TopicSpec, ensure_topics
     from streams.pipeline import WindowLimits
-    from streams.worker.windows import windows_changelog_topic
+    from streams.worker.tables import windows_changelog_topic
 
     topic = windows_changelog_topic(settings)
     compacted = {"cleanup.policy": "compact"}  # as Faust creates a changelog
@@ -195,7 +195,7 @@ def seed_state(settings: Settings, users: Sequence[str], items: int, seed: int, 
     for i, user in enumerate(users):
         key = user.encode("utf-8")
         value = windows[i % len(windows)]
-        # The partition of the user's events (the producers' default partitioner), as WindowTable writes it.
+        # The partition of the user's events (the producers' default partitioner), as PartitionedTable writes it.
         partition = (murmur2(key) & 0x7FFFFFFF) % settings.topic_partitions
         producer.send(topic, key=state_key(user).encode("utf-8"), value=value, partition=partition)
         written += len(value)

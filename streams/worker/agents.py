@@ -1,6 +1,7 @@
 """The worker's agents and timers, registered on a Faust app. Each piece lives in its own module:
-the events agent (``events_agent``), the window table (``windows``), what is sent (``output``) and
-the housekeeping timers (``timers``); the catalogue agent is small enough to stand here."""
+the events agent (``events_agent``), the tables (``tables``), what is sent (``output``), the
+housekeeping timers (``timers``) and the trending snapshots (``trending_keeper``); the catalogue
+agent is small enough to stand here."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from streams.settings import Settings
 from streams.worker.events_agent import EventsAgent, incoming
 from streams.worker.faust_compat import take_batches
 from streams.worker.output import Output
+from streams.worker.tables import TRENDING_TABLE, WINDOWS_TABLE, PartitionedTable, add_table
 from streams.worker.timers import LAG_INTERVAL_S, LagGauge, UndeliveredLook
-from streams.worker.windows import WindowTable, add_windows_table
+from streams.worker.trending_keeper import TRENDING_SNAPSHOT_S, TrendingKeeper
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 class Agents:
     """What the rest of the worker (HTTP API, model swap) reaches of the agents."""
 
-    windows: WindowTable  # user's state key (bytes) → stored window
+    windows: PartitionedTable  # user's state key (bytes) → stored window
     state_key: Callable[[str], str]  # user id → the key their state is kept under
     event_worker: ThreadPoolExecutor  # the thread every model and store call of the events agent runs on
     catalog_worker: ThreadPoolExecutor  # the same for the catalogue agent
@@ -46,13 +48,15 @@ def register_agents(
     catalog: CatalogBatchProcessor,
     pseudonyms: Pseudonyms,
 ) -> Agents:
-    windows = add_windows_table(app, settings)
+    windows = add_table(app, settings, WINDOWS_TABLE)
     output = Output(app, settings, events.metrics)
     events_agent = EventsAgent(app, settings, events, windows, pseudonyms.of, output)
     app.agent(_raw_topic(app, settings.events_topic, settings.control_topic), name="rtrec.events")(events_agent.run)
     catalog_worker = register_catalog_agent(app, settings, catalog, output)
     app.timer(LAG_INTERVAL_S, name="rtrec.redeliver_stalled")(UndeliveredLook(app, settings, events_agent).tick)
     app.timer(LAG_INTERVAL_S, name="rtrec.track_lag")(LagGauge(app, settings, events.metrics).tick)
+    keeper = TrendingKeeper(app, settings, events.trending, add_table(app, settings, TRENDING_TABLE))
+    app.timer(TRENDING_SNAPSHOT_S, name="rtrec.keep_trending")(keeper.tick)
     return Agents(windows, pseudonyms.of, events_agent.worker, catalog_worker)
 
 

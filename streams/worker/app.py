@@ -31,7 +31,7 @@ from streams.settings import Settings
 from streams.stores.edge import EdgeVectorStore
 from streams.stores.retry import RetryingVectorStore
 from streams.stores.server import QdrantVectorStore
-from streams.trending import Trending
+from streams.trending import PartitionedTrending
 from streams.worker.agents import register_agents
 from streams.worker.catalog_sync import fill_missing, items_collection_name
 from streams.worker.http_api import register_http_api
@@ -145,7 +145,7 @@ def build_processors(settings: Settings, components: Components, store: VectorSt
         limits,
         components.clock,
         control_topic=settings.control_topic,
-        trending=Trending(settings.trending_half_life_s),
+        trending=PartitionedTrending(settings.trending_half_life_s),
         restored_capacity=settings.window_cache_size,
     )
     catalog = CatalogBatchProcessor(

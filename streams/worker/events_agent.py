@@ -23,7 +23,7 @@ from streams.settings import Settings
 from streams.worker.faust_compat import committed_offset, mark_processed, take_batches
 from streams.worker.offset_holes import OffsetHoles
 from streams.worker.output import Output
-from streams.worker.windows import WindowTable
+from streams.worker.tables import PartitionedTable
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class EventsAgent:
         app: faust.App,
         settings: Settings,
         events: EventBatchProcessor,
-        windows: WindowTable,
+        windows: PartitionedTable,
         state_key: Callable[[str], str],
         output: Output,
     ) -> None:

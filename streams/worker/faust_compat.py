@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import faust
 from faust import streams as faust_streams
+from faust.tables.manager import TableManager
 
 
 def take_batches(stream: faust.StreamT, max_events: int, within_s: float) -> AsyncIterator[Sequence[Any]]:
@@ -22,6 +23,12 @@ def take_batches(stream: faust.StreamT, max_events: int, within_s: float) -> Asy
     ``take_events`` exists on ``faust.Stream``, not on its ``StreamT`` protocol.
     """
     return cast(faust.Stream, stream).take_events(max_events, within=within_s)
+
+
+def recovered(app: faust.App) -> bool:
+    """Whether the worker's tables are recovered from their changelogs (``recovery`` is on the concrete
+    table manager, not on its protocol)."""
+    return bool(cast(TableManager, app.tables).recovery.completed.is_set() and not app.in_recovery)
 
 
 def committed_offset(app: faust.App, tp: Any) -> int | None:

@@ -3,7 +3,9 @@
     GET /users/{user_id}/recommendations?k=&category=&exclude_category=&min_price=&max_price=&fallback=trending
                   a user with no events in the window (never seen, or forgotten) is a 404 naming why,
                   or the trending list with fallback=trending
-    GET /trending?k=&category=&exclude_category=&min_price=&max_price=   what is popular now (cold start)
+    GET /trending?k=&category=&exclude_category=&min_price=&max_price=   what is popular now (cold start),
+                  over every partition: this worker's counts and those the other workers report
+    GET /trending/partial?depth=   this worker's own partitions' counts (what the others merge)
     GET /health   the process is up (liveness)
     GET /ready    partitions assigned and the window table recovered (readiness)
     GET /model    the loaded encoders and the settings that shape a list
@@ -18,13 +20,14 @@ without writing anything.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, cast
 
+import aiohttp
 import faust
-from faust.tables.manager import TableManager
 from faust.web import Request, Response, View
 from multidict import MultiMapping
 
@@ -33,7 +36,10 @@ from streams.pipeline import EventBatchProcessor
 from streams.ports import ItemFilter
 from streams.settings import Settings
 from streams.state import UserWindow
+from streams.trending import SNAPSHOT_DEPTH, LogScores
 from streams.worker.agents import Agents
+from streams.worker.faust_compat import recovered
+from streams.worker.tables import TRENDING_TABLE
 
 
 class BadParameter(ValueError):
@@ -85,6 +91,8 @@ def parse_request(query: MultiMapping[str], default_k: int, max_k: int) -> tuple
     return k, (rules if rules != ItemFilter() else None)
 
 
+log = logging.getLogger(__name__)
+
 TRENDING_DEPTH = 200  # popular items looked at for one trending list
 
 
@@ -98,6 +106,10 @@ class Answer:
 
 class WindowReader(Protocol):
     def get(self, key: bytes) -> bytes | None: ...
+
+
+async def _nowhere(depth: int) -> list[LogScores]:
+    return []
 
 
 class HttpApi:
@@ -114,12 +126,14 @@ class HttpApi:
         state_key: Callable[[str], str],
         worker: Executor,
         events: EventBatchProcessor,
+        elsewhere: Callable[[int], Awaitable[list[LogScores]]] = _nowhere,
     ) -> None:
         self.settings = settings
         self.windows = windows
         self.state_key = state_key
         self.worker = worker
         self.events = events
+        self.elsewhere = elsewhere  # the trending counts of the partitions other workers own
 
     async def user_recommendations(self, user_id: str, query: MultiMapping[str]) -> Answer:
         try:
@@ -173,15 +187,28 @@ class HttpApi:
             return None, " (the user was forgotten)" if window.forgotten_until else ""
         return window, ""
 
+    def partial_trending(self, query: MultiMapping[str]) -> Answer:
+        """This worker's own partitions' counts, for another worker's ``/trending`` to merge."""
+        depth = query.get("depth", "")
+        if not depth.isdigit() or not 1 <= int(depth) <= SNAPSHOT_DEPTH:
+            return Answer(400, {"error": f"depth must be an integer from 1 to {SNAPSHOT_DEPTH}"})
+        scores = self.events.trending.log_scores(int(depth))
+        return Answer(200, {"partitions": self.events.trending.owned(), "scores": [list(pair) for pair in scores]})
+
     async def _trending(self, k: int, rules: ItemFilter | None) -> dict[str, Any]:
-        items = await asyncio.get_running_loop().run_in_executor(self.worker, self._trending_items, k, rules)
+        # Over-fetched: some of the most popular may be filtered out, deleted or unavailable.
+        depth = max(TRENDING_DEPTH, 10 * k)
+        elsewhere = await self.elsewhere(depth)
+        loop = asyncio.get_running_loop()
+        items = await loop.run_in_executor(self.worker, self._trending_items, k, rules, depth, elsewhere)
         return {"source": "trending", "k": k, "filter": asdict(rules) if rules else None, "items": items}
 
-    def _trending_items(self, k: int, request_rules: ItemFilter | None) -> list[dict[str, Any]]:
+    def _trending_items(
+        self, k: int, request_rules: ItemFilter | None, depth: int, elsewhere: list[LogScores]
+    ) -> list[dict[str, Any]]:
         recommender = self.events.recommender
         rules = recommender.rules_for(request_rules)
-        # Over-fetched: some of the most popular may be filtered out, deleted or unavailable.
-        ranked = self.events.trending.top(max(TRENDING_DEPTH, 10 * k))
+        ranked = self.events.trending.top(depth, elsewhere=elsewhere)
         payloads = recommender.store.fetch_payloads(
             recommender.items_collection, [item_id for item_id, _ in ranked], ["category", "price", "available"]
         )
@@ -203,7 +230,10 @@ def register_http_api(
     events: EventBatchProcessor,
     model_info: Mapping[str, Any],
 ) -> None:
-    api = HttpApi(settings, agents.windows, agents.state_key, agents.event_worker, events)
+    async def elsewhere(depth: int) -> list[LogScores]:
+        return await _peers_trending(app, depth)
+
+    api = HttpApi(settings, agents.windows, agents.state_key, agents.event_worker, events, elsewhere)
 
     @app.page("/users/{user_id}/recommendations")
     @app.table_route(table=agents.windows, match_info="user_id")
@@ -216,18 +246,49 @@ def register_http_api(
         answer = await api.trending(cast(MultiMapping[str], request.query))
         return web.json(answer.body, status=answer.status)
 
+    @app.page("/trending/partial")
+    async def partial_trending(web: View, request: Request) -> Response:
+        answer = api.partial_trending(cast(MultiMapping[str], request.query))
+        return web.json(answer.body, status=answer.status)
+
     @app.page("/health")
     async def health(web: View, request: Request) -> Response:
         return web.json({"status": "ok"})
 
     @app.page("/ready")
     async def ready(web: View, request: Request) -> Response:
-        recovery = cast(TableManager, app.tables).recovery
-        recovered = recovery.completed.is_set() and not app.in_recovery
-        is_ready = recovered and not app.rebalancing
-        body = {"ready": is_ready, "rebalancing": app.rebalancing, "recovered": recovered}
+        is_recovered = recovered(app)
+        is_ready = is_recovered and not app.rebalancing
+        body = {"ready": is_ready, "rebalancing": app.rebalancing, "recovered": is_recovered}
         return web.json(body, status=200 if is_ready else 503)
 
     @app.page("/model")
     async def model(web: View, request: Request) -> Response:
         return web.json(dict(model_info))
+
+
+PEER_TIMEOUT_S = 2.0
+
+
+async def _peers_trending(app: faust.App, depth: int) -> list[LogScores]:
+    """The trending counts of every other worker of the group, asked over HTTP as user requests are
+    forwarded; a worker that does not answer in time is left out (and logged)."""
+    own = str(app.conf.canonical_url).rstrip("/")
+    peers = [url.rstrip("/") for url in app.router.table_metadata(TRENDING_TABLE) if url.rstrip("/") != own]
+    if not peers:
+        return []
+    timeout = aiohttp.ClientTimeout(total=PEER_TIMEOUT_S)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        answers = await asyncio.gather(*(_peer_scores(session, url, depth) for url in peers))
+    return [scores for scores in answers if scores is not None]
+
+
+async def _peer_scores(session: aiohttp.ClientSession, url: str, depth: int) -> LogScores | None:
+    try:
+        async with session.get(f"{url}/trending/partial", params={"depth": str(depth)}) as answer:
+            answer.raise_for_status()
+            body = await answer.json()
+        return [(str(item_id), float(score)) for item_id, score in body["scores"]]
+    except (TimeoutError, aiohttp.ClientError, KeyError, TypeError, ValueError) as exc:
+        log.warning("trending: %s did not answer (%r); its partitions are left out of this list", url, exc)
+        return None

@@ -1,4 +1,5 @@
-"""The table of user windows: one per user, on the changelog partition of the user's events."""
+"""The worker's changelogged tables, each value on the changelog partition of the events it comes from:
+the user windows (one per user) and the trending snapshots (one per events partition)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from streams.settings import Settings
 from streams.worker.faust_compat import current_event_on
 
 WINDOWS_TABLE = "user-windows"
+TRENDING_TABLE = "trending"
 
 
-class WindowTable(faust.Table):
-    """The windows, each written to the changelog partition of its user's events.
+class PartitionedTable(faust.Table):
+    """A table whose every write names its changelog partition: the one of the events it comes from.
 
     A micro-batch spans several partitions and its writes happen after the batch, outside
     any one event's context, so each write names its partition (the one its user's events
@@ -56,17 +58,17 @@ def _rocksdb_options(memory_mb: int) -> dict[str, int]:
     return {"block_cache_size": budget * 3 // 4, "write_buffer_size": budget // 8, "max_write_buffer_number": 2}
 
 
-def add_windows_table(app: faust.App, settings: Settings) -> WindowTable:
-    windows = WindowTable(
+def add_table(app: faust.App, settings: Settings, name: str) -> PartitionedTable:
+    table = PartitionedTable(
         app,
-        name=WINDOWS_TABLE,
+        name=name,
         default=None,
         beacon=app.tables.beacon,
         partitions=settings.topic_partitions,
         key_type=bytes,  # bytes means the raw codec for the changelog
         value_type=bytes,
-        use_partitioner=True,  # reads need no event context; writes name their partition (WindowTable)
+        use_partitioner=True,  # reads need no event context; writes name their partition (PartitionedTable)
         options=_rocksdb_options(settings.table_cache_mb) if settings.table_store.startswith("rocksdb") else None,
     )
-    app.tables.add(windows)
-    return windows
+    app.tables.add(table)
+    return table
