@@ -79,6 +79,7 @@ def test_a_forgotten_users_list_is_a_404_naming_it_or_the_trending_list(pipeline
     pipeline.send_events(events)
     _latest_for(pipeline, events)
     forget_and_ask(pipeline, events[0].user_id)
+    assert _get(pipeline, "/trending?k=3")[1]["items"]  # so the fallback above was a real list
 
 
 def test_the_http_api_serves_the_users_current_list_with_k_and_filters(pipeline: Pipeline) -> None:
