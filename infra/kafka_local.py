@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from infra.processes import port_open, running_pid, stop_process, terminated_with
+from infra.processes import free_port, port_open, running_pid, stop_process, terminated_with
 from streams.errors import BrokerError
 
 if TYPE_CHECKING:
@@ -84,6 +85,11 @@ class LocalKafkaConfig:
     extra_properties: tuple[str, ...] = ()
     # Extra `kafka-storage format` arguments: KRaft takes SCRAM credentials there (--add-scram).
     format_arguments: tuple[str, ...] = ()
+    # A node of a local cluster (``local_cluster``): its id, every node's (id, controller port) and the
+    # cluster id they share. Empty: a cluster of one.
+    node_id: int = 1
+    voters: tuple[tuple[int, int], ...] = ()
+    cluster_id: str = ""
 
     @property
     def bootstrap(self) -> str:
@@ -101,6 +107,7 @@ class LocalKafka:
         self.config = config
         self._progress = progress
         self._process: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0  # where this start's part of the log begins
 
     @property
     def _pid_file(self) -> Path:
@@ -168,23 +175,27 @@ class LocalKafka:
     def _write_config(self) -> Path:
         data = self.config.data_dir
         cport = self._controller_port
+        voters = self.config.voters or ((self.config.node_id, cport),)
+        replicas = min(len(voters), 3)  # internal topics: replicated as far as the cluster allows
         lines = [
             "process.roles=broker,controller",
-            "node.id=1",
-            f"controller.quorum.voters=1@127.0.0.1:{cport}",
+            f"node.id={self.config.node_id}",
+            "controller.quorum.voters=" + ",".join(f"{node}@127.0.0.1:{port}" for node, port in voters),
             "controller.listener.names=CONTROLLER",
             f"listeners=PLAINTEXT://127.0.0.1:{self.config.port},CONTROLLER://127.0.0.1:{cport}",
             f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.config.port}",
             "inter.broker.listener.name=PLAINTEXT",
             "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
             f"log.dirs={data / 'logs'}",
-            # One broker: internal topics must have one replica or groups and transactions hang.
-            "offsets.topic.replication.factor=1",
+            # With one broker, internal topics must have one replica or groups and transactions hang.
+            f"offsets.topic.replication.factor={replicas}",
             "offsets.topic.num.partitions=1",
-            "transaction.state.log.replication.factor=1",
-            "transaction.state.log.min.isr=1",
-            "share.coordinator.state.topic.replication.factor=1",
-            "share.coordinator.state.topic.min.isr=1",
+            f"transaction.state.log.replication.factor={replicas}",
+            f"transaction.state.log.min.isr={max(replicas - 1, 1)}",
+            f"share.coordinator.state.topic.replication.factor={replicas}",
+            f"share.coordinator.state.topic.min.isr={max(replicas - 1, 1)}",
+            # A write acknowledged by all in-sync replicas is on two brokers at least, where there are three.
+            f"min.insync.replicas={max(replicas - 1, 1)}",
             "group.initial.rebalance.delay.ms=0",
             # The 128 MiB default would be taken from a small heap.
             "log.cleaner.dedupe.buffer.size=16777216",
@@ -201,7 +212,7 @@ class LocalKafka:
     def _format_storage(self, libs: Path, properties: Path) -> None:
         if (self.config.data_dir / "logs" / "meta.properties").exists():
             return
-        cluster_id = new_cluster_id()
+        cluster_id = self.config.cluster_id or new_cluster_id()
         result = subprocess.run(
             [
                 self._java(),
@@ -227,11 +238,13 @@ class LocalKafka:
     def running_pid(self) -> int | None:
         return running_pid(self._pid_file)
 
-    def start(self, timeout_s: float = 60.0, *, with_parent: bool = False) -> str:
+    def start(self, timeout_s: float = 60.0, *, with_parent: bool = False, wait: bool = True) -> str:
         """Start the broker (or find it running) and return its bootstrap address.
 
         ``with_parent``: the broker is stopped when the calling process dies, also by SIGKILL, where a
         ``stop`` in a ``finally`` never runs (each orphan would keep its heap, up to ``heap``, for good).
+        ``wait``: until it is ready; a node of a cluster is only ready once a quorum of nodes runs, so a
+        cluster starts every node first and then waits (``local_cluster``).
         """
         if self.running_pid() is not None:
             return self.config.bootstrap
@@ -253,6 +266,7 @@ class LocalKafka:
             str(properties),
         ]
         self._progress(f"starting Kafka {self.config.version} on {self.config.bootstrap}…")
+        self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         log = self.log_file.open("ab")
         self._process = subprocess.Popen(
             cmd,
@@ -263,12 +277,13 @@ class LocalKafka:
         )
         log.close()
         self._pid_file.write_text(str(self._process.pid))
-        self._wait_ready(timeout_s)
+        if wait:
+            self.wait_ready(timeout_s)
         return self.config.bootstrap
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
-        offset = self.log_file.stat().st_size if self.log_file.exists() else 0
+        offset = self._log_offset
         while time.monotonic() < deadline:
             if self._process is not None and self._process.poll() is not None:
                 raise BrokerError(f"Kafka exited with code {self._process.returncode}; see {self.log_file}")
@@ -285,6 +300,37 @@ class LocalKafka:
         stopped = stop_process(self._pid_file, self._process, timeout_s)
         self._process = None
         return stopped
+
+    def kill(self) -> bool:
+        """SIGKILL, as a crash or a lost host would: nothing is flushed, no leadership handed over."""
+        stopped = stop_process(self._pid_file, self._process, 10.0, signal.SIGKILL)
+        self._process = None
+        return stopped
+
+
+def local_cluster(
+    data_dir: Path, nodes: int = 3, progress: Callable[[str], None] = lambda _msg: None
+) -> list[LocalKafka]:
+    """A KRaft cluster of ``nodes`` local brokers (each a controller too) on free ports, configured but not
+    started: start each with ``wait=False``, then ``wait_ready`` each."""
+    ports = [(free_port(), free_port()) for _ in range(nodes)]
+    voters = tuple((node, controller) for node, (_, controller) in enumerate(ports, start=1))
+    cluster_id = new_cluster_id()
+    return [
+        LocalKafka(
+            LocalKafkaConfig(
+                data_dir=data_dir / f"node-{node}",
+                port=port,
+                controller_port=controller,
+                node_id=node,
+                voters=voters,
+                cluster_id=cluster_id,
+                heap="512m",
+            ),
+            progress,
+        )
+        for node, (port, controller) in enumerate(ports, start=1)
+    ]
 
 
 @contextmanager

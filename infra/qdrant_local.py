@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.processes import port_open, running_pid, stop_process, terminated_with
+from infra.processes import free_port, port_open, running_pid, stop_process, terminated_with
 from streams.errors import VectorStoreError
 
 # The server version the tests run and docker-compose.yml pins (the shared build is this release).
@@ -176,3 +176,26 @@ class LocalQdrant:
         stopped = stop_process(self._pid_file, self._process, 10.0, signal.SIGKILL)
         self._process = None
         return stopped
+
+
+def local_qdrant_cluster(binary: Path, data_dir: Path, nodes: int = 3, timeout_s: float = 120.0) -> list[LocalQdrant]:
+    """A Qdrant cluster of ``nodes`` local servers in distributed mode, started and ready: the first
+    node founds it, the others join it through their peer-to-peer port."""
+    ports = [(free_port(), free_port(), free_port()) for _ in range(nodes)]
+    first_p2p = ports[0][2]
+    servers = [
+        LocalQdrant(
+            LocalQdrantConfig(
+                data_dir / f"node-{n}",
+                binary,
+                http_port=http,
+                grpc_port=grpc,
+                p2p_port=p2p,
+                bootstrap_peer="" if n == 1 else f"http://127.0.0.1:{first_p2p}",
+            )
+        )
+        for n, (http, grpc, p2p) in enumerate(ports, start=1)
+    ]
+    for server in servers:
+        server.start(timeout_s, with_parent=True)  # a joining node is ready once it has synced with the cluster
+    return servers

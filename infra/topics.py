@@ -32,13 +32,16 @@ class TopicSpec:
 def topic_specs(settings: Settings) -> list[TopicSpec]:
     """Every topic the pipeline reads or writes, with its retention policy."""
     p, r = settings.topic_partitions, settings.topic_replication
+    durable = {"min.insync.replicas": str(settings.topic_min_insync_replicas)}
     return [
-        TopicSpec(settings.events_topic, p, r, {"retention.ms": str(settings.events_retention_hours * 3600 * 1000)}),
+        TopicSpec(
+            settings.events_topic, p, r, durable | {"retention.ms": str(settings.events_retention_hours * 3600 * 1000)}
+        ),
         # The catalog is a table: compaction keeps the latest version of every item, tombstones delete.
-        TopicSpec(settings.items_topic, p, r, {"cleanup.policy": "compact"}),
-        TopicSpec(settings.recommendations_topic, p, r, {"retention.ms": str(DAY_MS)}),
-        TopicSpec(settings.deadletter_topic, p, r, {"retention.ms": str(14 * DAY_MS)}),
-        TopicSpec(settings.control_topic, p, r, {"retention.ms": str(7 * DAY_MS)}),
+        TopicSpec(settings.items_topic, p, r, durable | {"cleanup.policy": "compact"}),
+        TopicSpec(settings.recommendations_topic, p, r, durable | {"retention.ms": str(DAY_MS)}),
+        TopicSpec(settings.deadletter_topic, p, r, durable | {"retention.ms": str(14 * DAY_MS)}),
+        TopicSpec(settings.control_topic, p, r, durable | {"retention.ms": str(7 * DAY_MS)}),
     ]
 
 

@@ -149,6 +149,13 @@ class Settings:
     )
     topic_partitions: int = setting(4, "partitions of every topic (and of the window table's changelog)", at_least=1)
     topic_replication: int = setting(1, "replication factor of the topics", at_least=1)
+    topic_min_insync_replicas: int = setting(
+        1,
+        "`min.insync.replicas` of the topics `rtrec topics` creates: every producer of the pipeline waits for "
+        "all in-sync replicas (acks=all), so a write is acknowledged only once this many brokers hold it "
+        "(2 with replication 3 survives the loss of a broker; at most the replication)",
+        at_least=1,
+    )
     events_topic: str = setting("rec.events", "input events")
     items_topic: str = setting("rec.items", "catalogue changes")
     recommendations_topic: str = setting("rec.recommendations", "output")
@@ -190,6 +197,18 @@ class Settings:
         "",
         "CA bundle that signed an `https://` Qdrant server's certificate (empty: the system's CAs)",
         file=True,
+    )
+    qdrant_shards: int = setting(
+        1, "shards of each collection created on a Qdrant server (a cluster spreads them over its nodes)", at_least=1
+    )
+    qdrant_replication_factor: int = setting(
+        1, "copies of each shard on a Qdrant cluster: 2 or more survives the loss of a node", at_least=1
+    )
+    qdrant_write_consistency_factor: int = setting(
+        1,
+        "copies of a shard that must confirm a write before Qdrant acknowledges it (at most the replication "
+        "factor; 1 keeps writing while a copy's node is down)",
+        at_least=1,
     )
     qdrant_binary: str = setting(
         "",
@@ -370,6 +389,15 @@ class Settings:
                 raise ConfigError(f"{ENV_PREFIX}{f.name.upper()} must {problem}")
             if spec.file and value and not Path(value).is_file():
                 raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}: no such file {value!r}")
+        for smaller, larger in (
+            ("topic_min_insync_replicas", "topic_replication"),
+            ("qdrant_write_consistency_factor", "qdrant_replication_factor"),
+        ):
+            if getattr(self, smaller) > getattr(self, larger):
+                raise ConfigError(
+                    f"{ENV_PREFIX}{smaller.upper()} ({getattr(self, smaller)}) must be at most "
+                    f"{ENV_PREFIX}{larger.upper()} ({getattr(self, larger)})"
+                )
         if self.kafka_security_protocol.startswith("SASL") and (
             not self.kafka_sasl_username or self.kafka_sasl_password is None
         ):

@@ -18,6 +18,7 @@ import pytest
 
 from encoder.config import TEXT_BUNDLE
 from infra.kafka_local import LocalKafka
+from infra.qdrant_local import LocalQdrant
 from streams.clients.kafka_io import end_offsets, read_until
 from streams.settings import Settings
 from streams.state import UserWindow
@@ -26,34 +27,42 @@ from streams.worker.tables import windows_changelog_topic
 pytestmark = pytest.mark.integration
 
 
-def test_bench_measures_every_phase_through_the_real_pipeline(
-    kafka: LocalKafka, models_dir: Path, tmp_path: Path
+def test_bench_measures_every_phase_with_each_store_through_the_real_pipeline(
+    kafka: LocalKafka, qdrant_server: LocalQdrant, models_dir: Path, tmp_path: Path
 ) -> None:
+    """With a Qdrant server the bench runs twice: the embedded stores, then the two workers sharing the server."""
     items = 300
     models = tmp_path / "bench-models" / f"{items}-items"
     shutil.copytree(models_dir / TEXT_BUNDLE, models / TEXT_BUNDLE)  # the bench trains its own interest encoder
     result = subprocess.run(
         [sys.executable, "-m", "streams", f"--kafka-bootstrap={kafka.config.bootstrap}", f"--home={tmp_path}",
          "--topic-partitions=4", "--window-size=8", "--encoder-threads=1",
+         f"--qdrant-url={qdrant_server.config.url}",
          "bench", f"--items={items}", "--users=30", "--events=400", "--baseline-events=60", "--rate=100",
          "--rate-seconds=2", "--workers=2"],
-        capture_output=True, text=True, timeout=600, check=False,
+        capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
-    assert re.search(r"\| throughput \| micro-batched \| 2 \| 400 \|", out), out[-2000:]
-    assert re.search(r"\| baseline \| naive \| 2 \| 60 \| [\d,]+ \| \d+ \| \d+ \| \d+ \| 1\.0 \|", out), out[-2000:]
-    assert "speed-up of micro-batching over the naive baseline, same run:" in out
+    assert len(re.findall(r"\| throughput \| micro-batched \| 2 \| 400 \|", out)) == 2, out[-2000:]
+    baseline = r"\| baseline \| naive \| 2 \| 60 \| [\d,]+ \| \d+ \| \d+ \| \d+ \| 1\.0 \|"
+    assert len(re.findall(baseline, out)) == 2, out[-2000:]
+    assert out.count("speed-up of micro-batching over the naive baseline, same run:") == 2
+    for store in ("embedded", "server"):
+        assert re.search(rf"\| {store} \| [\d,]+ \| \d+ / \d+ \| \d+ \| \d+ \| (0\.9\d\d|1\.000) \|", out), out[-1500:]
 
-    (results_file,) = (tmp_path / "bench").glob("*/results.json")
-    results = json.loads(results_file.read_text())
-    assert results["search_recall@10"] > 0.9  # 300 items: HNSW is not even used, the search is exact
-    phases = {p["phase"]: p for p in results["phases"]}
-    assert [phases[name]["events"] for name in ("warmup", "throughput", "latency", "baseline")] == [240, 400, 200, 60]
-    for phase in phases.values():
-        assert phase["latency_ms"]["p50"] > 0 and phase["peak_rss_mb"] > 0
-        stages = phase["stage_us_per_event"]
-        assert stages["encode"] > 0 and stages["search"] > 0 and stages["produce"] > 0  # scraped from /metrics
+    runs = [json.loads(path.read_text()) for path in sorted((tmp_path / "bench").glob("*/results.json"))]
+    assert sorted(bool(r["settings"]["RTREC_QDRANT_URL"]) for r in runs) == [False, True]
+    for results in runs:
+        assert results["search_recall@10"] > 0.9  # 300 items: HNSW is not even used, the search is exact
+        phases = {p["phase"]: p for p in results["phases"]}
+        assert [phases[name]["events"] for name in ("warmup", "throughput", "latency", "baseline")] == [
+            240, 400, 200, 60
+        ]  # fmt: skip
+        for phase in phases.values():
+            assert phase["latency_ms"]["p50"] > 0 and phase["peak_rss_mb"] > 0
+            stages = phase["stage_us_per_event"]
+            assert stages["encode"] > 0 and stages["search"] > 0 and stages["produce"] > 0  # scraped from /metrics
 
 
 def test_bench_seeds_state_on_the_changelog_and_the_worker_extends_it(

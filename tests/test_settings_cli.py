@@ -43,6 +43,14 @@ def test_environment_values_are_parsed_and_typed() -> None:
         ({"RTREC_HTTP_PORT": "70000"}, "RTREC_HTTP_PORT must be a TCP port (0: off), got 70000"),
         ({"RTREC_TABLE_STORE": "redis://"}, "RTREC_TABLE_STORE must be memory:// or rocksdb://, got 'redis://'"),
         ({"RTREC_QDRANT_CA_CERT": "/no/such/ca.pem"}, "RTREC_QDRANT_CA_CERT: no such file '/no/such/ca.pem'"),
+        (
+            {"RTREC_TOPIC_MIN_INSYNC_REPLICAS": "2"},
+            "RTREC_TOPIC_MIN_INSYNC_REPLICAS (2) must be at most RTREC_TOPIC_REPLICATION (1)",
+        ),
+        (
+            {"RTREC_QDRANT_REPLICATION_FACTOR": "2", "RTREC_QDRANT_WRITE_CONSISTENCY_FACTOR": "3"},
+            "RTREC_QDRANT_WRITE_CONSISTENCY_FACTOR (3) must be at most RTREC_QDRANT_REPLICATION_FACTOR (2)",
+        ),
         ({"RTREC_ENCODER_PRECISION": "int4"}, "RTREC_ENCODER_PRECISION must be one of auto, fp32, fp16, int8"),
     ],
 )

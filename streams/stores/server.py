@@ -10,6 +10,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,24 +25,47 @@ from streams.stores.search import EXTERNAL_ID, RANKING_FIELDS, point_id, rank_wi
 DISTANCE = models.Distance.DOT
 
 
+@dataclass(frozen=True)
+class Replication:
+    """How the collections this store creates are spread over a Qdrant cluster (1, 1, 1 on one server)."""
+
+    shards: int = 1
+    replication_factor: int = 1  # copies of each shard: 2 survives the loss of a node
+    write_consistency_factor: int = 1  # copies that must confirm a write before it is acknowledged
+
+
 class QdrantVectorStore:
     """A Qdrant server (or cluster) through qdrant-client: the store several workers share."""
 
-    def __init__(self, client: QdrantClient, *, prefix: str = "", search_ef: int = 0, url: str = "") -> None:
+    def __init__(
+        self,
+        client: QdrantClient,
+        *,
+        prefix: str = "",
+        search_ef: int = 0,
+        url: str = "",
+        replication: Replication = Replication(),
+    ) -> None:
         self._client = client
+        self._replication = replication
         self._search_params = models.SearchParams(hnsw_ef=search_ef) if search_ef else None
         self._prefix = prefix  # lets several pipelines (or tests) share one Qdrant
         self._url = url or "the Qdrant server"
 
     @classmethod
     def connect(
-        cls, url: str, api_key: str | None = None, search_ef: int = 0, verify: ssl.SSLContext | bool = True
+        cls,
+        url: str,
+        api_key: str | None = None,
+        search_ef: int = 0,
+        verify: ssl.SSLContext | bool = True,
+        replication: Replication = Replication(),
     ) -> QdrantVectorStore:
         """``verify``: how an https server's certificate is checked (passed to the HTTP client)."""
         # No version check: it runs on a thread of its own and, against a server that refuses the key or
         # the certificate, only warns from there; ensure_collection says what is wrong instead.
         client = QdrantClient(url=url, api_key=api_key, timeout=30, verify=verify, check_compatibility=False)
-        return cls(client, search_ef=search_ef, url=url)
+        return cls(client, search_ef=search_ef, url=url, replication=replication)
 
     def _name(self, collection: str) -> str:
         return self._prefix + collection
@@ -58,7 +82,13 @@ class QdrantVectorStore:
                         f"{dim}-d vectors ranked by {DISTANCE} (a different model: delete the collection to re-embed)"
                     )
                 return
-            self._client.create_collection(full, vectors_config=models.VectorParams(size=dim, distance=DISTANCE))
+            self._client.create_collection(
+                full,
+                vectors_config=models.VectorParams(size=dim, distance=DISTANCE),
+                shard_number=self._replication.shards,
+                replication_factor=self._replication.replication_factor,
+                write_consistency_factor=self._replication.write_consistency_factor,
+            )
 
     @contextmanager
     def _explained(self) -> Iterator[None]:

@@ -29,7 +29,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -593,14 +593,45 @@ def format_state(state: StateReport, table_store: str) -> str:
 
 
 def run_bench(settings: Settings, options: BenchOptions, say: Callable[[str], None] = print) -> list[PhaseResult]:
+    """The bench; with a Qdrant server (``RTREC_QDRANT_URL``), twice in one run: the embedded store, then
+    the server, each with the recall of its search, and a table of the two side by side."""
+    stores = {"embedded": settings.with_overrides(qdrant_url="")}
+    if settings.qdrant_url:
+        stores["server"] = settings
+    runs: dict[str, tuple[Bench, list[PhaseResult]]] = {}
     with local_broker_for(settings, say):
-        bench = Bench(settings, options, say)
-        results = bench.run()
-    say("")
-    if bench.state is not None:
-        say(format_state(bench.state, settings.table_store))
-        say("")
-    say(format_table(results))
-    say(f"recall@10 of the store's search against an exact ranking (200 user vectors): {bench.recall:.3f}")
-    say(f"\n(results: {bench.run_dir / 'results.json'})")
-    return results
+        for label, store_settings in stores.items():
+            if len(stores) > 1:
+                say(f"\n=== {label} store ===")
+            bench = Bench(store_settings, options, say)
+            runs[label] = (bench, bench.run())
+    for label, (bench, results) in runs.items():
+        say(f"\n--- {label} store ---" if len(runs) > 1 else "")
+        if bench.state is not None:
+            say(format_state(bench.state, settings.table_store))
+            say("")
+        say(format_table(results))
+        say(f"recall@10 of the store's search against an exact ranking (200 user vectors): {bench.recall:.3f}")
+        say(f"\n(results: {bench.run_dir / 'results.json'})")
+    if len(runs) > 1:
+        say(
+            "\n" + format_store_comparison({label: (bench.recall, results) for label, (bench, results) in runs.items()})
+        )
+    return runs["server" if "server" in runs else "embedded"][1]
+
+
+def format_store_comparison(runs: Mapping[str, tuple[float, Sequence[PhaseResult]]]) -> str:
+    """The stores side by side: throughput, latency at the offered rate, the store's stages, recall."""
+    rows = [
+        "| store | throughput events/s | latency phase p50 / p99 ms | search µs/event | upsert µs/event | recall@10 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, (recall, results) in runs.items():
+        throughput = next(r for r in results if r.name == "throughput")
+        latency = next((r for r in results if r.name == "latency"), None)
+        p50_p99 = f"{latency.percentile(50):.0f} / {latency.percentile(99):.0f}" if latency else "-"
+        rows.append(
+            f"| {label} | {throughput.events_per_s:,.0f} | {p50_p99} | {throughput.stage_us['search']:.0f} | "
+            f"{throughput.stage_us['upsert']:.0f} | {recall:.3f} |"
+        )
+    return "\n".join(rows)

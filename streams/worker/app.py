@@ -30,7 +30,7 @@ from streams.recommend import Recommender, now_ms
 from streams.settings import Settings
 from streams.stores.edge import EdgeVectorStore
 from streams.stores.retry import RetryingVectorStore
-from streams.stores.server import QdrantVectorStore
+from streams.stores.server import QdrantVectorStore, Replication
 from streams.trending import PartitionedTrending
 from streams.worker.agents import register_agents
 from streams.worker.catalog_sync import fill_missing, items_collection_name
@@ -77,7 +77,12 @@ def open_vector_store(settings: Settings) -> VectorStore:
     if settings.qdrant_url:
         key = settings.qdrant_api_key.reveal() if settings.qdrant_api_key else None
         verify = ssl.create_default_context(cafile=settings.qdrant_ca_cert) if settings.qdrant_ca_cert else True
-        return QdrantVectorStore.connect(settings.qdrant_url, key, search_ef=settings.search_ef, verify=verify)
+        replication = Replication(
+            settings.qdrant_shards, settings.qdrant_replication_factor, settings.qdrant_write_consistency_factor
+        )
+        return QdrantVectorStore.connect(
+            settings.qdrant_url, key, search_ef=settings.search_ef, verify=verify, replication=replication
+        )
     return EdgeVectorStore(settings.qdrant_local_path, search_ef=settings.search_ef)
 
 
@@ -180,6 +185,7 @@ def faust_app(settings: Settings) -> faust.App:
         web_port=settings.http_port or None,
         web_bind="0.0.0.0",  # other workers forward requests here, so not loopback only
         web_host=settings.http_host or socket.gethostname(),
+        producer_acks=-1,  # all in-sync replicas (Faust's default, stated): see RTREC_TOPIC_MIN_INSYNC_REPLICAS
         producer_max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
         # A micro-batch's lists fill 16 KB (the default) many times over, and a full batch makes every
         # later send wait for the broker. With the lists sent straight to this producer, 512 KB batches

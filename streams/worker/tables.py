@@ -69,6 +69,8 @@ def add_table(app: faust.App, settings: Settings, name: str) -> PartitionedTable
         value_type=bytes,
         use_partitioner=True,  # reads need no event context; writes name their partition (PartitionedTable)
         options=_rocksdb_options(settings.table_cache_mb) if settings.table_store.startswith("rocksdb") else None,
+        # The changelog is the state: as durable as the pipeline's own topics.
+        extra_topic_configs={"min.insync.replicas": str(settings.topic_min_insync_replicas)},
     )
     app.tables.add(table)
     return table
