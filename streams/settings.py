@@ -198,6 +198,13 @@ class Settings:
         "CA bundle that signed an `https://` Qdrant server's certificate (empty: the system's CAs)",
         file=True,
     )
+    qdrant_grpc_port: int = setting(
+        0,
+        "the Qdrant server's gRPC port: when set, every call goes over gRPC instead of REST (BENCHMARKS.md has "
+        "the two side by side); 0: REST on the URL's port",
+        at_least=0,
+        at_most=65535,
+    )
     qdrant_shards: int = setting(
         1, "shards of each collection created on a Qdrant server (a cluster spreads them over its nodes)", at_least=1
     )

@@ -234,6 +234,16 @@ def test_the_qdrant_server_is_reached_over_tls_with_its_api_key(
                 replace(settings, qdrant_ca_cert=""),
             ),
         ]
+        # The same over gRPC (Qdrant's TLS covers both interfaces).
+        grpc = replace(settings, qdrant_grpc_port=config.grpc)
+        store = open_vector_store(grpc)
+        assert list(store.fetch_vectors("items", ["i1"])) == ["i1"]
+        store.close()
+        refused_grpc = r"refused the request \(UNAUTHENTICATED over gRPC\): RTREC_QDRANT_API_KEY"
+        failures += [
+            (refused_grpc, replace(grpc, qdrant_api_key=Secret(wrong_key))),
+            (r"unreachable over gRPC .*RTREC_QDRANT_CA_CERT", replace(grpc, qdrant_ca_cert="")),
+        ]
         for expected, wrong in failures:
             with pytest.raises(VectorStoreError, match=expected) as failure:
                 open_vector_store(wrong).ensure_collection("items", 4)

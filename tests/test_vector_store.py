@@ -41,7 +41,7 @@ class StoreUnderTest:
     name: str  # a collection of DIM-d vectors, fresh for each test
 
 
-@pytest.fixture(params=["embedded", "retrying-embedded", "server-adapter", "server"])
+@pytest.fixture(params=["embedded", "retrying-embedded", "server-adapter", "server", "server-grpc"])
 def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
     name = f"items-{uuid.uuid4().hex[:8]}"
     if request.param == "server-adapter":
@@ -63,6 +63,9 @@ def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnd
         # A server of the user's own (PYTEST_QDRANT_URL), else the session's local Qdrant server.
         url = os.environ.get("PYTEST_QDRANT_URL") or request.getfixturevalue("qdrant_server").config.url
         settings = Settings(qdrant_url=url, items_collection=name)
+    elif request.param == "server-grpc":  # the local server again, every call over gRPC
+        config = request.getfixturevalue("qdrant_server").config
+        settings = Settings(qdrant_url=config.url, qdrant_grpc_port=config.grpc, items_collection=name)
     else:
         settings = Settings(home=tmp_path, items_collection=name)
     opened = open_vector_store(settings)

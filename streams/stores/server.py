@@ -11,8 +11,9 @@ import ssl
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import grpc
 import numpy as np
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
@@ -60,11 +61,24 @@ class QdrantVectorStore:
         search_ef: int = 0,
         verify: ssl.SSLContext | bool = True,
         replication: Replication = Replication(),
+        grpc_port: int = 0,
+        ca_pem: bytes | None = None,
     ) -> QdrantVectorStore:
-        """``verify``: how an https server's certificate is checked (passed to the HTTP client)."""
+        """``verify``: how an https server's certificate is checked (passed to the HTTP client);
+        ``grpc_port``: every call over gRPC on that port, with ``ca_pem`` (the CA's certificate) trusted
+        for TLS; 0: REST on the URL's port."""
         # No version check: it runs on a thread of its own and, against a server that refuses the key or
         # the certificate, only warns from there; ensure_collection says what is wrong instead.
-        client = QdrantClient(url=url, api_key=api_key, timeout=30, verify=verify, check_compatibility=False)
+        client = QdrantClient(
+            url=url,
+            api_key=api_key,
+            timeout=30,
+            verify=verify,
+            check_compatibility=False,
+            prefer_grpc=bool(grpc_port),
+            grpc_port=grpc_port or 6334,
+            grpc_options={"root_certificates": ca_pem} if grpc_port and ca_pem else None,
+        )
         return cls(client, search_ef=search_ef, url=url, replication=replication)
 
     def _name(self, collection: str) -> str:
@@ -104,6 +118,18 @@ class QdrantVectorStore:
             raise VectorStoreError(
                 f"Qdrant at {self._url} refused the request ({exc.status_code} {exc.reason_phrase}): "
                 "RTREC_QDRANT_API_KEY must be a key it accepts"
+            ) from None
+        except grpc.RpcError as exc:
+            code, details = cast(grpc.Call, exc).code(), cast(grpc.Call, exc).details()
+            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                raise VectorStoreError(
+                    f"Qdrant at {self._url} refused the request ({code.name} over gRPC): "
+                    "RTREC_QDRANT_API_KEY must be a key it accepts"
+                ) from None
+            hint = " (RTREC_QDRANT_CA_CERT must name the CA that signed the server's certificate)"
+            raise VectorStoreError(
+                f"Qdrant at {self._url} is unreachable over gRPC (RTREC_QDRANT_GRPC_PORT): {code.name} {details}"
+                + (hint if "certificate" in (details or "").lower() or "handshake" in (details or "").lower() else "")
             ) from None
         except ResponseHandlingException as exc:
             reason = str(exc.source) or type(exc.source).__name__

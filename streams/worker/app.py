@@ -13,6 +13,7 @@ import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -80,8 +81,15 @@ def open_vector_store(settings: Settings) -> VectorStore:
         replication = Replication(
             settings.qdrant_shards, settings.qdrant_replication_factor, settings.qdrant_write_consistency_factor
         )
+        ca_pem = Path(settings.qdrant_ca_cert).read_bytes() if settings.qdrant_ca_cert else None
         return QdrantVectorStore.connect(
-            settings.qdrant_url, key, search_ef=settings.search_ef, verify=verify, replication=replication
+            settings.qdrant_url,
+            key,
+            search_ef=settings.search_ef,
+            verify=verify,
+            replication=replication,
+            grpc_port=settings.qdrant_grpc_port,
+            ca_pem=ca_pem,
         )
     return EdgeVectorStore(settings.qdrant_local_path, search_ef=settings.search_ef)
 
