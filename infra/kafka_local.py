@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import signal
 import subprocess
 import time
 import uuid
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from infra.processes import free_port, port_open, running_pid, stop_process, terminated_with
+from infra.processes import LocalServer, free_port, port_open, terminated_with
 from streams.errors import BrokerError
 
 if TYPE_CHECKING:
@@ -100,18 +99,14 @@ class LocalKafkaConfig:
         return self.cache_dir / f"kafka-{self.version}" / "libs"
 
 
-class LocalKafka:
+class LocalKafka(LocalServer):
     """Start, check and stop one local KRaft broker (broker and controller in one process)."""
 
     def __init__(self, config: LocalKafkaConfig, progress: Callable[[str], None] = lambda _msg: None) -> None:
+        super().__init__(config.data_dir, "broker.pid")
         self.config = config
         self._progress = progress
-        self._process: subprocess.Popen[bytes] | None = None
         self._log_offset = 0  # where this start's part of the log begins
-
-    @property
-    def _pid_file(self) -> Path:
-        return self.config.data_dir / "broker.pid"
 
     @property
     def log_file(self) -> Path:
@@ -235,9 +230,6 @@ class LocalKafka:
 
     # ------------------------------------------------------------ lifecycle
 
-    def running_pid(self) -> int | None:
-        return running_pid(self._pid_file)
-
     def start(self, timeout_s: float = 60.0, *, with_parent: bool = False, wait: bool = True) -> str:
         """Start the broker (or find it running) and return its bootstrap address.
 
@@ -294,18 +286,6 @@ class LocalKafka:
             time.sleep(0.2)
         self.stop()
         raise BrokerError(f"Kafka did not start within {timeout_s:.0f} s; see {self.log_file}")
-
-    def stop(self, timeout_s: float = 30.0) -> bool:
-        """Stop the broker gracefully (SIGTERM, then SIGKILL after the timeout). True if one was running."""
-        stopped = stop_process(self._pid_file, self._process, timeout_s)
-        self._process = None
-        return stopped
-
-    def kill(self) -> bool:
-        """SIGKILL, as a crash or a lost host would: nothing is flushed, no leadership handed over."""
-        stopped = stop_process(self._pid_file, self._process, 10.0, signal.SIGKILL)
-        self._process = None
-        return stopped
 
 
 def local_cluster(

@@ -83,3 +83,26 @@ def terminated_with(parent: int) -> Callable[[], None] | None:
             os.kill(os.getpid(), signal.SIGTERM)
 
     return arm
+
+
+class LocalServer:
+    """A server this machine runs as a child process, found again through a pid file in its data folder."""
+
+    def __init__(self, data_dir: Path, pid_name: str) -> None:
+        self._pid_file = data_dir / pid_name
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def running_pid(self) -> int | None:
+        return running_pid(self._pid_file)
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Stop the server gracefully (SIGTERM, then SIGKILL after the timeout). True if one was running."""
+        stopped = stop_process(self._pid_file, self._process, timeout_s)
+        self._process = None
+        return stopped
+
+    def kill(self) -> bool:
+        """SIGKILL, as a crash or a lost host would: nothing is flushed, nothing handed over."""
+        stopped = stop_process(self._pid_file, self._process, 10.0, signal.SIGKILL)
+        self._process = None
+        return stopped

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import ssl
 import subprocess
 import time
@@ -21,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.processes import free_port, port_open, running_pid, stop_process, terminated_with
+from infra.processes import LocalServer, free_port, port_open, terminated_with
 from streams.errors import VectorStoreError
 
 # The server version the tests run and docker-compose.yml pins (the shared build is this release).
@@ -65,17 +64,13 @@ class LocalQdrantConfig:
         return self.grpc_port or self.http_port + 1
 
 
-class LocalQdrant:
+class LocalQdrant(LocalServer):
     """Start, check and stop one local Qdrant server (or a node of a local cluster)."""
 
     def __init__(self, config: LocalQdrantConfig, progress: Callable[[str], None] = lambda _msg: None) -> None:
+        super().__init__(config.data_dir, "qdrant.pid")
         self.config = config
         self._progress = progress
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def _pid_file(self) -> Path:
-        return self.config.data_dir / "qdrant.pid"
 
     @property
     def log_file(self) -> Path:
@@ -84,9 +79,6 @@ class LocalQdrant:
     @property
     def storage(self) -> Path:
         return self.config.data_dir / "storage"
-
-    def running_pid(self) -> int | None:
-        return running_pid(self._pid_file)
 
     def _environment(self) -> dict[str, str]:
         config = self.config
@@ -164,18 +156,6 @@ class LocalQdrant:
             time.sleep(0.1)
         self.stop()
         raise VectorStoreError(f"Qdrant was not ready within {timeout_s:.0f} s; see {self.log_file}")
-
-    def stop(self, timeout_s: float = 30.0) -> bool:
-        """Stop the server gracefully (SIGTERM, then SIGKILL after the timeout). True if one was running."""
-        stopped = stop_process(self._pid_file, self._process, timeout_s)
-        self._process = None
-        return stopped
-
-    def kill(self) -> bool:
-        """SIGKILL, as a crash or a lost host would: nothing is flushed on the way out."""
-        stopped = stop_process(self._pid_file, self._process, 10.0, signal.SIGKILL)
-        self._process = None
-        return stopped
 
 
 def local_qdrant_cluster(binary: Path, data_dir: Path, nodes: int = 3, timeout_s: float = 120.0) -> list[LocalQdrant]:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from encoder.config import PRECISIONS, InterestEncoderConfig
 from infra.kafka_local import LocalKafka, LocalKafkaConfig
+from infra.processes import LocalServer
 from streams.errors import ConfigError, RtrecError
 from streams.settings import ENV_PREFIX, Settings, reference_table, spec_of
 
@@ -69,17 +70,26 @@ def _local_broker(settings: Settings) -> LocalKafka:
     return LocalKafka(LocalKafkaConfig(data_dir=settings.kafka_data_path, port=settings.local_kafka_port), _say)
 
 
-def cmd_broker(settings: Settings, args: argparse.Namespace) -> int:
-    broker = _local_broker(settings)
-    if args.action == "start":
-        print(f"Kafka is up at {broker.start()} (data: {settings.kafka_data_path})")
-    elif args.action == "stop":
-        print("stopped" if broker.stop() else "no local broker was running")
+def _local_server(action: str, server: LocalServer, start: Callable[[], str], address: str, what: str) -> int:
+    """start, stop or status of a local server; status answers 1 when none runs."""
+    if action == "start":
+        print(start())
+    elif action == "stop":
+        print("stopped" if server.stop() else f"no local {what} was running")
     else:
-        pid = broker.running_pid()
-        print(f"running (pid {pid}) at {settings.bootstrap_servers}" if pid else "not running")
+        pid = server.running_pid()
+        print(f"running (pid {pid}) at {address}" if pid else "not running")
         return 0 if pid else 1
     return 0
+
+
+def cmd_broker(settings: Settings, args: argparse.Namespace) -> int:
+    broker = _local_broker(settings)
+
+    def start() -> str:
+        return f"Kafka is up at {broker.start()} (data: {settings.kafka_data_path})"
+
+    return _local_server(args.action, broker, start, settings.bootstrap_servers, "broker")
 
 
 def cmd_qdrant(settings: Settings, args: argparse.Namespace) -> int:
@@ -89,16 +99,12 @@ def cmd_qdrant(settings: Settings, args: argparse.Namespace) -> int:
     if binary is None:
         raise ConfigError(HOW_TO_GET_ONE)
     server = LocalQdrant(LocalQdrantConfig(settings.qdrant_server_path, binary, settings.local_qdrant_port), _say)
-    if args.action == "start":
+
+    def start() -> str:
         url = server.start()
-        print(f"Qdrant is up at {url} (storage: {server.storage}); workers use it with RTREC_QDRANT_URL={url}")
-    elif args.action == "stop":
-        print("stopped" if server.stop() else "no local Qdrant server was running")
-    else:
-        pid = server.running_pid()
-        print(f"running (pid {pid}) at {server.config.url}" if pid else "not running")
-        return 0 if pid else 1
-    return 0
+        return f"Qdrant is up at {url} (storage: {server.storage}); workers use it with RTREC_QDRANT_URL={url}"
+
+    return _local_server(args.action, server, start, server.config.url, "Qdrant server")
 
 
 def cmd_topics(settings: Settings, _args: argparse.Namespace) -> int:
