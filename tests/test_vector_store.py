@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from qdrant_client import QdrantClient
 
+from infra.qdrant_local import LocalQdrant
 from streams.errors import VectorStoreError
 from streams.metrics import WorkerMetrics
 from streams.ports import ItemFilter, SearchHit, SearchQuery, VectorPoint, VectorStore
@@ -268,3 +269,33 @@ def test_a_stopping_worker_abandons_a_retry(tmp_path: Path) -> None:
     stopper.start()
     with pytest.raises(VectorStoreError, match="abandoned: the worker is stopping"):
         store.search_batch("items", [SearchQuery(_unit(2), limit=1)])
+
+
+@pytest.mark.parametrize("transport", ["rest", "grpc"])
+def test_workers_starting_together_on_one_server_all_open_the_collection(
+    qdrant_server: LocalQdrant, transport: str
+) -> None:
+    """Every worker finds the collection missing and creates it: all but one are refused (409), and must
+    carry on with the one the first made (two workers of the bench crashed so before)."""
+    config = qdrant_server.config
+    settings = Settings(qdrant_url=config.url, qdrant_grpc_port=config.grpc if transport == "grpc" else 0)
+    name = f"race-{uuid.uuid4().hex[:8]}"
+    stores = [open_vector_store(settings) for _ in range(6)]
+    start = threading.Barrier(len(stores))
+    errors: list[BaseException] = []
+
+    def open_it(store: VectorStore) -> None:
+        start.wait()
+        try:
+            store.ensure_collection(name, DIM)
+        except BaseException as exc:  # collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for store in stores:
+        store.close()
+    assert not errors, errors

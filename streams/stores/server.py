@@ -87,15 +87,20 @@ class QdrantVectorStore:
     def ensure_collection(self, name: str, dim: int) -> None:
         full = self._name(name)
         with self._explained():
-            if self._client.collection_exists(full):
-                params = self._client.get_collection(full).config.params.vectors
-                existing = (getattr(params, "size", None), getattr(params, "distance", None))
-                if existing != (dim, DISTANCE):
-                    raise VectorStoreError(
-                        f"collection {full!r} holds {existing[0]}-d vectors ranked by {existing[1]}; the model makes "
-                        f"{dim}-d vectors ranked by {DISTANCE} (a different model: delete the collection to re-embed)"
-                    )
-                return
+            if not self._client.collection_exists(full):
+                self._create(full, dim)
+            params = self._client.get_collection(full).config.params.vectors
+            existing = (getattr(params, "size", None), getattr(params, "distance", None))
+            if existing != (dim, DISTANCE):
+                raise VectorStoreError(
+                    f"collection {full!r} holds {existing[0]}-d vectors ranked by {existing[1]}; the model makes "
+                    f"{dim}-d vectors ranked by {DISTANCE} (a different model: delete the collection to re-embed)"
+                )
+
+    def _create(self, full: str, dim: int) -> None:
+        """Create the collection; one that another worker created meanwhile is no error (workers that start
+        together against one server all find it missing, and all but one are refused its creation)."""
+        try:
             self._client.create_collection(
                 full,
                 vectors_config=models.VectorParams(size=dim, distance=DISTANCE),
@@ -103,6 +108,12 @@ class QdrantVectorStore:
                 replication_factor=self._replication.replication_factor,
                 write_consistency_factor=self._replication.write_consistency_factor,
             )
+        except UnexpectedResponse as exc:
+            if exc.status_code != 409:
+                raise
+        except grpc.RpcError as exc:
+            if "already exists" not in (cast(grpc.Call, exc).details() or ""):
+                raise
 
     @contextmanager
     def _explained(self) -> Iterator[None]:
