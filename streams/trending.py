@@ -53,7 +53,7 @@ class Trending:
 
     def top(self, n: int, exclude: Iterable[str] = ()) -> list[tuple[str, float]]:
         """The ``n`` most popular items now, with their scores relative to the first (1.0)."""
-        return relative(merge([self.log_scores()]), n, exclude)
+        return relative(self.log_scores(), n, exclude)
 
     def log_scores(self, depth: int | None = None) -> LogScores:
         with self._lock:
@@ -117,15 +117,18 @@ class PartitionedTrending:
 
     def log_scores(self, depth: int | None = None) -> LogScores:
         """Every owned partition's counts merged."""
-        with self._lock:
-            parts = list(self._partitions.values())
-        merged = merge([part.log_scores() for part in parts])
+        merged = merge(self._each_partitions_scores())
         return merged[:depth] if depth is not None else merged
 
     def top(self, n: int, exclude: Iterable[str] = (), elsewhere: Iterable[LogScores] = ()) -> list[tuple[str, float]]:
         """The ``n`` most popular items over the owned partitions and the counts ``elsewhere`` (other
         workers' partitions), scored relative to the first (1.0)."""
-        return relative(merge([self.log_scores(), *elsewhere]), n, exclude)
+        return relative(merge([*self._each_partitions_scores(), *elsewhere]), n, exclude)
+
+    def _each_partitions_scores(self) -> list[LogScores]:
+        with self._lock:
+            parts = list(self._partitions.values())
+        return [part.log_scores() for part in parts]
 
 
 def merge(lists: Iterable[LogScores]) -> LogScores:
