@@ -3,7 +3,7 @@
 One batched encoder call, one batched upsert and one batched search per
 micro-batch. Items already in the window and unavailable or deleted items are
 never recommended; each item carries the window event it is most similar to as
-its reason.
+its reason, named by the item's title where the catalogue gives one.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from encoder.features import WindowArrays, assemble_inputs
+from streams.item_titles import ItemTitles
 from streams.item_vectors import ItemVectorCache, ItemVectors
 from streams.metrics import WorkerMetrics
 from streams.ports import InterestEncoderRuntime, ItemFilter, SearchHit, SearchQuery, VectorPoint, VectorStore
@@ -80,6 +81,9 @@ class Recommender:
         self.users_collection = users_collection
         self.top_k = top_k
         self.clock = clock
+        self.titles = ItemTitles(
+            store, lambda: self.items_collection, capacity=items.capacity, ttl_s=items.ttl_s, clock=items.clock
+        )
 
     def use(self, encoder: InterestEncoderRuntime, items: ItemVectorCache) -> None:
         """Serve another model from now on; called on the thread that runs the refreshes, between batches."""
@@ -186,13 +190,18 @@ class Recommender:
         k: int,
     ) -> list[Recommendation]:
         candidate_vectors = self.item_vectors(list({hit.id for candidates in hits for hit in candidates}))
-        recommendations = []
+        lists = []
         for (request, entries), window, candidates, signals in zip(usable, windows, hits, feedback, strict=True):
             # Catalogue age at the time of the user's event, not of processing: a replay ranks as the first pass did.
             shown = rerank(candidates, candidate_vectors, k, self.policy, request.trigger.ts, signals)
-            reasons = reasons_for([candidate_vectors.get(hit.id) for hit in shown], window.item_vectors, entries)
+            named = explaining_entries([candidate_vectors.get(hit.id) for hit in shown], window.item_vectors, entries)
+            lists.append((shown, named))
+        titles = self.titles.of(e.item_id for _, explained in lists for named in explained for e in named)
+        recommendations = []
+        for (request, _), (shown, explained) in zip(usable, lists, strict=True):
             items = [
-                RecommendedItem(hit.id, round(hit.score, 6), reason) for hit, reason in zip(shown, reasons, strict=True)
+                RecommendedItem(hit.id, round(hit.score, 6), reason_text(by, titles), tuple(e.item_id for e in by))
+                for hit, by in zip(shown, explained, strict=True)
             ]
             recommendations.append(
                 Recommendation(
@@ -234,9 +243,9 @@ def _usable(
 SECOND_REASON_SHARE = 0.8  # a second window event is named when it is at least this similar as the first
 
 
-def reasons_for(
+def explaining_entries(
     candidates: Sequence[np.ndarray | None], window_vectors: np.ndarray, entries: Sequence[WindowEntry]
-) -> list[str]:
+) -> list[list[WindowEntry]]:
     """For each candidate, the window events whose items are most similar to it (one, or two close ones);
     a candidate without a vector gets the newest event. One product for all of a list's candidates:
     reasons computed one by one took as long as the search.
@@ -250,11 +259,17 @@ def reasons_for(
     if known:
         similarity[known] = np.stack([c for c in candidates if c is not None]) @ window_vectors[welcome].T
     orders = np.argsort(-similarity, axis=1, kind="stable").tolist()  # one sort for the list, read as ints
-    reasons = []
-    for row, order, candidate in zip(similarity.tolist(), orders, candidates, strict=True):
-        named = [named_entries[-1]] if candidate is None else _most_similar(row, order, named_entries)
-        reasons.append("because you " + " and ".join(f"{REASON_VERBS.get(e.type, e.type)} {e.item_id}" for e in named))
-    return reasons
+    return [
+        [named_entries[-1]] if candidate is None else _most_similar(row, order, named_entries)
+        for row, order, candidate in zip(similarity.tolist(), orders, candidates, strict=True)
+    ]
+
+
+def reason_text(named: Sequence[WindowEntry], titles: Mapping[str, str]) -> str:
+    """ "because you rated Heat (1995) and rated Casino (1995)": each item by its title, else its id."""
+    return "because you " + " and ".join(
+        f"{REASON_VERBS.get(e.type, e.type)} {titles.get(e.item_id, e.item_id)}" for e in named
+    )
 
 
 def _most_similar(similarity: list[float], order: list[int], entries: Sequence[WindowEntry]) -> list[WindowEntry]:

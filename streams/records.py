@@ -77,7 +77,9 @@ class Item:
 class RecommendedItem:
     item_id: str
     score: float
-    reason: str
+    reason: str  # for people: "because you rated Heat (1995)"
+    # For programs: the ids of the window items the reason names (optional in schema v1; () when absent).
+    explained_by: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,14 +264,17 @@ def decode_recommendation(raw: bytes) -> Recommendation:
     try:
         return Recommendation(
             user_id=obj["user_id"],
-            items=tuple(RecommendedItem(i["item_id"], float(i["score"]), i["reason"]) for i in obj["items"]),
+            items=tuple(
+                RecommendedItem(i["item_id"], float(i["score"]), i["reason"], tuple(i.get("explained_by", ())))
+                for i in obj["items"]
+            ),
             model=obj["model"],
             trigger_event_id=obj["trigger_event_id"],
             event_ts=obj["event_ts"],
             emitted_ts=obj["emitted_ts"],
             event_ids=tuple(obj.get("event_ids", ())),
         )
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, AttributeError) as exc:
         raise InvalidRecord(f"malformed recommendation ({type(exc).__name__}: {exc})") from None
 
 
@@ -323,7 +328,10 @@ def encode_recommendation(rec: Recommendation) -> bytes:
     return _pack(
         {
             "user_id": rec.user_id,
-            "items": [{"item_id": i.item_id, "score": i.score, "reason": i.reason} for i in rec.items],
+            "items": [
+                {"item_id": i.item_id, "score": i.score, "reason": i.reason, "explained_by": list(i.explained_by)}
+                for i in rec.items
+            ],
             "model": rec.model,
             "trigger_event_id": rec.trigger_event_id,
             "event_ts": rec.event_ts,

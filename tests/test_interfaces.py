@@ -98,7 +98,7 @@ def test_the_http_api_serves_the_users_current_list_with_k_and_filters(pipeline:
     assert body["as_of_event_id"] == max(events, key=lambda e: (e.ts, e.event_id)).event_id  # the window's order
     window_items = {e.item_id for e in events}
     for item in body["items"]:  # each reason names one or two events that are really in the window
-        named = [part.rsplit(" ", 1)[1] for part in item["reason"].removeprefix("because you ").split(" and ")]
+        named = item["explained_by"]
         assert item["reason"].startswith("because you ") and 1 <= len(named) <= 2 and set(named) <= window_items
 
     status, body = _get(pipeline, f"/users/{user}/recommendations?k=3")
@@ -254,7 +254,7 @@ def test_load_items_checks_the_whole_file_then_publishes_and_tail_prints_the_lis
     args = ["tail", "--from-beginning", "--user", user, "--count", "1", "--idle-timeout", "30"]
     assert main([*_flags(settings), *args]) == 0
     line = capsys.readouterr().out.splitlines()[-1]
-    assert f"{user} → " in line and "ms after the event" in line and "because you clicked loaded-" in line
+    assert f"{user} → " in line and "ms after the event" in line and "because you clicked Loaded lamp " in line
 
 
 def test_the_demo_producer_feeds_a_running_worker(pipeline: Pipeline) -> None:

@@ -118,7 +118,9 @@ def test_every_event_is_reflected_or_dead_lettered(pipeline: Pipeline) -> None:
         window = window_after[_last_event_of(rec, order)]
         assert len(rec.items) == pipeline.settings.top_k
         assert not {i.item_id for i in rec.items} & set(window.item_ids), rec
-        assert all(i.reason.split()[-1] in window.item_ids for i in rec.items)
+        for item in rec.items:  # explained by window items, each named in the text by its title
+            assert item.explained_by and set(item.explained_by) <= set(window.item_ids), item
+            assert item.reason.startswith("because you ") and not any(i in item.reason for i in item.explained_by)
 
 
 def _scripted(pipeline: Pipeline, user_index: int, segments: list[tuple[str, int]]) -> list[Event]:

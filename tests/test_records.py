@@ -50,12 +50,21 @@ def test_event_round_trip_and_pinned_v1_bytes() -> None:
 def test_other_records_round_trip() -> None:
     item = Item("i-1", "Trail shoes", 1, description="grippy", category="running", tags=("shoes",), price=9.5)
     assert decode_item(encode_item(item), b"i-1", LIMITS) == item
-    rec = Recommendation("u-1", (RecommendedItem("i-2", 0.5, "because you viewed i-1"),), "m1", "e-1", 1, 2, ("e-1",))
+    shown = RecommendedItem("i-2", 0.5, "because you viewed Trail shoes", ("i-1",))
+    rec = Recommendation("u-1", (shown,), "m1", "e-1", 1, 2, ("e-1",))
     assert decode_recommendation(encode_recommendation(rec)) == rec
     letter = DeadLetter("rec.events", 3, 42, "field 'ts': missing", b"k", b"\x00", 5)
     assert decode_deadletter(encode_deadletter(letter)) == letter
     command = ControlCommand("forget_user", "u-1", 7)
     assert decode_control(encode_control(command), b"u-1", LIMITS) == command
+
+
+def test_a_recommendation_from_before_explained_by_still_decodes() -> None:
+    older = msgpack.packb(
+        {"v": 1, "user_id": "u", "items": [{"item_id": "i", "score": 1.0, "reason": "because you viewed j"}],
+         "model": "m", "trigger_event_id": "e", "event_ts": 1, "emitted_ts": 2},
+    )  # fmt: skip
+    assert decode_recommendation(older).items == (RecommendedItem("i", 1.0, "because you viewed j", ()),)
 
 
 @pytest.mark.parametrize(

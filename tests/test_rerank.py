@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from streams.ports import ItemFilter, SearchHit
-from streams.recommend import reasons_for
+from streams.recommend import explaining_entries, reason_text
 from streams.rerank import Feedback, RerankPolicy, merge_interests, rerank
 from streams.state import WindowEntry
 
@@ -114,6 +114,15 @@ def test_a_reason_names_the_window_events_most_like_the_item() -> None:
         "because you clicked sofa",
         "because you clicked lamp",
     ]
+
+
+def reasons_for(candidates: list[np.ndarray | None], window: np.ndarray, entries: list[WindowEntry]) -> list[str]:
+    return [reason_text(named, {}) for named in explaining_entries(candidates, window, entries)]
+
+
+def test_a_reason_names_items_by_their_titles_and_ids_where_there_is_none() -> None:
+    named = [WindowEntry(1, "e1", "m1", "rating"), WindowEntry(2, "e2", "m2", "view")]
+    assert reason_text(named, {"m1": "Heat (1995)"}) == "because you rated Heat (1995) and viewed m2"
 
 
 def test_a_reason_never_names_a_rejection_while_the_window_holds_anything_else() -> None:
