@@ -8,14 +8,20 @@ module-level registry, so tests and several pipelines in one process stay apart)
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from streams.records import DeadLetter
+
 # The pipeline's steps in data order; every second the event path spends is in one of them.
 STAGES = ("decode", "state", "lookup", "encode", "upsert", "search", "rerank", "produce")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_FRESHNESS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+RECENT_LATENCIES = 100_000  # what the console's percentiles are computed from (a few minutes at full speed)
+RECENT_DEAD_LETTERS = 100
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
@@ -73,6 +79,24 @@ class WorkerMetrics:
         self.model = Gauge(
             "rtrec_model_info", "The loaded interest encoder (value 1)", ["version", "provider"], registry=self.registry
         )
+        self.event_to_list = Histogram(
+            "rtrec_event_to_list_seconds",
+            "From the Kafka timestamp of a user's event to their new list handed to the producer",
+            buckets=_FRESHNESS_BUCKETS,
+            registry=self.registry,
+        )
+        # A short memory of the same, for the console: (wall time, seconds), and the latest dead letters.
+        self.recent_latencies: deque[tuple[float, float]] = deque(maxlen=RECENT_LATENCIES)
+        self.recent_dead_letters: deque[DeadLetter] = deque(maxlen=RECENT_DEAD_LETTERS)
+
+    def lists_sent(self, event_times_s: Sequence[float], now_s: float) -> None:
+        """Lists handed to the producer at ``now_s`` for events stamped ``event_times_s`` (Kafka timestamps)."""
+        for event_s in event_times_s:
+            self.event_to_list.observe(now_s - event_s)
+            self.recent_latencies.append((now_s, now_s - event_s))
+
+    def dead_lettered(self, letters: Sequence[DeadLetter]) -> None:
+        self.recent_dead_letters.extend(letters)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

@@ -45,6 +45,7 @@ class IncomingMessage:
     topic: str
     partition: int
     offset: int
+    timestamp_s: float | None = None  # the record's Kafka timestamp (how fresh a list is, is measured from it)
 
 
 @dataclass(frozen=True)

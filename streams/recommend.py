@@ -127,6 +127,24 @@ class Recommender:
 
         None when no item of the window is still in the catalogue.
         """
+        encoded = self._encode_now(user_id, window)
+        if encoded is None:
+            return None
+        usable, windows, user_vectors = encoded
+        return self._search_and_rank(usable, windows, user_vectors, k, item_filter)[0]
+
+    def interests(self, user_id: str, window: UserWindow) -> np.ndarray | None:
+        """The user's interest vectors now ([interests, dim]; one row for a single-interest encoder),
+        or None when no item of the window is still in the catalogue."""
+        encoded = self._encode_now(user_id, window)
+        if encoded is None:
+            return None
+        user_vectors = encoded[2]
+        return user_vectors[0] if user_vectors.ndim == 3 else user_vectors
+
+    def _encode_now(
+        self, user_id: str, window: UserWindow
+    ) -> tuple[list[tuple[RefreshRequest, list[WindowEntry]]], list[WindowArrays], np.ndarray] | None:
         if not window.entries:
             return None
         newest = window.entries[-1]
@@ -136,7 +154,7 @@ class Recommender:
         if not usable:
             return None
         windows, user_vectors = self._encode(usable, vectors)
-        return self._search_and_rank(usable, windows, user_vectors, k, item_filter)[0]
+        return usable, windows, user_vectors
 
     def _encode(
         self, usable: Sequence[tuple[RefreshRequest, list[WindowEntry]]], vectors: ItemVectors

@@ -348,6 +348,11 @@ class Settings:
         "serves are forwarded there; empty: this machine's host name, as in containers)",
     )
     max_http_k: int = setting(100, "most items one HTTP request may ask for", at_least=1)
+    console: bool = setting(
+        False,
+        "serve the live console at `/console` on the HTTP API's port (needs RTREC_HTTP_PORT). It shows user "
+        "ids and what they did: keep the port on the operator's network",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -405,6 +410,8 @@ class Settings:
                     f"{ENV_PREFIX}{smaller.upper()} ({getattr(self, smaller)}) must be at most "
                     f"{ENV_PREFIX}{larger.upper()} ({getattr(self, larger)})"
                 )
+        if self.console and not self.http_port:
+            raise ConfigError(f"{ENV_PREFIX}CONSOLE=1 needs {ENV_PREFIX}HTTP_PORT: the console is served on it")
         if self.kafka_security_protocol.startswith("SASL") and (
             not self.kafka_sasl_username or self.kafka_sasl_password is None
         ):

@@ -92,6 +92,11 @@ class UserWindow:
         return tuple(self._entries)
 
     @property
+    def evicted(self) -> tuple[WindowEntry, ...]:
+        """The entries evicted last (oldest first), kept to rebuild earlier windows."""
+        return tuple(self._evicted)
+
+    @property
     def item_ids(self) -> list[str]:
         return [e.item_id for e in self._entries]
 

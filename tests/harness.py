@@ -201,6 +201,15 @@ def http_get(port: int, path: str) -> tuple[int, Any]:
             return exc.code, body.decode(errors="replace")
 
 
+def http_text(port: int, path: str) -> tuple[int, str]:
+    """A worker's HTTP answer as text (the console's pages)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
 def forget_and_ask(pipeline: Pipeline, user_id: str, timeout_s: float = 60.0) -> None:
     """Forget a user who has a list, then ask the API for it: a 404 naming the forget, or the trending
     list with fallback=trending (issue 25: this answered 500 when the emptied window was read)."""

@@ -25,7 +25,7 @@ from streams.recommend import REASON_VERBS, now_ms
 from streams.records import Event, Recommendation
 from streams.settings import Settings
 from streams.tools.worker_runner import WorkerProcess, wait_group_ready
-from tests.harness import Pipeline, forget_and_ask, http_get
+from tests.harness import Pipeline, forget_and_ask, http_get, http_text
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,9 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def pipeline(kafka: LocalKafka, models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     home = tmp_path_factory.mktemp("interfaces")
-    running = Pipeline(kafka.config.bootstrap, models_dir, home, http_port=free_port(), metrics_port=free_port())
+    running = Pipeline(
+        kafka.config.bootstrap, models_dir, home, http_port=free_port(), metrics_port=free_port(), console=True
+    )
     running.start()
     try:
         running.publish_catalog()
@@ -299,6 +301,9 @@ def test_a_request_reaching_the_other_worker_is_forwarded_to_the_users_owner(
             assert first == other  # whichever worker is asked, the owner answers
         forwarded = [e[0].user_id for e in users if answers[ports[1], e[0].user_id][1]["items"]]
         assert forwarded, "no user was forwarded from the second worker to the first"
+        for user in forwarded:  # the console's user page too: the owner renders it
+            status, page = http_text(ports[1], f"/console/users/{user}")
+            assert status == 200 and "<table id=list>" in page and "because you " in page
     finally:
         worker.stop()
 

@@ -34,7 +34,7 @@ from streams.settings import Secret, Settings
 from streams.stores.edge import EdgeVectorStore
 from streams.worker.app import open_vector_store
 from streams.worker.tables import windows_changelog_topic
-from tests.harness import Pipeline, forget_and_ask, http_get
+from tests.harness import Pipeline, forget_and_ask, http_get, http_text
 
 pytestmark = pytest.mark.integration
 
@@ -259,8 +259,9 @@ def test_pseudonymised_state_holds_no_user_id_and_survives_a_restart(
 ) -> None:
     key = Secret("pseudonym-key")
     pipeline = Pipeline(
-        kafka.config.bootstrap, models_dir, tmp_path, topic_partitions=4, pseudonymize_key=key, http_port=free_port()
-    )
+        kafka.config.bootstrap, models_dir, tmp_path, topic_partitions=4, pseudonymize_key=key, http_port=free_port(),
+        console=True,
+    )  # fmt: skip
     pseudonyms = Pseudonyms(key)
     users = [pipeline.workload.scripted_user(960 + n, [("music", 4)], clock=now_ms) for n in range(6)]
     events = [g.event for user in users for g in user]
@@ -291,6 +292,10 @@ def test_pseudonymised_state_holds_no_user_id_and_survives_a_restart(
         user = events[0].user_id
         status, body = http_get(pipeline.settings.http_port, f"/users/{user}/recommendations")
         assert status == 200 and body["window_events"] == 4 and len(body["items"]) == 10
+        # The console shows what the state holds: the window, kept under the pseudonym it names.
+        status, page = http_text(pipeline.settings.http_port, f"/console/users/{user}")
+        assert status == 200 and f"kept under <code>{pseudonyms.of(user)}</code>" in page
+        assert page.count("<tr class=held>") == 4 and "because you " in page
         forgotten = events[-1].user_id
         forget_and_ask(pipeline, forgotten)  # the forget finds the window and the vector under its pseudonym
     finally:

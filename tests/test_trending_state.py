@@ -18,7 +18,7 @@ from streams.clients.helpers import Publisher
 from streams.recommend import now_ms
 from streams.tools.worker_runner import WorkerProcess, wait_group_ready
 from streams.worker.trending_keeper import TRENDING_SNAPSHOT_S
-from tests.harness import Pipeline, http_get
+from tests.harness import Pipeline, http_get, http_text
 
 pytestmark = pytest.mark.integration
 
@@ -57,6 +57,7 @@ def test_trending_survives_a_restart_and_either_of_two_workers_answers_from_ever
         pipeline.send_events(crowd)
         pipeline.collect_until(lambda out: {e.event_id for e in crowd} <= out.covered_event_ids(), timeout_s=60)
         port = pipeline.settings.http_port
+        assert http_text(port, "/console")[0] == 404  # the console is off unless RTREC_CONSOLE=1
         # Every view at the same event time: item i scores (12 - 2i) / 12 of the first, counted over every
         # partition (a worker's own partitions alone would give other shares).
         expected = [(item, round((12 - 2 * i) / 12, 4)) for i, item in enumerate(items)]

@@ -34,6 +34,7 @@ class Agents:
     state_key: Callable[[str], str]  # user id → the key their state is kept under
     event_worker: ThreadPoolExecutor  # the thread every model and store call of the events agent runs on
     catalog_worker: ThreadPoolExecutor  # the same for the catalogue agent
+    output: Output  # what the worker sends (lists, dead letters, control commands)
 
 
 def _raw_topic(app: faust.App, *names: str) -> faust.TopicT:
@@ -57,7 +58,7 @@ def register_agents(
     app.timer(LAG_INTERVAL_S, name="rtrec.track_lag")(LagGauge(app, settings, events.metrics).tick)
     keeper = TrendingKeeper(app, settings, events.trending, add_table(app, settings, TRENDING_TABLE))
     app.timer(TRENDING_SNAPSHOT_S, name="rtrec.keep_trending")(keeper.tick)
-    return Agents(windows, pseudonyms.of, events_agent.worker, catalog_worker)
+    return Agents(windows, pseudonyms.of, events_agent.worker, catalog_worker, output)
 
 
 def register_catalog_agent(

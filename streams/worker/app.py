@@ -21,6 +21,7 @@ from mode.types.signals import BaseSignalT
 
 from encoder.config import INTEREST_BUNDLE, TEXT_BUNDLE
 from encoder.runtime import OnnxInterestEncoder, OnnxItemEncoder, OnnxTextEmbedder
+from streams.console.routes import register_console
 from streams.errors import ModelError
 from streams.item_vectors import ItemEmbedder, ItemVectorCache
 from streams.metrics import WorkerMetrics
@@ -212,6 +213,8 @@ def build_app(settings: Settings, components: Components) -> faust.App:
     info = model_info(settings, components)
     if settings.http_port:
         register_http_api(app, settings, agents, processors.events, info)
+    if settings.console:
+        register_console(app, settings, agents, processors.events, info)
     if settings.model_reload_s > 0:
         swapper = ModelSwapper(
             settings,

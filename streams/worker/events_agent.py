@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ log = logging.getLogger(__name__)
 
 def incoming(events: Sequence[faust.EventT]) -> list[IncomingMessage]:
     return [
-        IncomingMessage(e.message.key, e.message.value, e.message.topic, e.message.partition, e.message.offset)
+        IncomingMessage(
+            e.message.key, e.message.value, e.message.topic, e.message.partition, e.message.offset, e.message.timestamp
+        )
         for e in events
     ]
 
@@ -94,6 +97,10 @@ class EventsAgent:
         with stage("produce"):
             await self.output.recommendations(outcome.recommendations)
             await self.output.dead_letters(outcome.dead_letters)
+        # A user's list answers their last message of the batch (their trigger, barring an out-of-order event).
+        stamped = {m.key: m.timestamp_s for m in messages}
+        sent = [stamped.get(rec.user_id.encode("utf-8")) for rec in outcome.recommendations]
+        self.events.metrics.lists_sent([s for s in sent if s is not None], time.time())
         log.debug("events batch: %s", outcome.counts)
 
     async def recover_skipped(self, messages: Sequence[IncomingMessage]) -> None:

@@ -42,6 +42,7 @@ class Output:
             )
 
     async def dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        self.metrics.dead_lettered(letters)
         for letter in letters:
             await self.send(self.settings.deadletter_topic, letter.key, encode_deadletter(letter))
 
