@@ -4,7 +4,9 @@ views over the real batch logic (real encoders, embedded store), and the pages' 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from streams.console import pages
@@ -135,3 +137,37 @@ def test_pages_escape_what_users_and_the_catalogue_wrote() -> None:
         pages.forgotten_page(hostile, hostile),
     ):
         assert hostile not in html and "&lt;script&gt;" in html
+
+
+class TwoInterests:
+    """The real user tower's vector, and a second interest pointing at one fixed item: a stand-in for a
+    multi-interest bundle (training one costs minutes; the explorer only reads the vectors it gives)."""
+
+    def __init__(self, tower: Any, second: np.ndarray) -> None:
+        self.tower, self.second, self.interests = tower, second, 2
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tower, name)
+
+    def encode_batch(self, inputs: Any) -> np.ndarray:
+        first = self.tower.encode_batch(inputs)
+        scale = np.linalg.norm(first, axis=1, keepdims=True) / np.linalg.norm(self.second)
+        return np.stack([first, np.broadcast_to(self.second, first.shape) * scale], axis=1)
+
+
+def test_a_multi_interest_users_items_say_which_interest_they_came_from(parts: dict[bool, Processors]) -> None:
+    used = parts[False]
+    recommender = used.events.recommender
+    user, table = "u-two", {}
+    _drive(used, table, user, _events(used, user, 3))  # the user's window: items 0, 1 and 2
+    far = max(used.items[3:], key=lambda i: i.category != used.items[0].category).item_id
+    single = recommender.encoder
+    recommender.encoder = TwoInterests(single, recommender.item_vectors([far])[far])  # type: ignore[assignment]
+    try:
+        view = Explorer(table.get, lambda u: u, used.events, k=8).user(user)
+    finally:
+        recommender.encoder = single
+    assert view.interests == 2 and {i.interest for i in view.items} == {0, 1}, view.items
+    assert next(i for i in view.items if i.item_id == far).interest == 1  # the second interest's own item
+    html = pages.user_page(view, "m1", user)
+    assert "2 interests" in html and "<th>interest</th>" in html
