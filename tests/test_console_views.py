@@ -78,8 +78,8 @@ def test_a_users_view_holds_their_window_evictions_list_reasons_and_changes(
     user = "u-view"
     for message in _events(used, user, 6):  # one at a time: each event its own refresh
         _drive(used, table, pseudonyms.of(user), [message])
-    explorer = Explorer(table.get, pseudonyms.of, used.events, k=5)
-    view = explorer.user(user)
+    explorer = Explorer(pseudonyms.of, used.events, k=5)
+    view = explorer.user(user, table.get(explorer.window_key(user)))
     assert not view.problem
     assert view.state_key == (pseudonyms.of(user) if pseudonymised else None)
     assert [e.item_id for e in view.entries] == [i.item_id for i in used.items[5:1:-1]]  # newest first
@@ -101,20 +101,19 @@ def test_a_users_view_holds_their_window_evictions_list_reasons_and_changes(
 def test_a_user_with_nothing_to_show_says_why(parts: dict[bool, Processors]) -> None:
     used = parts[False]
     table: dict[bytes, bytes] = {}
-    explorer = Explorer(table.get, lambda u: u, used.events, k=5)
-    assert "never seen" in explorer.user("nobody").problem
+    explorer = Explorer(lambda u: u, used.events, k=5)
+    assert "never seen" in explorer.user("nobody", None).problem
     _drive(used, table, "u-gone", _events(used, "u-gone", 2))
     forget = ControlCommand("forget_user", "u-gone", START_MS + 10_000)
     _drive(used, table, "u-gone", [IncomingMessage(b"u-gone", encode_control(forget), "rec.control", 0, 9)])
-    view = explorer.user("u-gone")
+    view = explorer.user("u-gone", table[b"u-gone"])
     assert view.problem == "the user was forgotten" and not view.entries and not view.items
-    table[b"u-broken"] = b"\x00garbage"
-    assert "unreadable" in explorer.user("u-broken").problem
+    assert "unreadable" in explorer.user("u-broken", b"\x00garbage").problem
 
 
 def test_an_items_view_holds_its_catalogue_entry_and_nearest_items(parts: dict[bool, Processors]) -> None:
     used = parts[False]
-    explorer = Explorer({}.get, lambda u: u, used.events, k=5)
+    explorer = Explorer(lambda u: u, used.events, k=5)
     first = used.items[0]
     view = explorer.item(first.item_id)
     assert view.payload is not None and view.payload["title"] == first.title
@@ -164,7 +163,7 @@ def test_a_multi_interest_users_items_say_which_interest_they_came_from(parts: d
     single = recommender.encoder
     recommender.encoder = TwoInterests(single, recommender.item_vectors([far])[far])  # type: ignore[assignment]
     try:
-        view = Explorer(table.get, lambda u: u, used.events, k=8).user(user)
+        view = Explorer(lambda u: u, used.events, k=8).user(user, table[user.encode()])
     finally:
         recommender.encoder = single
     assert view.interests == 2 and {i.interest for i in view.items} == {0, 1}, view.items

@@ -66,22 +66,18 @@ class ItemView:
 
 
 class Explorer:
-    def __init__(
-        self,
-        windows_get: Callable[[bytes], bytes | None],
-        state_key: Callable[[str], str],
-        events: EventBatchProcessor,
-        k: int,
-    ) -> None:
-        self.windows_get = windows_get
+    def __init__(self, state_key: Callable[[str], str], events: EventBatchProcessor, k: int) -> None:
         self.state_key = state_key
         self.events = events
         self.k = k
 
-    def user(self, user_id: str) -> UserView:
+    def window_key(self, user_id: str) -> bytes:
+        return self.state_key(user_id).encode("utf-8")
+
+    def user(self, user_id: str, raw: bytes | None) -> UserView:
+        """The view of ``user_id`` whose stored window is ``raw`` (the table's bytes under ``window_key``)."""
         key = self.state_key(user_id)
         view = UserView(user_id, key if key != user_id else None)
-        raw = self.windows_get(key.encode("utf-8"))
         if raw is None:
             view.problem = "no events of this user are in the window (never seen, or not on this worker's partitions)"
             return view

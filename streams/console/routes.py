@@ -35,7 +35,7 @@ def register_console(
     app: faust.App, settings: Settings, agents: Agents, events: EventBatchProcessor, model_info: Mapping[str, Any]
 ) -> None:
     feed = PipelineFeed(events.metrics)
-    explorer = Explorer(agents.windows.get, agents.state_key, events, settings.top_k)
+    explorer = Explorer(agents.state_key, events, settings.top_k)
     worker_url = str(app.conf.canonical_url)
 
     def model() -> str:
@@ -71,7 +71,8 @@ def register_console(
     async def user(web: View, request: Request, user_id: str) -> Response:
         if too_long(user_id):
             return web.html(pages.user_page(None, model(), ""), status=400)
-        view = await on_worker(explorer.user, user_id)
+        stored = agents.windows.get(explorer.window_key(user_id))  # the table is read on the loop, as the stream does
+        view = await on_worker(explorer.user, user_id, stored)
         return web.html(pages.user_page(view, model(), user_id))
 
     @app.page("/console/users/{user_id}/forget")
