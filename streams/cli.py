@@ -571,8 +571,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--users", type=int, default=1_000, help="distinct users (each gets a full window first)")
     bench.add_argument("--events", type=int, default=20_000, help="events of the max-rate throughput phase")
     bench.add_argument("--baseline-events", type=int, default=1_000, help="events of the naive baseline phase")
-    bench.add_argument("--rate", type=float, default=1_000.0, help="events/s of the latency phase (0: skip it)")
-    bench.add_argument("--rate-seconds", type=float, default=20.0, help="length of the latency phase")
+    bench.add_argument(
+        "--rate", type=float, default=1_000.0, help="events/s of the fixed-rate latency phase (0: skip it)"
+    )
+    bench.add_argument(
+        "--rate-seconds",
+        type=float,
+        default=20.0,
+        help="length of each latency phase: at --rate, and at 50%% and 80%% of the measured capacity",
+    )
     bench.add_argument("--workers", type=int, default=1, help="worker processes (one per core)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the generated events")
     bench.add_argument(

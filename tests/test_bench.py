@@ -48,6 +48,11 @@ def test_bench_measures_every_phase_with_each_store_through_the_real_pipeline(
     baseline = r"\| baseline \| naive \| 2 \| 60 \| [\d,]+ \| \d+ \| \d+ \| \d+ \| 1\.0 \|"
     assert len(re.findall(baseline, out)) == 2, out[-2000:]
     assert out.count("speed-up of micro-batching over the naive baseline, same run:") == 2
+    assert (
+        len(re.findall(r"pipeline / ceiling \(Faust doing the same I/O, same run\): [\d,]+ / [\d,]+ events/s", out))
+        == 2
+    )
+    assert len(re.findall(r"at (50|80)% of the capacity \([\d,]+ events/s offered, [\d,]+ served\)", out)) == 4
     for store in ("embedded", "server"):
         assert re.search(rf"\| {store} \| [\d,]+ \| \d+ / \d+ \| \d+ \| \d+ \| (0\.9\d\d|1\.000) \|", out), out[-1500:]
 
@@ -56,12 +61,20 @@ def test_bench_measures_every_phase_with_each_store_through_the_real_pipeline(
     for results in runs:
         assert results["search_recall@10"] > 0.9  # 300 items: HNSW is not even used, the search is exact
         phases = {p["phase"]: p for p in results["phases"]}
-        assert [phases[name]["events"] for name in ("warmup", "throughput", "latency", "baseline")] == [
-            240, 400, 200, 60
+        assert [phases[name]["events"] for name in ("warmup", "throughput", "latency", "baseline", "ceiling")] == [
+            240, 400, 200, 60, 400
         ]  # fmt: skip
+        capacity = phases["throughput"]["events_per_s"]
+        for share in (50, 80):  # offered at a share of the capacity, for two seconds
+            load = phases[f"load{share}"]
+            assert load["offered_per_s"] == pytest.approx(capacity * share / 100, rel=0.01)
+            assert load["events"] == int(load["offered_per_s"] * 2)
         for phase in phases.values():
             assert phase["latency_ms"]["p50"] > 0 and phase["peak_rss_mb"] > 0
             stages = phase["stage_us_per_event"]
+            if phase["phase"] == "ceiling":  # Faust's I/O alone: no step of the pipeline runs
+                assert not any(stages.values()) and phase["mean_batch"] >= 1
+                continue
             assert stages["encode"] > 0 and stages["search"] > 0 and stages["produce"] > 0  # scraped from /metrics
 
 
@@ -78,7 +91,7 @@ def test_bench_seeds_state_on_the_changelog_and_the_worker_extends_it(
          "--topic-partitions=4", f"--window-size={window}", "--encoder-threads=1", "--table-store=rocksdb://",
          "--pseudonymize-key=bench-secret",
          "bench", f"--items={items}", "--users=2000", "--events=300", "--baseline-events=20", "--rate=0",
-         "--seed-state"],
+         "--rate-seconds=1", "--seed-state"],
         capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     out = result.stdout
@@ -86,7 +99,8 @@ def test_bench_seeds_state_on_the_changelog_and_the_worker_extends_it(
     assert re.search(r"state: windows of 2,000 users, written straight to the changelog \([\d,]+ MB", out), out
     (results_file,) = (tmp_path / "bench").glob("*/results.json")
     results = json.loads(results_file.read_text())
-    assert [p["phase"] for p in results["phases"]] == ["throughput", "baseline"]  # no warm-up: the state is there
+    phases = [p["phase"] for p in results["phases"]]
+    assert phases == ["throughput", "load50", "load80", "ceiling", "baseline"]  # no warm-up: the state is there
     assert results["state"]["users"] == 2000 and results["state"]["disk_mb"] > 0  # RocksDB files
 
     settings = Settings(kafka_bootstrap=kafka.config.bootstrap, topic_partitions=4).isolated(

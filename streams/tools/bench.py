@@ -45,13 +45,16 @@ from streams.metrics import STAGES
 from streams.pseudonym import Pseudonyms
 from streams.records import Event, decode_recommendation, encode_event, encode_item
 from streams.settings import Settings
-from streams.tools.worker_runner import WorkerProcess, wait_group_ready
+from streams.tools.worker_runner import WORKER_COMMAND, WorkerProcess, wait_group_ready
 from streams.tools.workload import EVENT_TYPE_WEIGHTS, Workload, WorkloadConfig
 from streams.worker.catalog_sync import items_collection_name
 
 # The bench model: the stream's architecture (ids only: the event path never reads text,
 # and 100k items need no text embedding), trained briefly: its speed, not its quality, is measured.
 BENCH_ENCODER = {"text_dim": 0, "id_dropout": 0.0, "loss": "sampled", "epochs": 2, "patience": 1}
+
+
+LOAD_SHARES = (0.5, 0.8)  # the latency phases' offered rates, as shares of the measured capacity
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class PhaseResult:
     peak_rss_mb: float
     stage_us: dict[str, float]  # worker seconds per event in each stage, in microseconds
     mean_batch: float
+    offered_per_s: float = 0.0  # the producer's pace (0: as fast as it can)
 
     @property
     def events_per_s(self) -> float:
@@ -103,6 +107,7 @@ class PhaseResult:
             "events": self.events,
             "seconds": round(self.seconds, 2),
             "events_per_s": round(self.events_per_s, 1),
+            "offered_per_s": round(self.offered_per_s, 1),
             "latency_ms": {f"p{q}": round(self.percentile(q), 1) for q in (50, 95, 99)},
             "cpu_percent": round(self.cpu_percent, 1),
             "peak_rss_mb": round(self.peak_rss_mb, 1),
@@ -281,9 +286,9 @@ class Probe:
 class Workers:
     """Worker processes sharing one app id; each has its own embedded store and metrics port."""
 
-    def __init__(self, settings: list[Settings], log_dir: Path) -> None:
+    def __init__(self, settings: list[Settings], log_dir: Path, command: Sequence[str] = WORKER_COMMAND) -> None:
         self.settings = settings
-        self.processes = [WorkerProcess(s, log_dir / f"worker-{i}.log") for i, s in enumerate(settings)]
+        self.processes = [WorkerProcess(s, log_dir / f"worker-{i}.log", command) for i, s in enumerate(settings)]
 
     def wait_ready(self, timeout_s: float) -> None:
         wait_group_ready(self.processes, timeout_s)
@@ -413,12 +418,39 @@ class Bench:
             peak_rss_mb=workers.peak_rss_mb(),
             stage_us=stage_us,
             mean_batch=len(users) / batches if batches else float("nan"),
+            offered_per_s=rate,
         )
         self.say(
             f"  {name}: {result.events:,} events in {seconds:.1f} s = {result.events_per_s:,.0f} events/s, "
             f"p99 {result.percentile(99):.0f} ms"
         )
         return result
+
+    def load_phases(self, workers: Workers, capacity: float) -> list[PhaseResult]:
+        """Latency at a share of the capacity: the rate at which the workers drained the throughput phase's
+        backlog (no higher rate can be kept up with), offered for ``rate_seconds``."""
+        results = []
+        for share in LOAD_SHARES:
+            rate = share * capacity
+            users = self.random_users(max(int(rate * self.options.rate_seconds), 1), 10 + int(100 * share))
+            results.append(self.phase(workers, f"load{int(100 * share)}", "micro-batched", users, rate))
+        return results
+
+    def ceiling_phase(self, users: Sequence[str]) -> PhaseResult:
+        """The throughput phase's events through Faust doing only the pipeline's I/O (streams.tools.ceiling)."""
+        from streams.tools.ceiling import CEILING_COMMAND, start_at_end
+
+        settings = [
+            s.with_overrides(app_id=f"{s.app_id}-ceiling", home=s.home.with_name(f"{s.home.name}-ceiling"))
+            for s in self.worker_settings(self.settings.batch_max)
+        ]
+        start_at_end(settings[0], [self.settings.events_topic, self.settings.control_topic])
+        ceiling = Workers(settings, self.run_dir / "ceiling", CEILING_COMMAND)
+        try:
+            ceiling.wait_ready(self.options.timeout_s)
+            return self.phase(ceiling, "ceiling", "Faust I/O only", users, 0)
+        finally:
+            ceiling.stop()
 
     def random_users(self, n: int, salt: int) -> list[str]:
         rng = np.random.default_rng(self.options.seed + salt)
@@ -450,14 +482,17 @@ class Bench:
                     self.say(f"warm-up: {window} events for each of {options.users:,} users…")
                     warm = [user for _ in range(window) for user in self.user_ids]
                     results.append(self.phase(workers, "warmup", "micro-batched", warm, 0))
-                results.append(self.phase(workers, "throughput", "micro-batched", throughput_users, 0))
+                throughput = self.phase(workers, "throughput", "micro-batched", throughput_users, 0)
+                results.append(throughput)
                 if options.rate > 0:
                     n = int(options.rate * options.rate_seconds)
                     results.append(
                         self.phase(workers, "latency", "micro-batched", self.random_users(n, 2), options.rate)
                     )
+                results += self.load_phases(workers, throughput.events_per_s)
             finally:
                 workers.stop()
+            results.append(self.ceiling_phase(throughput_users))
             naive = Workers(self.worker_settings(1), self.run_dir)
             try:
                 naive.wait_ready(options.timeout_s)
@@ -570,12 +605,25 @@ def format_table(results: Sequence[PhaseResult]) -> str:
         rows.append(f"| {r.name} | {cells} | {sum(r.stage_us.values()):.0f} |")
     batched = next((r for r in results if r.name == "throughput"), None)
     baseline = next((r for r in results if r.mode == "naive"), None)
+    ceiling = next((r for r in results if r.name == "ceiling"), None)
     if batched and baseline and baseline.events_per_s > 0:
         rows += [
             "",
             f"speed-up of micro-batching over the naive baseline, same run: "
             f"{batched.events_per_s / baseline.events_per_s:.1f}× events/s",
         ]
+    if batched and ceiling and ceiling.events_per_s > 0:
+        rows.append(
+            f"pipeline / ceiling (Faust doing the same I/O, same run): {batched.events_per_s:,.0f} / "
+            f"{ceiling.events_per_s:,.0f} events/s = {batched.events_per_s / ceiling.events_per_s:.0%}"
+        )
+    for r in results:
+        if r.name.startswith("load"):
+            share, p50, p95, p99 = r.name.removeprefix("load"), r.percentile(50), r.percentile(95), r.percentile(99)
+            rows.append(
+                f"at {share}% of the capacity ({r.offered_per_s:,.0f} events/s offered, {r.events_per_s:,.0f} served): "
+                f"event→list p50 {p50:.0f} ms, p95 {p95:.0f} ms, p99 {p99:.0f} ms"
+            )
     return "\n".join(rows)
 
 

@@ -54,15 +54,18 @@ def wait_group_caught_up(
     raise RtrecError(f"the workers of {settings.app_id!r} did not catch up on {topic} within {timeout_s:.0f} s{hint}")
 
 
+WORKER_COMMAND = ("-m", "streams", "worker")
+
+
 class WorkerProcess:
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(self, settings: Settings, log_path: Path, command: Sequence[str] = WORKER_COMMAND) -> None:
         self.settings = settings
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_start = log_path.stat().st_size if log_path.exists() else 0  # the log is shared across runs
         with log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "streams", "worker"],
+                [sys.executable, *command],
                 env=worker_env(settings),
                 stdout=log,
                 stderr=subprocess.STDOUT,

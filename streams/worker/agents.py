@@ -37,7 +37,7 @@ class Agents:
     output: Output  # what the worker sends (lists, dead letters, control commands)
 
 
-def _raw_topic(app: faust.App, *names: str) -> faust.TopicT:
+def raw_topic(app: faust.App, *names: str) -> faust.TopicT:
     """Bytes in, bytes out: validation is ours (streams.records), not a Faust codec's."""
     return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
@@ -52,7 +52,7 @@ def register_agents(
     windows = add_table(app, settings, WINDOWS_TABLE)
     output = Output(app, settings, events.metrics)
     events_agent = EventsAgent(app, settings, events, windows, pseudonyms.of, output)
-    app.agent(_raw_topic(app, settings.events_topic, settings.control_topic), name="rtrec.events")(events_agent.run)
+    app.agent(raw_topic(app, settings.events_topic, settings.control_topic), name="rtrec.events")(events_agent.run)
     catalog_worker = register_catalog_agent(app, settings, catalog, output)
     app.timer(LAG_INTERVAL_S, name="rtrec.redeliver_stalled")(UndeliveredLook(app, settings, events_agent).tick)
     app.timer(LAG_INTERVAL_S, name="rtrec.track_lag")(LagGauge(app, settings, events.metrics).tick)
@@ -79,5 +79,5 @@ def register_catalog_agent(
                 len(outcome.dead_letters),
             )
 
-    app.agent(_raw_topic(app, settings.items_topic), name="rtrec.catalog")(process_catalog)
+    app.agent(raw_topic(app, settings.items_topic), name="rtrec.catalog")(process_catalog)
     return worker
