@@ -344,8 +344,9 @@ class Settings:
     http_port: int = setting(0, "the worker's HTTP API on this port (0: off; one port per worker process)", port=True)
     http_host: str = setting(
         "127.0.0.1",
-        "the host name other workers reach this worker's HTTP API by (requests for users another worker "
-        "serves are forwarded there; empty: this machine's host name, as in containers)",
+        "the host name other workers reach this worker's HTTP API by, and the address it listens on (requests "
+        "for users another worker serves are forwarded there); the default keeps the API and the console on this "
+        "machine; empty: this machine's host name, listening on every interface, as in containers",
     )
     max_http_k: int = setting(100, "most items one HTTP request may ask for", at_least=1)
     console: bool = setting(

@@ -192,7 +192,8 @@ def faust_app(settings: Settings) -> faust.App:
         broker_heartbeat_interval=settings.kafka_session_timeout_s / 4,
         web_enabled=bool(settings.http_port),
         web_port=settings.http_port or None,
-        web_bind="0.0.0.0",  # other workers forward requests here, so not loopback only
+        # Listen where the other workers reach this one (they forward requests here); loopback by default.
+        web_bind=settings.http_host or "0.0.0.0",
         web_host=settings.http_host or socket.gethostname(),
         producer_acks=-1,  # all in-sync replicas (Faust's default, stated): see RTREC_TOPIC_MIN_INSYNC_REPLICAS
         producer_max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
