@@ -53,6 +53,7 @@ def test_bench_measures_every_phase_with_each_store_through_the_real_pipeline(
         == 2
     )
     assert len(re.findall(r"at (50|80)% of the capacity \([\d,]+ events/s offered, [\d,]+ served\)", out)) == 4
+    assert len(re.findall(r"capacity: [\d,]+ events/s, the highest offered rate kept up with", out)) == 2
     for store in ("embedded", "server"):
         assert re.search(rf"\| {store} \| [\d,]+ \| \d+ / \d+ \| \d+ \| \d+ \| (0\.9\d\d|1\.000) \|", out), out[-1500:]
 
@@ -64,10 +65,18 @@ def test_bench_measures_every_phase_with_each_store_through_the_real_pipeline(
         assert [phases[name]["events"] for name in ("warmup", "throughput", "latency", "baseline", "ceiling")] == [
             240, 400, 200, 60, 400
         ]  # fmt: skip
-        capacity = phases["throughput"]["events_per_s"]
+        # Capacity: probes from the throughput phase's drain rate down, stopping at the first kept up with.
+        probes = [p for p in results["phases"] if p["phase"].startswith("probe")]
+        drain = phases["throughput"]["events_per_s"]
+        assert probes and probes[0]["offered_per_s"] == pytest.approx(drain, rel=0.01)
+        assert results["capacity_per_s"] == pytest.approx(probes[-1]["offered_per_s"], rel=0.01)
+        for probe in probes[:-1]:  # not kept up with: under-served, or its answers fell more than a second behind
+            assert probe["events_per_s"] < 0.97 * probe["offered_per_s"] or probe["latency_ms"]["p99"] > 1000, probe
+        last = probes[-1]
+        assert last["events_per_s"] >= 0.97 * last["offered_per_s"] or last["phase"] == "probe30", last
         for share in (50, 80):  # offered at a share of the capacity, for two seconds
             load = phases[f"load{share}"]
-            assert load["offered_per_s"] == pytest.approx(capacity * share / 100, rel=0.01)
+            assert load["offered_per_s"] == pytest.approx(results["capacity_per_s"] * share / 100, rel=0.01)
             assert load["events"] == int(load["offered_per_s"] * 2)
         for phase in phases.values():
             assert phase["latency_ms"]["p50"] > 0 and phase["peak_rss_mb"] > 0
@@ -100,7 +109,8 @@ def test_bench_seeds_state_on_the_changelog_and_the_worker_extends_it(
     (results_file,) = (tmp_path / "bench").glob("*/results.json")
     results = json.loads(results_file.read_text())
     phases = [p["phase"] for p in results["phases"]]
-    assert phases == ["throughput", "load50", "load80", "ceiling", "baseline"]  # no warm-up: the state is there
+    probes = [p for p in phases if p.startswith("probe")]
+    assert probes and phases == ["throughput", *probes, "load50", "load80", "ceiling", "baseline"]  # no warm-up
     assert results["state"]["users"] == 2000 and results["state"]["disk_mb"] > 0  # RocksDB files
 
     settings = Settings(kafka_bootstrap=kafka.config.bootstrap, topic_partitions=4).isolated(
@@ -108,14 +118,16 @@ def test_bench_seeds_state_on_the_changelog_and_the_worker_extends_it(
     )
     topic = windows_changelog_topic(settings)
     partitions_of: dict[bytes, set[int]] = {}
-    latest: dict[bytes, UserWindow] = {}
+    first_extended: dict[bytes, UserWindow] = {}  # each user's first window holding an event of the worker's
     for chunk in read_until(settings, topic, end_offsets(settings, topic)):
         for record in chunk:
             assert record.key is not None and record.value is not None
             partitions_of.setdefault(record.key, set()).add(record.partition)
-            latest[record.key] = UserWindow.from_bytes(record.value, window, 10**12, 500)
-    assert len(latest) == 2000 and all(len(p) == 1 for p in partitions_of.values())  # a user's windows: one partition
-    extended = [w for w in latest.values() if any(e.event_id.startswith("throughput:") for e in w.entries)]
+            stored = UserWindow.from_bytes(record.value, window, 10**12, 500)
+            if record.key not in first_extended and not all(e.event_id.startswith("seed:") for e in stored.entries):
+                first_extended[record.key] = stored
+    assert len(partitions_of) == 2000 and all(len(p) == 1 for p in partitions_of.values())  # one partition a user
+    extended = [w for w in first_extended.values() if any(e.event_id.startswith("throughput:") for e in w.entries)]
     assert len(extended) > 100  # 300 events among 2,000 users
     for seen in extended:  # the worker read the seeded window and added to it
         assert len(seen) == window and any(e.event_id.startswith("seed:") for e in seen.entries)

@@ -55,6 +55,17 @@ BENCH_ENCODER = {"text_dim": 0, "id_dropout": 0.0, "loss": "sampled", "epochs": 
 
 
 LOAD_SHARES = (0.5, 0.8)  # the latency phases' offered rates, as shares of the measured capacity
+PROBE_SHARES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)  # the capacity probes' rates, as shares of the drain rate
+KEPT_UP_SHARE = 0.97  # a probe is kept up with when this share of its offered rate is served
+KEPT_UP_LAG_S = 1.0  # and its last events are answered within this long (the lag stayed bounded)
+
+
+def kept_up(probe: PhaseResult) -> bool:
+    """Whether the workers kept up with the probe's offered rate: it was served, and the answers of its last
+    tenth of events were not left behind (a worker that falls behind answers each event later than the last)."""
+    tail = probe.latencies_ms[-max(len(probe.latencies_ms) // 10, 1) :]
+    served = probe.events_per_s >= KEPT_UP_SHARE * probe.offered_per_s
+    return served and bool(len(tail)) and float(np.median(tail)) <= 1000 * KEPT_UP_LAG_S
 
 
 @dataclass(frozen=True)
@@ -329,6 +340,7 @@ class Bench:
         )
         self.user_ids = [f"bench-user-{i:07d}" for i in range(options.users)]
         self.recall = float("nan")  # of the store's search against an exact ranking, measured after the phases
+        self.capacity = float("nan")  # the highest offered rate kept up with (find_capacity)
         self.state: StateReport | None = None
 
     def worker_settings(self, batch_max: int) -> list[Settings]:
@@ -426,9 +438,22 @@ class Bench:
         )
         return result
 
+    def find_capacity(self, workers: Workers, drain_rate: float) -> tuple[float, list[PhaseResult]]:
+        """The highest offered rate the workers keep up with: offered rates from the throughput phase's drain
+        rate down, ``rate_seconds / 2`` each, until one is kept up with (``kept_up``); the lowest probed
+        rate when none is."""
+        probes = []
+        for share in PROBE_SHARES:
+            rate = share * drain_rate
+            users = self.random_users(max(int(rate * self.options.rate_seconds / 2), 1), 20 + int(100 * share))
+            probe = self.phase(workers, f"probe{int(100 * share)}", "micro-batched", users, rate)
+            probes.append(probe)
+            if kept_up(probe):
+                break
+        return probes[-1].offered_per_s, probes
+
     def load_phases(self, workers: Workers, capacity: float) -> list[PhaseResult]:
-        """Latency at a share of the capacity: the rate at which the workers drained the throughput phase's
-        backlog (no higher rate can be kept up with), offered for ``rate_seconds``."""
+        """Latency at a share of the capacity (``find_capacity``), offered for ``rate_seconds``."""
         results = []
         for share in LOAD_SHARES:
             rate = share * capacity
@@ -489,7 +514,9 @@ class Bench:
                     results.append(
                         self.phase(workers, "latency", "micro-batched", self.random_users(n, 2), options.rate)
                     )
-                results += self.load_phases(workers, throughput.events_per_s)
+                self.capacity, probes = self.find_capacity(workers, throughput.events_per_s)
+                self.say(f"capacity: {self.capacity:,.0f} events/s kept up with")
+                results += probes + self.load_phases(workers, self.capacity)
             finally:
                 workers.stop()
             results.append(self.ceiling_phase(throughput_users))
@@ -516,6 +543,7 @@ class Bench:
                     "state": state.summary(),
                     "phases": [r.summary() for r in results],
                     "search_recall@10": round(recall, 4),
+                    "capacity_per_s": round(self.capacity, 1),
                 },
                 indent=2,
             )
@@ -659,6 +687,11 @@ def run_bench(settings: Settings, options: BenchOptions, say: Callable[[str], No
             say(format_state(bench.state, settings.table_store))
             say("")
         say(format_table(results))
+        say(
+            f"capacity: {bench.capacity:,.0f} events/s, the highest offered rate kept up with (probes from the "
+            f"throughput phase's drain rate down: {KEPT_UP_SHARE:.0%} served, the last tenth answered within "
+            f"{KEPT_UP_LAG_S:g} s)"
+        )
         say(f"recall@10 of the store's search against an exact ranking (200 user vectors): {bench.recall:.3f}")
         say(f"\n(results: {bench.run_dir / 'results.json'})")
     if len(runs) > 1:
