@@ -102,11 +102,15 @@ def _event_rows(entries: Iterable[WindowEntry], catalog: Mapping[str, Mapping[st
     return "".join(rows)
 
 
+def _lookup_page(page: str, noun: str, looked_up: str, found: str, model: str) -> str:
+    """A page with a search form for one ``noun`` id, and what was found for ``looked_up``."""
+    heading = f"{noun.capitalize()}s"
+    body = f"<h1>{heading}</h1>" + search_form(f"/console/{page}", noun, looked_up, f"{noun} id") + found
+    return layout(page, f"{noun.capitalize()} {looked_up}" if looked_up else heading, body, model)
+
+
 def user_page(view: UserView | None, model: str, user_id: str) -> str:
-    body = "<h1>Users</h1>" + search_form("/console/users", "user", user_id, "user id")
-    if view is not None:
-        body += _user_body(view)
-    return layout("users", f"User {user_id}" if user_id else "Users", body, model)
+    return _lookup_page("users", "user", user_id, _user_body(view) if view else "", model)
 
 
 def _user_body(view: UserView) -> str:
@@ -189,10 +193,7 @@ def forgotten_page(user_id: str, model: str) -> str:
 
 
 def item_page(view: ItemView | None, model: str, item_id: str) -> str:
-    body = "<h1>Items</h1>" + search_form("/console/items", "item", item_id, "item id")
-    if view is not None:
-        body += _item_body(view)
-    return layout("items", f"Item {item_id}" if item_id else "Items", body, model)
+    return _lookup_page("items", "item", item_id, _item_body(view) if view else "", model)
 
 
 def _item_body(view: ItemView) -> str:
