@@ -127,24 +127,14 @@ class Recommender:
 
         None when no item of the window is still in the catalogue.
         """
-        encoded = self._encode_now(user_id, window)
-        if encoded is None:
-            return None
-        usable, windows, user_vectors = encoded
-        return self._search_and_rank(usable, windows, user_vectors, k, item_filter)[0]
+        now = self.current_with_interests(user_id, window, k, item_filter)
+        return now[0] if now is not None else None
 
-    def interests(self, user_id: str, window: UserWindow) -> np.ndarray | None:
-        """The user's interest vectors now ([interests, dim]; one row for a single-interest encoder),
-        or None when no item of the window is still in the catalogue."""
-        encoded = self._encode_now(user_id, window)
-        if encoded is None:
-            return None
-        user_vectors = encoded[2]
-        return user_vectors[0] if user_vectors.ndim == 3 else user_vectors
-
-    def _encode_now(
-        self, user_id: str, window: UserWindow
-    ) -> tuple[list[tuple[RefreshRequest, list[WindowEntry]]], list[WindowArrays], np.ndarray] | None:
+    def current_with_interests(
+        self, user_id: str, window: UserWindow, k: int, item_filter: ItemFilter | None = None
+    ) -> tuple[Recommendation, np.ndarray] | None:
+        """``current``, and the user's interest vectors it was searched with ([interests, dim]; one row for
+        a single-interest encoder), from one encoder call."""
         if not window.entries:
             return None
         newest = window.entries[-1]
@@ -154,7 +144,8 @@ class Recommender:
         if not usable:
             return None
         windows, user_vectors = self._encode(usable, vectors)
-        return usable, windows, user_vectors
+        rec = self._search_and_rank(usable, windows, user_vectors, k, item_filter)[0]
+        return rec, (user_vectors[0] if user_vectors.ndim == 3 else user_vectors)
 
     def _encode(
         self, usable: Sequence[tuple[RefreshRequest, list[WindowEntry]]], vectors: ItemVectors

@@ -91,12 +91,11 @@ class Explorer:
         if not window.entries:
             view.problem = "the user was forgotten" if window.forgotten_until else "the window holds no events"
             return view
-        recommender = self.events.recommender
-        current = recommender.current(user_id, window, self.k)
-        if current is None:
+        now = self.events.recommender.current_with_interests(user_id, window, self.k)
+        if now is None:
             view.problem = "no item of the window is still in the catalogue"
         else:
-            view.items, view.interests = self._shown(user_id, window, current)
+            view.items, view.interests = self._shown(*now)
         view.changes = self._changes(user_id, window)
         shown_ids = {e.item_id for e in window.entries + window.evicted} | {i.item_id for i in view.items}
         shown_ids |= {i for change in view.changes for i in change.entered + change.left}
@@ -116,13 +115,11 @@ class Explorer:
         view.neighbours = [(hit.id, hit.score, payloads.get(hit.id, {})) for hit in hits]
         return view
 
-    def _shown(self, user_id: str, window: UserWindow, current: Recommendation) -> tuple[list[ShownItem], int]:
-        recommender = self.events.recommender
-        interests = recommender.interests(user_id, window)
-        count = 1 if interests is None else len(interests)
+    def _shown(self, current: Recommendation, interests: np.ndarray) -> tuple[list[ShownItem], int]:
+        count = len(interests)
         closest: Sequence[int | None] = [None] * len(current.items)
-        if interests is not None and count > 1:
-            vectors = recommender.item_vectors([i.item_id for i in current.items])
+        if count > 1:
+            vectors = self.events.recommender.item_vectors([i.item_id for i in current.items])
             closest = [
                 int(np.argmax(interests @ vectors[i.item_id])) if i.item_id in vectors else None for i in current.items
             ]
