@@ -101,6 +101,10 @@ class PipelineFeed:
             for s in metric.samples
         }
 
+    def dead_letters_by_reason(self) -> dict[str, float]:
+        """Dead letters since the worker started, by reason, the most frequent first (as of the last sample)."""
+        return dict(sorted(self.last.dead_letters.items(), key=lambda kv: -kv[1]))
+
     def snapshot(self) -> dict[str, Any]:
         """What the pipeline page shows: the headline numbers and the series behind the charts."""
         samples = list(self.samples)
@@ -121,7 +125,7 @@ class PipelineFeed:
                 "dead_letters_per_s": newest.dead_letters_per_s if newest else 0.0,
             },
             "latency": {"p50_ms": p50, "p99_ms": p99, "over_s": KEPT_S},
-            "dead_letters_by_reason": dict(sorted(totals.dead_letters.items(), key=lambda kv: -kv[1])),
+            "dead_letters_by_reason": self.dead_letters_by_reason(),
             "lag": self.lag(),
             "series": {
                 "at": [s.at for s in samples],

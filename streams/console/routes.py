@@ -59,12 +59,16 @@ def register_console(
     async def pipeline_feed(web: View, request: Request) -> Response:
         return web.json(feed.snapshot() | {"worker": worker_url, "model": dict(model_info)})
 
+    def looked_up(web: View, request: Request, noun: str, page: Callable[[None, str, str], str]) -> Response:
+        """A search form's answer: to the page of the id asked for (a user's is served by their owner)."""
+        asked = request.query.get(noun, "").strip()
+        if asked and not too_long(asked):
+            return web.text("", status=303, headers={"Location": f"/console/{noun}s/{quote(asked, safe='')}"})
+        return web.html(page(None, model(), asked))
+
     @app.page("/console/users")
     async def user_search(web: View, request: Request) -> Response:
-        user_id = request.query.get("user", "").strip()
-        if user_id and not too_long(user_id):
-            return _see_other(web, f"/console/users/{quote(user_id, safe='')}")  # served by the user's owner
-        return web.html(pages.user_page(None, model(), user_id))
+        return looked_up(web, request, "user", pages.user_page)
 
     @app.page("/console/users/{user_id}")
     @app.table_route(table=agents.windows, match_info="user_id")
@@ -87,10 +91,7 @@ def register_console(
 
     @app.page("/console/items")
     async def item_search(web: View, request: Request) -> Response:
-        item_id = request.query.get("item", "").strip()
-        if item_id and not too_long(item_id):
-            return _see_other(web, f"/console/items/{quote(item_id, safe='')}")
-        return web.html(pages.item_page(None, model(), item_id))
+        return looked_up(web, request, "item", pages.item_page)
 
     @app.page("/console/items/{item_id}")
     async def item(web: View, request: Request, item_id: str) -> Response:
@@ -102,8 +103,4 @@ def register_console(
     @app.page("/console/dead-letters")
     async def dead_letters(web: View, request: Request) -> Response:
         letters = list(events.metrics.recent_dead_letters)
-        return web.html(pages.dead_letters_page(letters, feed.snapshot()["dead_letters_by_reason"], model()))
-
-
-def _see_other(web: View, location: str) -> Response:
-    return web.text("", status=303, headers={"Location": location})
+        return web.html(pages.dead_letters_page(letters, feed.dead_letters_by_reason(), model()))
