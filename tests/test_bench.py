@@ -77,7 +77,9 @@ def test_bench_measures_every_phase_with_each_store_through_the_real_pipeline(
         for share in (50, 80):  # offered at a share of the capacity, for two seconds
             load = phases[f"load{share}"]
             assert load["offered_per_s"] == pytest.approx(results["capacity_per_s"] * share / 100, rel=0.01)
-            assert load["events"] == int(load["offered_per_s"] * 2)
+            # offered_per_s is rounded to 0.1 in the results: the events are those of the rate before rounding
+            offered = load["offered_per_s"]
+            assert load["events"] in {int((offered - 0.05) * 2), int((offered + 0.05) * 2)}, load
         for phase in phases.values():
             assert phase["latency_ms"]["p50"] > 0 and phase["peak_rss_mb"] > 0
             stages = phase["stage_us_per_event"]
