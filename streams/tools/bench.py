@@ -444,9 +444,10 @@ class Bench:
         rate when none is."""
         probes = []
         for share in PROBE_SHARES:
-            rate = share * drain_rate
-            users = self.random_users(max(int(rate * self.options.rate_seconds / 2), 1), 20 + int(100 * share))
-            probe = self.phase(workers, f"probe{int(100 * share)}", "micro-batched", users, rate)
+            percent = int(100 * share)
+            probe = self.paced(
+                workers, f"probe{percent}", share * drain_rate, self.options.rate_seconds / 2, 20 + percent
+            )
             probes.append(probe)
             if kept_up(probe):
                 break
@@ -454,12 +455,17 @@ class Bench:
 
     def load_phases(self, workers: Workers, capacity: float) -> list[PhaseResult]:
         """Latency at a share of the capacity (``find_capacity``), offered for ``rate_seconds``."""
-        results = []
-        for share in LOAD_SHARES:
-            rate = share * capacity
-            users = self.random_users(max(int(rate * self.options.rate_seconds), 1), 10 + int(100 * share))
-            results.append(self.phase(workers, f"load{int(100 * share)}", "micro-batched", users, rate))
-        return results
+        return [
+            self.paced(
+                workers, f"load{int(100 * share)}", share * capacity, self.options.rate_seconds, 10 + int(100 * share)
+            )
+            for share in LOAD_SHARES
+        ]
+
+    def paced(self, workers: Workers, name: str, rate: float, seconds: float, salt: int) -> PhaseResult:
+        """A phase of random users' events (drawn with ``salt``) offered at ``rate`` for ``seconds``."""
+        users = self.random_users(max(int(rate * seconds), 1), salt)
+        return self.phase(workers, name, "micro-batched", users, rate)
 
     def ceiling_phase(self, users: Sequence[str]) -> PhaseResult:
         """The throughput phase's events through Faust doing only the pipeline's I/O (streams.tools.ceiling)."""
@@ -510,10 +516,7 @@ class Bench:
                 throughput = self.phase(workers, "throughput", "micro-batched", throughput_users, 0)
                 results.append(throughput)
                 if options.rate > 0:
-                    n = int(options.rate * options.rate_seconds)
-                    results.append(
-                        self.phase(workers, "latency", "micro-batched", self.random_users(n, 2), options.rate)
-                    )
+                    results.append(self.paced(workers, "latency", options.rate, options.rate_seconds, 2))
                 self.capacity, probes = self.find_capacity(workers, throughput.events_per_s)
                 self.say(f"capacity: {self.capacity:,.0f} events/s kept up with")
                 results += probes + self.load_phases(workers, self.capacity)
