@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -191,7 +192,24 @@ def _format_recommendation(rec: Recommendation, now: int) -> str:
     items = ", ".join(f"{i.item_id} ({i.score:.2f})" for i in rec.items[:5])
     more = f" +{len(rec.items) - 5}" if len(rec.items) > 5 else ""
     reason = f"  top: {rec.items[0].reason}" if rec.items else ""
-    return f"{clock}  {rec.user_id} → {items}{more}  [{now - rec.event_ts} ms after the event]{reason}"
+    variant = f"  ({rec.experiment}: {rec.variant})" if rec.experiment else ""
+    return f"{clock}  {rec.user_id} → {items}{more}  [{now - rec.event_ts} ms after the event]{reason}{variant}"
+
+
+def cmd_experiment_report(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.experiments.config import load_experiment
+    from streams.experiments.report import experiment_report, pick_timeline, read_timelines, render_text, write_plots
+
+    declared = load_experiment(Path(settings.experiments), settings) if settings.experiments else None
+    timeline = pick_timeline(read_timelines(settings), args.name or (declared.name if declared else None))
+    order = [v.name for v in declared.variants] if declared and declared.name == timeline.experiment else None
+    if order is None and not args.control:
+        _say("no experiment file names the control: the variant with the most users is taken (--control to choose)")
+    report = experiment_report(timeline, order, args.control)
+    print(json.dumps(report, indent=2) if args.format == "json" else render_text(report))
+    if args.plots:
+        write_plots(report, Path(args.plots), progress=_say)
+    return 0
 
 
 def cmd_tail(settings: Settings, args: argparse.Namespace) -> int:
@@ -556,6 +574,17 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--count", type=int, default=0, help="stop after this many (0: never)")
     tail.add_argument("--idle-timeout", type=float, default=0.0, help="stop after this many quiet seconds (0: never)")
     tail.set_defaults(run=cmd_tail)
+
+    experiment = sub.add_parser("experiment", help="experiments run inside the stream (docs/experiments.md)")
+    experiment_sub = experiment.add_subparsers(dest="experiment_command", required=True)
+    report = experiment_sub.add_parser(
+        "report", help="each variant's online metrics with 95%% intervals and p-values against the control"
+    )
+    report.add_argument("--name", help="the experiment (default: the one in RTREC_EXPERIMENTS, or the only one)")
+    report.add_argument("--control", help="the variant to compare against (default: the file's first variant)")
+    report.add_argument("--format", choices=("text", "json"), default="text")
+    report.add_argument("--plots", metavar="DIR", help="also write the metrics over time as a PNG into DIR")
+    report.set_defaults(run=cmd_experiment_report)
 
     sub.add_parser("worker", help="run a stream worker (scale out: one per core, same app id)").set_defaults(
         run=cmd_worker

@@ -85,6 +85,15 @@ class WorkerMetrics:
             buckets=_FRESHNESS_BUCKETS,
             registry=self.registry,
         )
+        self.experiment = Counter(
+            "rtrec_experiment",
+            "A running experiment's online counts by variant: lists served, users served, engagements (clicks, "
+            "add-to-carts, purchases) of its users, credited clicks, credited conversions, hits (credited "
+            "engagements), the sum of the credited items' reciprocal ranks, and in an interleaved experiment "
+            "the hits credited to each variant's team (team_hits)",
+            ["experiment", "variant", "count"],
+            registry=self.registry,
+        )
         # A short memory of the same, for the console: (wall time, seconds), and the latest dead letters.
         self.recent_latencies: deque[tuple[float, float]] = deque(maxlen=RECENT_LATENCIES)
         self.recent_dead_letters: deque[DeadLetter] = deque(maxlen=RECENT_DEAD_LETTERS)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from streams.errors import InvalidRecord
+from streams.experiments.serving import CountsUpdate, RunningExperiment
 from streams.item_vectors import ItemEmbedder, ItemVectorCache, ItemVectors
 from streams.metrics import WorkerMetrics
 from streams.ports import ItemEncoderRuntime, TextEmbedder, VectorPoint, VectorStore
@@ -93,6 +94,18 @@ def dead_letter(
     )
 
 
+def _partitions_of(messages: Sequence[IncomingMessage]) -> dict[str, int]:
+    """The partition of each user's messages in a batch (keyed by user id, as both input topics are)."""
+    partitions = {}
+    for message in messages:
+        if message.key is not None:
+            try:
+                partitions[message.key.decode("utf-8")] = message.partition
+            except UnicodeDecodeError:
+                continue  # dead-lettered
+    return partitions
+
+
 def _by_partition(events: Sequence[Event], messages: Sequence[IncomingMessage]) -> dict[int, list[Event]]:
     """Events grouped by the partition their user's messages came from (a user's are all on one)."""
     partition_of = {m.key: m.partition for m in messages if m.key is not None}
@@ -123,6 +136,7 @@ class EventBatchOutcome:
     recommendations: list[Recommendation] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    experiment_counts: list[CountsUpdate] = field(default_factory=list)  # changes to a running experiment's counts
 
 
 class EventBatchProcessor:
@@ -158,30 +172,29 @@ class EventBatchProcessor:
         # rebalance) is never served stale; restoring one costs ~90 µs, a hit nothing.
         self._restored: OrderedDict[str, tuple[bytes, UserWindow]] = OrderedDict()
         self.restored_capacity = restored_capacity
+        # The experiment serving the lists, if one runs; replaced between micro-batches on the events thread.
+        self.experiment: RunningExperiment | None = None
 
     def users_in(self, messages: Sequence[IncomingMessage]) -> set[str]:
         """The users whose stored windows ``process`` will need (keys that decode as UTF-8)."""
-        users = set()
-        for message in messages:
-            if message.key is not None:
-                try:
-                    users.add(message.key.decode("utf-8"))
-                except UnicodeDecodeError:
-                    continue
-        return users
+        return set(_partitions_of(messages))
 
     def process(self, messages: Sequence[IncomingMessage], stored: Mapping[str, bytes | None]) -> EventBatchOutcome:
         outcome = EventBatchOutcome()
         stage = self.metrics.stage
+        experiment = self.experiment  # one for the whole batch
         tally: Counter[AddOutcome] = Counter()
         with stage("decode"):
             valid, forgotten = self._decode(messages, outcome, tally)
         self.recommender.forget(sorted(forgotten))
+        partition_of = _partitions_of(messages)
         with stage("state"):
             windows = {
                 user: self._load(user, stored.get(user)) for user in {e.user_id for _, e in valid} | {*forgotten}
             }
             for user, until in forgotten.items():
+                if experiment is not None:
+                    outcome.experiment_counts += experiment.forget(windows[user], user, until, partition_of[user])
                 windows[user].forget(until)
         with stage("lookup"):
             # One fetch for the new events' items and everything already in the windows.
@@ -198,7 +211,11 @@ class EventBatchProcessor:
             if then_items:
                 vectors = vectors.merged(self.recommender.item_vectors(list(then_items)))
         self.trending.add(_by_partition(fresh, messages))
-        outcome.recommendations = self.recommender.refresh_batch(requests, vectors)
+        if experiment is None:
+            outcome.recommendations = self.recommender.refresh_batch(requests, vectors)
+        else:
+            outcome.recommendations = experiment.lists(requests, vectors)
+            self._attribute(experiment, windows, fresh, requests, partition_of, outcome)
         outcome.counts = {
             "events": len(messages),
             "added": tally[AddOutcome.ADDED],
@@ -211,6 +228,25 @@ class EventBatchProcessor:
         }
         self._count(outcome.counts)
         return outcome
+
+    def _attribute(
+        self,
+        experiment: RunningExperiment,
+        windows: Mapping[str, UserWindow],
+        fresh: Sequence[Event],
+        requests: Sequence[RefreshRequest],
+        partition_of: Mapping[str, int],
+        outcome: EventBatchOutcome,
+    ) -> None:
+        """The experiment's credit for the batch's events and its record of the lists sent, kept in the windows."""
+        with self.metrics.stage("state"):
+            replayed = {r.user_id for r in requests if r.replayed}
+            changed, updates = experiment.attribute(windows, fresh, outcome.recommendations, replayed, partition_of)
+            outcome.experiment_counts += updates
+            for user_id in changed:
+                stored_now = windows[user_id].to_bytes()
+                outcome.windows[user_id] = stored_now
+                self._keep(user_id, stored_now, windows[user_id])
 
     def _decode(
         self, messages: Sequence[IncomingMessage], outcome: EventBatchOutcome, tally: Counter[AddOutcome]
@@ -367,6 +403,7 @@ class CatalogBatchProcessor:
         # The served tower: what the catalogue's records are checked against, and kept in step with its cache.
         self.current = ItemTarget(ItemEmbedder(embedder, item_encoder), items_collection, item_cache)
         self.migration: Migration | None = None
+        self.variant_targets: list[ItemTarget] = []  # towers of an experiment's variant models, kept in step too
         self.limits = limits
         self.clock = clock
 
@@ -391,7 +428,9 @@ class CatalogBatchProcessor:
         upserts = [item for _, item in latest.values() if item is not None]
         outcome.deleted = [item_id for item_id, (_, item) in latest.items() if item is None]
         outcome.upserted = [item.item_id for item in upserts]
-        targets = [self.current] if self.migration is None else [self.current, self.migration.target]
+        targets = [self.current, *self.variant_targets]
+        if self.migration is not None:
+            targets.append(self.migration.target)
         for target in targets:
             self._write(target, upserts, outcome.deleted)
         if self.migration is not None:

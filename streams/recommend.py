@@ -98,8 +98,11 @@ class Recommender:
             with self.metrics.stage("upsert"):
                 self.store.delete(self.users_collection, [self.pseudonyms.of(u) for u in user_ids])
 
-    def refresh_batch(self, requests: Sequence[RefreshRequest], vectors: ItemVectors) -> list[Recommendation]:
-        """Recommendations for every request whose window holds at least one known item."""
+    def refresh_batch(
+        self, requests: Sequence[RefreshRequest], vectors: ItemVectors, policy: RerankPolicy | None = None
+    ) -> list[Recommendation]:
+        """Recommendations for every request whose window holds at least one known item (re-ranked by
+        ``policy``, the worker's own by default)."""
         usable = _usable(requests, vectors)
         if not usable:
             return []
@@ -114,24 +117,34 @@ class Recommender:
                 points.append(VectorPoint(key, vector, {"user_id": key, "model": self.encoder.version, "ts": emitted}))
         with self.metrics.stage("upsert"):
             self.store.upsert(self.users_collection, points)
-        return self._search_and_rank(usable, windows, user_vectors, self.top_k, None)
+        return self._search_and_rank(usable, windows, user_vectors, self.top_k, None, policy or self.policy)
 
     def rules_for(self, request: ItemFilter | None) -> ItemFilter | None:
         """The standing business rules, narrowed by a request's own filter."""
         return self.rules.narrowed_by(request) if self.rules else request
 
     def current(
-        self, user_id: str, window: UserWindow, k: int, item_filter: ItemFilter | None = None
+        self,
+        user_id: str,
+        window: UserWindow,
+        k: int,
+        item_filter: ItemFilter | None = None,
+        policy: RerankPolicy | None = None,
     ) -> Recommendation | None:
         """What the user would be recommended now, from their window as it stands (nothing is written).
 
         None when no item of the window is still in the catalogue.
         """
-        now = self.current_with_interests(user_id, window, k, item_filter)
+        now = self.current_with_interests(user_id, window, k, item_filter, policy)
         return now[0] if now is not None else None
 
     def current_with_interests(
-        self, user_id: str, window: UserWindow, k: int, item_filter: ItemFilter | None = None
+        self,
+        user_id: str,
+        window: UserWindow,
+        k: int,
+        item_filter: ItemFilter | None = None,
+        policy: RerankPolicy | None = None,
     ) -> tuple[Recommendation, np.ndarray] | None:
         """``current``, and the user's interest vectors it was searched with ([interests, dim]; one row for
         a single-interest encoder), from one encoder call."""
@@ -144,7 +157,7 @@ class Recommender:
         if not usable:
             return None
         windows, user_vectors = self._encode(usable, vectors)
-        rec = self._search_and_rank(usable, windows, user_vectors, k, item_filter)[0]
+        rec = self._search_and_rank(usable, windows, user_vectors, k, item_filter, policy or self.policy)[0]
         return rec, (user_vectors[0] if user_vectors.ndim == 3 else user_vectors)
 
     def _encode(
@@ -169,18 +182,19 @@ class Recommender:
         user_vectors: np.ndarray,
         k: int,
         item_filter: ItemFilter | None,
+        policy: RerankPolicy,
     ) -> list[Recommendation]:
         rules = self.rules_for(item_filter)
         feedback = [_feedback(entries, window) for (_, entries), window in zip(usable, windows, strict=True)]
         interests = user_vectors if user_vectors.ndim == 3 else user_vectors[:, None]  # [users, interests, dim]
         per_user = interests.shape[1]
-        limits = [self.policy.fetch_limit(k, f) for f in feedback]
+        limits = [policy.fetch_limit(k, f) for f in feedback]
         with self.metrics.stage("search"):
             found = self.store.search_batch(
                 self.items_collection,
                 [
                     SearchQuery(
-                        vector=self.policy.query(v, f), limit=limit, exclude_ids=r.window.item_ids, item_filter=rules
+                        vector=policy.query(v, f), limit=limit, exclude_ids=r.window.item_ids, item_filter=rules
                     )
                     for (r, _), vs, f, limit in zip(usable, interests, feedback, limits, strict=True)
                     for v in vs
@@ -188,7 +202,7 @@ class Recommender:
             )
             hits = [merge_interests(found[n * per_user : (n + 1) * per_user], limit) for n, limit in enumerate(limits)]
         with self.metrics.stage("rerank"):
-            return self._recommendations(usable, windows, hits, feedback, k)
+            return self._recommendations(usable, windows, hits, feedback, k, policy)
 
     def _recommendations(
         self,
@@ -197,12 +211,13 @@ class Recommender:
         hits: Sequence[Sequence[SearchHit]],
         feedback: Sequence[Feedback],
         k: int,
+        policy: RerankPolicy,
     ) -> list[Recommendation]:
         candidate_vectors = self.item_vectors(list({hit.id for candidates in hits for hit in candidates}))
         lists = []
         for (request, entries), window, candidates, signals in zip(usable, windows, hits, feedback, strict=True):
             # Catalogue age at the time of the user's event, not of processing: a replay ranks as the first pass did.
-            shown = rerank(candidates, candidate_vectors, k, self.policy, request.trigger.ts, signals)
+            shown = rerank(candidates, candidate_vectors, k, policy, request.trigger.ts, signals)
             named = explaining_entries([candidate_vectors.get(hit.id) for hit in shown], window.item_vectors, entries)
             lists.append((shown, named))
         titles = self.titles.of(e.item_id for _, explained in lists for named in explained for e in named)

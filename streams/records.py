@@ -80,6 +80,8 @@ class RecommendedItem:
     reason: str  # for people: "because you rated Heat (1995)"
     # For programs: the ids of the window items the reason names (optional in schema v1; () when absent).
     explained_by: tuple[str, ...] = ()
+    # In an interleaved experiment, the variant that contributed the item (optional in schema v1).
+    team: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,10 @@ class Recommendation:
     emitted_ts: int
     # Every event id this refresh accounts for (the user's events in the micro-batch).
     event_ids: tuple[str, ...] = ()
+    # The experiment and variant that produced the list (optional in schema v1; None outside experiments).
+    # An interleaved list names both variants, "a+b", and each item its team.
+    experiment: str | None = None
+    variant: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +271,9 @@ def decode_recommendation(raw: bytes) -> Recommendation:
         return Recommendation(
             user_id=obj["user_id"],
             items=tuple(
-                RecommendedItem(i["item_id"], float(i["score"]), i["reason"], tuple(i.get("explained_by", ())))
+                RecommendedItem(
+                    i["item_id"], float(i["score"]), i["reason"], tuple(i.get("explained_by", ())), i.get("team")
+                )
                 for i in obj["items"]
             ),
             model=obj["model"],
@@ -273,6 +281,8 @@ def decode_recommendation(raw: bytes) -> Recommendation:
             event_ts=obj["event_ts"],
             emitted_ts=obj["emitted_ts"],
             event_ids=tuple(obj.get("event_ids", ())),
+            experiment=obj.get("experiment"),
+            variant=obj.get("variant"),
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise InvalidRecord(f"malformed recommendation ({type(exc).__name__}: {exc})") from None
@@ -325,20 +335,30 @@ def encode_control(command: ControlCommand) -> bytes:
 
 
 def encode_recommendation(rec: Recommendation) -> bytes:
-    return _pack(
-        {
-            "user_id": rec.user_id,
-            "items": [
-                {"item_id": i.item_id, "score": i.score, "reason": i.reason, "explained_by": list(i.explained_by)}
-                for i in rec.items
-            ],
-            "model": rec.model,
-            "trigger_event_id": rec.trigger_event_id,
-            "event_ts": rec.event_ts,
-            "emitted_ts": rec.emitted_ts,
-            "event_ids": list(rec.event_ids),
-        }
-    )
+    fields: dict[str, Any] = {
+        "user_id": rec.user_id,
+        "items": [_recommended_item(i) for i in rec.items],
+        "model": rec.model,
+        "trigger_event_id": rec.trigger_event_id,
+        "event_ts": rec.event_ts,
+        "emitted_ts": rec.emitted_ts,
+        "event_ids": list(rec.event_ids),
+    }
+    if rec.experiment is not None:  # lists outside experiments stay as they were
+        fields |= {"experiment": rec.experiment, "variant": rec.variant}
+    return _pack(fields)
+
+
+def _recommended_item(item: RecommendedItem) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "item_id": item.item_id,
+        "score": item.score,
+        "reason": item.reason,
+        "explained_by": list(item.explained_by),
+    }
+    if item.team is not None:
+        fields["team"] = item.team
+    return fields
 
 
 def encode_deadletter(letter: DeadLetter) -> bytes:

@@ -349,6 +349,12 @@ class Settings:
         "machine; empty: this machine's host name, listening on every interface, as in containers",
     )
     max_http_k: int = setting(100, "most items one HTTP request may ask for", at_least=1)
+    experiments: str = setting(
+        "",
+        "a TOML file declaring the experiment the workers run (docs/experiments.md); re-read when it changes, "
+        "checked every RTREC_MODEL_RELOAD_S (empty: no experiment)",
+        file=True,
+    )
     console: bool = setting(
         False,
         "serve the live console at `/console` on the HTTP API's port (needs RTREC_HTTP_PORT). It shows user "

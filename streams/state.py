@@ -25,9 +25,10 @@ from streams.records import Event
 # (500 remembered ids), and every micro-batch writes one per touched user. v3 also keeps the
 # entries evicted last, so that a replayed event's list is rebuilt from the window it saw
 # (``as_of``). v4 remembers up to when a forget-user command erased the user's events, so that
-# a replayed event or command cannot undo or overreach it. v1 to v3 are still read.
-WINDOW_FORMAT_VERSION = 4
-_READABLE_VERSIONS = (1, 2, 3, 4)
+# a replayed event or command cannot undo or overreach it. v5 carries the user's part in a running
+# experiment (``streams.experiments.attribution``). v1 to v4 are still read.
+WINDOW_FORMAT_VERSION = 5
+_READABLE_VERSIONS = (1, 2, 3, 4, 5)
 
 
 def event_digest(event_id: str) -> int:
@@ -72,6 +73,7 @@ class UserWindow:
         "_seen",
         "_seen_order",
         "dedup_capacity",
+        "experiment",
         "forgotten_until",
         "horizon_ms",
         "max_events",
@@ -86,6 +88,9 @@ class UserWindow:
         self._seen: set[int] = set()
         self._seen_order: deque[int] = deque()
         self.forgotten_until = 0  # event time (ms) up to which the user's events are erased; 0: never
+        # The user's part in a running experiment, opaque here: kept with the window so that it is stored,
+        # recovered, moved and forgotten with it. Empty outside experiments.
+        self.experiment = b""
 
     @property
     def entries(self) -> tuple[WindowEntry, ...]:
@@ -124,9 +129,10 @@ class UserWindow:
         return AddOutcome.ADDED if entry in self._entries else AddOutcome.TOO_OLD
 
     def forget(self, until_ts: int) -> int:
-        """Erase every event at or before ``until_ts`` (also those evicted, and their ids) and refuse
-        such events from now on. Returns how many entries were erased."""
+        """Erase every event at or before ``until_ts`` (also those evicted, and their ids) and the user's
+        experiment state, and refuse such events from now on. Returns how many entries were erased."""
         self.forgotten_until = max(self.forgotten_until, until_ts)
+        self.experiment = b""
         held = len(self._entries) + len(self._evicted)
         self._entries = [e for e in self._entries if e.ts > self.forgotten_until]
         self._evicted = [e for e in self._evicted if e.ts > self.forgotten_until]
@@ -191,6 +197,7 @@ class UserWindow:
                 "evicted": self._evicted,
                 "seen": np.fromiter(self._seen_order, dtype="<u8", count=len(self._seen_order)).tobytes(),
                 "forgotten": self.forgotten_until,
+                "experiment": self.experiment,
             },
             use_bin_type=True,
         )
@@ -211,6 +218,7 @@ class UserWindow:
             window._entries = sorted(WindowEntry(*row) for row in obj["entries"])
             window._evicted = sorted(WindowEntry(*row) for row in obj.get("evicted", ()))[-window.max_events :]
             window.forgotten_until = int(obj.get("forgotten", 0))
+            window.experiment = bytes(obj.get("experiment", b""))
         except (ValueError, KeyError, TypeError, msgpack.ExtraData, msgpack.FormatError) as exc:
             raise InvalidRecord(f"corrupt stored window ({type(exc).__name__}: {exc})") from None
         if window._entries:

@@ -18,10 +18,12 @@ import heapq
 import math
 import threading
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import msgpack
 
 from streams.errors import InvalidRecord
+from streams.ports import ItemFilter
 from streams.records import Event
 
 SNAPSHOT_VERSION = 1
@@ -148,6 +150,33 @@ def relative(scores: LogScores, n: int, exclude: Iterable[str] = ()) -> list[tup
         return []
     best = ranked[0][1]
     return [(item_id, math.exp(score - best)) for item_id, score in ranked]
+
+
+SHOWN_FIELDS = ("category", "price", "available")  # the payload fields ``shown_popular`` reads
+POPULAR_REASON = "popular right now"
+
+
+def shown_popular(
+    ranked: Sequence[tuple[str, float]],
+    payloads: Mapping[str, Mapping[str, Any]],
+    rules: ItemFilter | None,
+    k: int,
+    exclude: Iterable[str] = (),
+) -> list[tuple[str, float]]:
+    """The first ``k`` of the most popular items that a list may show: still in the catalogue (a payload),
+    available, admitted by the rules and not excluded (e.g. already in the user's window)."""
+    skip = set(exclude)
+    shown = []
+    for item_id, score in ranked:
+        payload = payloads.get(item_id)  # None: deleted from the catalogue
+        if payload is None or payload.get("available") is False or item_id in skip:
+            continue
+        if rules and not rules.admits(payload):
+            continue
+        shown.append((item_id, score))
+        if len(shown) == k:
+            break
+    return shown
 
 
 def _log_add(a: float, b: float) -> float:

@@ -19,7 +19,13 @@ from streams.settings import Settings
 from streams.worker.events_agent import EventsAgent, incoming
 from streams.worker.faust_compat import take_batches
 from streams.worker.output import Output
-from streams.worker.tables import TRENDING_TABLE, WINDOWS_TABLE, PartitionedTable, add_table
+from streams.worker.tables import (
+    EXPERIMENT_COUNTS_TABLE,
+    TRENDING_TABLE,
+    WINDOWS_TABLE,
+    PartitionedTable,
+    add_table,
+)
 from streams.worker.timers import LAG_INTERVAL_S, LagGauge, UndeliveredLook
 from streams.worker.trending_keeper import TRENDING_SNAPSHOT_S, TrendingKeeper
 
@@ -50,8 +56,9 @@ def register_agents(
     pseudonyms: Pseudonyms,
 ) -> Agents:
     windows = add_table(app, settings, WINDOWS_TABLE)
+    counts = add_table(app, settings, EXPERIMENT_COUNTS_TABLE) if settings.experiments else None
     output = Output(app, settings, events.metrics)
-    events_agent = EventsAgent(app, settings, events, windows, pseudonyms.of, output)
+    events_agent = EventsAgent(app, settings, events, windows, pseudonyms.of, output, counts)
     app.agent(raw_topic(app, settings.events_topic, settings.control_topic), name="rtrec.events")(events_agent.run)
     catalog_worker = register_catalog_agent(app, settings, catalog, output)
     app.timer(LAG_INTERVAL_S, name="rtrec.redeliver_stalled")(UndeliveredLook(app, settings, events_agent).tick)

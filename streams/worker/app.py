@@ -34,8 +34,9 @@ from streams.stores.edge import EdgeVectorStore
 from streams.stores.retry import RetryingVectorStore
 from streams.stores.server import QdrantVectorStore, Replication
 from streams.trending import PartitionedTrending
-from streams.worker.agents import register_agents
+from streams.worker.agents import Agents, register_agents
 from streams.worker.catalog_sync import fill_missing, items_collection_name
+from streams.worker.experiment_loader import ExperimentLoader
 from streams.worker.http_api import register_http_api
 from streams.worker.model_swap import ModelSwapper, served_model_info
 
@@ -205,6 +206,27 @@ def faust_app(settings: Settings) -> faust.App:
     )
 
 
+def _run_experiments(
+    app: faust.App,
+    settings: Settings,
+    components: Components,
+    store: VectorStore,
+    processors: Processors,
+    agents: Agents,
+) -> None:
+    """The experiment of ``RTREC_EXPERIMENTS``, running before any event is read, and the file watched."""
+    loader = ExperimentLoader(
+        settings, store, components.text_embedder, processors.events, processors.catalog, load_model
+    )
+    loader.start()
+    if settings.model_reload_s > 0:
+        watcher = ThreadPoolExecutor(1, thread_name_prefix="rtrec-experiment")
+
+        @app.timer(settings.model_reload_s, name="rtrec.watch_experiment")
+        async def watch_experiment_file() -> None:
+            await asyncio.get_running_loop().run_in_executor(watcher, loader.check, agents.event_worker)
+
+
 def build_app(settings: Settings, components: Components) -> faust.App:
     # Outages of the store pause the stream rather than fail it (streams.stores.retry).
     store = RetryingVectorStore(components.store, components.metrics)
@@ -212,6 +234,8 @@ def build_app(settings: Settings, components: Components) -> faust.App:
     app = faust_app(settings)
     agents = register_agents(app, settings, processors.events, processors.catalog, processors.pseudonyms)
     info = model_info(settings, components)
+    if settings.experiments:
+        _run_experiments(app, settings, components, store, processors, agents)
     if settings.http_port:
         register_http_api(app, settings, agents, processors.events, info)
     if settings.console:

@@ -59,6 +59,7 @@ class EventsAgent:
         windows: PartitionedTable,
         state_key: Callable[[str], str],
         output: Output,
+        experiment_counts: PartitionedTable | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -66,6 +67,7 @@ class EventsAgent:
         self.windows = windows
         self.state_key = state_key
         self.output = output
+        self.experiment_counts = experiment_counts  # a running experiment's counts (when experiments are on)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="rtrec-events")
         self.holes: OffsetHoles[TP] = OffsetHoles()
         self.activity = Activity()
@@ -94,6 +96,11 @@ class EventsAgent:
         with stage("state"):
             for user_id, stored_window in outcome.windows.items():
                 self.windows.put(self.key(user_id), stored_window, partition_of[user_id.encode("utf-8")])
+            if outcome.experiment_counts:
+                assert self.experiment_counts is not None, "an experiment runs only where its counts table exists"
+                for update in outcome.experiment_counts:
+                    held = self.experiment_counts.get(update.key)
+                    self.experiment_counts.put(update.key, update.applied_to(held), update.partition)
         with stage("produce"):
             await self.output.recommendations(outcome.recommendations)
             await self.output.dead_letters(outcome.dead_letters)

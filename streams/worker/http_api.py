@@ -36,7 +36,7 @@ from streams.pipeline import EventBatchProcessor
 from streams.ports import ItemFilter
 from streams.settings import Settings
 from streams.state import UserWindow
-from streams.trending import SNAPSHOT_DEPTH, LogScores
+from streams.trending import POPULAR_REASON, SHOWN_FIELDS, SNAPSHOT_DEPTH, LogScores, shown_popular
 from streams.worker.agents import Agents
 from streams.worker.faust_compat import recovered
 from streams.worker.tables import TRENDING_TABLE
@@ -148,8 +148,10 @@ class HttpApi:
                 return Answer(200, await self._trending(k, rules) | {"user_id": user_id})
             return Answer(404, {"error": f"unknown user {user_id!r}: no events in the window{missing}"})
         loop = asyncio.get_running_loop()
-        recommender = self.events.recommender
-        rec = await loop.run_in_executor(self.worker, recommender.current, user_id, window, k, rules)
+        # From the user's variant while an experiment runs, as their lists in the stream are.
+        experiment = self.events.experiment
+        lists = experiment.current if experiment is not None else self.events.recommender.current
+        rec = await loop.run_in_executor(self.worker, lists, user_id, window, k, rules)
         newest = window.entries[-1]
         return Answer(
             200,
@@ -158,7 +160,9 @@ class HttpApi:
                 "source": "personal",
                 "k": k,
                 "filter": asdict(rules) if rules else None,
-                "model": recommender.encoder.version,
+                "model": rec.model if rec else self.events.recommender.encoder.version,
+                "experiment": experiment.name if experiment is not None else None,
+                "variant": experiment.label(user_id) if experiment is not None else None,
                 "window_events": len(window),
                 "as_of_event_id": rec.trigger_event_id if rec else newest.event_id,
                 "as_of_ts": rec.event_ts if rec else newest.ts,
@@ -210,17 +214,12 @@ class HttpApi:
         rules = recommender.rules_for(request_rules)
         ranked = self.events.trending.top(depth, elsewhere=elsewhere)
         payloads = recommender.store.fetch_payloads(
-            recommender.items_collection, [item_id for item_id, _ in ranked], ["category", "price", "available"]
+            recommender.items_collection, [item_id for item_id, _ in ranked], list(SHOWN_FIELDS)
         )
-        shown = []
-        for item_id, score in ranked:
-            payload = payloads.get(item_id)  # None: deleted from the catalogue
-            if payload is None or payload.get("available") is False or (rules and not rules.admits(payload)):
-                continue
-            shown.append({"item_id": item_id, "score": round(score, 6), "reason": "popular right now"})
-            if len(shown) == k:
-                break
-        return shown
+        return [
+            {"item_id": item_id, "score": round(score, 6), "reason": POPULAR_REASON}
+            for item_id, score in shown_popular(ranked, payloads, rules, k)
+        ]
 
 
 def register_http_api(

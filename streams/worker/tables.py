@@ -1,5 +1,6 @@
 """The worker's changelogged tables, each value on the changelog partition of the events it comes from:
-the user windows (one per user) and the trending snapshots (one per events partition)."""
+the user windows (one per user), the trending snapshots (one per events partition) and a running
+experiment's counts (one per events partition and report bucket)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from streams.worker.faust_compat import current_event_on
 
 WINDOWS_TABLE = "user-windows"
 TRENDING_TABLE = "trending"
+EXPERIMENT_COUNTS_TABLE = "experiment-counts"
 
 
 class PartitionedTable(faust.Table):
@@ -50,6 +52,11 @@ class PartitionedTable(faust.Table):
 def windows_changelog_topic(settings: Settings) -> str:
     """The topic Faust backs the windows table with (a restarted worker recovers its windows from it)."""
     return f"{settings.app_id}-{WINDOWS_TABLE}-changelog"
+
+
+def experiment_counts_changelog_topic(settings: Settings) -> str:
+    """The topic the experiment counts live in: what `rtrec experiment report` reads."""
+    return f"{settings.app_id}-{EXPERIMENT_COUNTS_TABLE}-changelog"
 
 
 def _rocksdb_options(memory_mb: int) -> dict[str, int]:
