@@ -53,6 +53,11 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
+def _note(message: str) -> None:
+    """Said beside a command's output (on stderr), so that what it prints stays machine-readable."""
+    print(message, file=sys.stderr, flush=True)
+
+
 # ------------------------------------------------------------------ commands
 
 
@@ -204,11 +209,11 @@ def cmd_experiment_report(settings: Settings, args: argparse.Namespace) -> int:
     timeline = pick_timeline(read_timelines(settings), args.name or (declared.name if declared else None))
     order = [v.name for v in declared.variants] if declared and declared.name == timeline.experiment else None
     if order is None and not args.control:
-        _say("no experiment file names the control: the variant with the most users is taken (--control to choose)")
+        _note("no experiment file names the control: the variant with the most users is taken (--control to choose)")
     report = experiment_report(timeline, order, args.control)
     print(json.dumps(report, indent=2) if args.format == "json" else render_text(report))
     if args.plots:
-        write_plots(report, Path(args.plots), progress=_say)
+        write_plots(report, Path(args.plots), progress=_note)
     return 0
 
 

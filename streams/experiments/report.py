@@ -93,7 +93,7 @@ def analyse(variants: Mapping[str, np.ndarray], preferences: np.ndarray, order: 
                     "difference": _number(versus.difference),
                     "ci95": [_number(versus.interval[0]), _number(versus.interval[1])],
                     "relative": _number(versus.relative),
-                    "p_value": _number(versus.p_value),
+                    "p_value": _p_value(versus.p_value),
                 }
         report["variants"][name] = entry
     if preferences.any():
@@ -103,7 +103,7 @@ def analyse(variants: Mapping[str, np.ndarray], preferences: np.ndarray, order: 
             "prefer_second": chosen.second,
             "tied": chosen.tied,
             "first_share": _number(chosen.first_share),
-            "p_value": _number(chosen.p_value),
+            "p_value": _p_value(chosen.p_value),
         }
     return report
 
@@ -148,6 +148,11 @@ def _variant_order(variants: Mapping[str, np.ndarray]) -> list[str]:
 
 def _number(value: float) -> float | None:
     return round(float(value), 6) if math.isfinite(value) else None
+
+
+def _p_value(value: float) -> float | None:
+    """Three significant digits: a p-value of 1e-9 is not 0."""
+    return float(f"{value:.3g}") if math.isfinite(value) else None
 
 
 def render_text(report: Mapping[str, Any]) -> str:
