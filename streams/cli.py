@@ -419,6 +419,7 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         workers=args.workers,
         seed=args.seed,
         seed_state=args.seed_state,
+        experiment=str(args.experiment or ""),
     )
     run_bench(settings, options, _say)
     return 0
@@ -621,6 +622,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write every user's window straight to the state changelog instead of the warm-up's events "
         "(for 1M users; the worker recovers them at start)",
+    )
+    bench.add_argument(
+        "--experiment",
+        type=Path,
+        metavar="FILE",
+        help="also run the throughput phase's users again with this experiment file (docs/experiments.md), "
+        "next to the run without",
     )
     bench.set_defaults(run=cmd_bench)
 

@@ -79,6 +79,7 @@ class BenchOptions:
     workers: int = 1
     seed: int = 0
     seed_state: bool = False
+    experiment: str = ""  # an experiment file: one more phase, the throughput phase's users with it running
     timeout_s: float = 900.0
 
     def __post_init__(self) -> None:
@@ -336,7 +337,8 @@ class Bench:
         run = uuid.uuid4().hex[:8]
         self.run_dir = settings.home / "bench" / run
         self.settings = settings.isolated(f"bench-{run}").with_overrides(
-            model_dir=str(settings.home / "bench-models" / f"{options.items}-items")
+            model_dir=str(settings.home / "bench-models" / f"{options.items}-items"),
+            experiments="",  # an experiment runs only in its own phase (--experiment)
         )
         self.user_ids = [f"bench-user-{i:07d}" for i in range(options.users)]
         self.recall = float("nan")  # of the store's search against an exact ranking, measured after the phases
@@ -467,6 +469,18 @@ class Bench:
         users = self.random_users(max(int(rate * seconds), 1), salt)
         return self.phase(workers, name, "micro-batched", users, rate)
 
+    def experiment_phase(self, users: Sequence[str]) -> PhaseResult:
+        """The throughput phase's users again, on workers running the experiment of ``options.experiment``."""
+        settings = [
+            s.with_overrides(experiments=self.options.experiment) for s in self.worker_settings(self.settings.batch_max)
+        ]
+        workers = Workers(settings, self.run_dir / "experiment")
+        try:
+            workers.wait_ready(self.options.timeout_s)
+            return self.phase(workers, "experiment", "micro-batched", users, 0)
+        finally:
+            workers.stop()
+
     def ceiling_phase(self, users: Sequence[str]) -> PhaseResult:
         """The throughput phase's events through Faust doing only the pipeline's I/O (streams.tools.ceiling)."""
         from streams.tools.ceiling import CEILING_COMMAND, start_at_end
@@ -522,6 +536,8 @@ class Bench:
                 results += probes + self.load_phases(workers, self.capacity)
             finally:
                 workers.stop()
+            if options.experiment:
+                results.append(self.experiment_phase(throughput_users))
             results.append(self.ceiling_phase(throughput_users))
             naive = Workers(self.worker_settings(1), self.run_dir)
             try:
@@ -643,6 +659,12 @@ def format_table(results: Sequence[PhaseResult]) -> str:
             f"speed-up of micro-batching over the naive baseline, same run: "
             f"{batched.events_per_s / baseline.events_per_s:.1f}× events/s",
         ]
+    experiment = next((r for r in results if r.name == "experiment"), None)
+    if batched and experiment and batched.events_per_s > 0:
+        rows.append(
+            f"with the experiment running, same users, same run: {experiment.events_per_s:,.0f} events/s "
+            f"= {experiment.events_per_s / batched.events_per_s:.0%} of the throughput phase"
+        )
     if batched and ceiling and ceiling.events_per_s > 0:
         rows.append(
             f"pipeline / ceiling (Faust doing the same I/O, same run): {batched.events_per_s:,.0f} / "
