@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from streams.console.explorer import Explorer
+from streams.console.pages import user_page
 from streams.experiments.assignment import variant_of
 from streams.experiments.attribution import ExperimentCounts, UserExposure
 from streams.experiments.config import ExperimentConfig, VariantConfig
@@ -82,6 +84,15 @@ def test_each_user_gets_their_variants_list_and_a_click_on_it_is_credited(tmp_pa
         assert exposure.totals == [2, 1, 1, 0, 1, 1 / 3]
     assert sum(_users_in(table).values()) == len(users)
     stored |= second.windows
+
+    # The console shows a user's variant, their totals and the list their variant makes.
+    popular = next(u for u in users if variant_of(running.config, u).name == "popular")
+    view = Explorer(lambda u: u, events, 5).user(popular, stored[popular])
+    assert view.experiment == "exp: popular" and view.experiment_totals["hits"] == 1
+    assert view.items and all(i.reason == POPULAR_REASON for i in view.items)
+    assert "in experiment <b>exp: popular</b>: 2 lists received, 1 engagements, 1 credited" in user_page(
+        view, "m", popular
+    )
 
     # A redelivery of the clicks (a crash before the commit) changes no count and no state.
     replay = events.process(_messages(clicks, 100), stored)

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from streams.errors import InvalidRecord
+from streams.experiments.attribution import TOTALS
+from streams.experiments.serving import RunningExperiment
 from streams.pipeline import EventBatchProcessor
 from streams.ports import SearchQuery
 from streams.records import Recommendation
@@ -42,6 +44,7 @@ class ShownItem:
     reason: str
     explained_by: tuple[str, ...]
     interest: int | None  # which of a multi-interest user's interests it is closest to
+    team: str | None = None  # in an interleaved experiment, the variant that placed it
 
 
 @dataclass
@@ -56,6 +59,8 @@ class UserView:
     interests: int = 1
     changes: list[ListChange] = field(default_factory=list)  # newest first
     catalog: dict[str, dict[str, Any]] = field(default_factory=dict)  # payloads of every item shown
+    experiment: str = ""  # "<experiment>: <variant>" while an experiment runs; their list is then the variant's
+    experiment_totals: dict[str, float] = field(default_factory=dict)  # their running totals in it
 
 
 @dataclass
@@ -91,11 +96,15 @@ class Explorer:
         if not window.entries:
             view.problem = "the user was forgotten" if window.forgotten_until else "the window holds no events"
             return view
-        now = self.events.recommender.current_with_interests(user_id, window, self.k)
-        if now is None:
-            view.problem = "no item of the window is still in the catalogue"
+        experiment = self.events.experiment
+        if experiment is not None:
+            self._in_experiment(view, experiment, window)
         else:
-            view.items, view.interests = self._shown(*now)
+            now = self.events.recommender.current_with_interests(user_id, window, self.k)
+            if now is None:
+                view.problem = "no item of the window is still in the catalogue"
+            else:
+                view.items, view.interests = self._shown(*now)
         view.changes = self._changes(user_id, window)
         shown_ids = {e.item_id for e in window.entries + window.evicted} | {i.item_id for i in view.items}
         shown_ids |= {i for change in view.changes for i in change.entered + change.left}
@@ -114,6 +123,18 @@ class Explorer:
         payloads = self._payloads([hit.id for hit in hits])
         view.neighbours = [(hit.id, hit.score, payloads.get(hit.id, {})) for hit in hits]
         return view
+
+    def _in_experiment(self, view: UserView, experiment: RunningExperiment, window: UserWindow) -> None:
+        """The user's variant, their totals in the experiment, and their list as their variant makes it."""
+        view.experiment = f"{experiment.name}: {experiment.label(view.user_id)}"
+        exposure = experiment.exposure_of(view.user_id, window)
+        if exposure is not None:
+            view.experiment_totals = dict(zip(TOTALS, exposure.totals, strict=True))
+        rec = experiment.current(view.user_id, window, self.k, None)
+        if rec is None or not rec.items:
+            view.problem = "no item of the window is still in the catalogue"
+            return
+        view.items = [ShownItem(i.item_id, i.score, i.reason, i.explained_by, None, i.team) for i in rec.items]
 
     def _shown(self, current: Recommendation, interests: np.ndarray) -> tuple[list[ShownItem], int]:
         count = len(interests)

@@ -119,18 +119,22 @@ def _user_body(view: UserView) -> str:
     if view.state_key:
         key = escape(view.state_key)
         head += f"<p class=note>ids are pseudonymised: this user's state is kept under <code>{key}</code></p>"
+    if view.experiment:
+        head += _experiment_line(view)
     if view.problem:
         return head + f"<p class=problem id=problem>{escape(view.problem)}</p>"
     interests = f", {view.interests} interests" if view.interests > 1 else ""
+    teams = any(i.team for i in view.items)
     rows = "".join(
         f"<tr><td>{n}</td><td>{_item_link(i.item_id, catalog)}</td>"
         f"<td>{escape(str((catalog.get(i.item_id) or {}).get('category') or ''))}</td><td>{i.score:.4f}</td>"
         f"<td class=reason>{escape(i.reason)}</td>"
         + (f"<td>{'' if i.interest is None else i.interest + 1}</td>" if view.interests > 1 else "")
+        + (f"<td>{escape(i.team or '')}</td>" if teams else "")
         + "</tr>"
         for n, i in enumerate(view.items, 1)
     )
-    interest_head = "<th>interest</th>" if view.interests > 1 else ""
+    interest_head = ("<th>interest</th>" if view.interests > 1 else "") + ("<th>team</th>" if teams else "")
     current = (
         f"<section><h3>Their list now <small>(k={len(view.items)}{interests})</small></h3><table id=list>"
         f"<tr><th>#</th><th>item</th><th>category</th><th>score</th><th>why</th>{interest_head}</tr>{rows}</table></section>"
@@ -149,6 +153,20 @@ def _user_body(view: UserView) -> str:
         + "</section>"
     )
     return head + current + _changes(view) + window + _forget_form(view.user_id)
+
+
+def _experiment_line(view: UserView) -> str:
+    totals = view.experiment_totals
+    counted = (
+        f": {totals['lists']:.0f} lists received, {totals['engagements']:.0f} engagements, "
+        f"{totals['hits']:.0f} credited to their lists"
+        if totals
+        else " (no list received in it yet)"
+    )
+    return (
+        f"<p id=experiment>in experiment <b>{escape(view.experiment)}</b>{counted}; the list below is their "
+        "variant's</p>"
+    )
 
 
 def _changes(view: UserView) -> str:

@@ -244,7 +244,7 @@ class RunningExperiment:
         changed = set()
         for user_id in new_events.keys() | lists.keys():
             window = windows[user_id]
-            before = self._exposure(user_id, window)
+            before = self.exposure_of(user_id, window)
             if before is None and user_id not in lists:
                 continue  # not in the experiment until their first list
             exposure = before or UserExposure(self.config.name, self.label(user_id))
@@ -267,7 +267,7 @@ class RunningExperiment:
 
     def forget(self, window: UserWindow, user_id: str, ts: int, partition: int) -> list[CountsUpdate]:
         """Take a user about to be forgotten out of the counts (their state goes with their window)."""
-        exposure = self._exposure(user_id, window)
+        exposure = self.exposure_of(user_id, window)
         if exposure is None:
             return []
         tally = _Tally(self.config)
@@ -277,7 +277,7 @@ class RunningExperiment:
             delta.prefer(exposure.preference(), None)
         return tally.done()
 
-    def _exposure(self, user_id: str, window: UserWindow) -> UserExposure | None:
+    def exposure_of(self, user_id: str, window: UserWindow) -> UserExposure | None:
         """The user's state in this experiment and their current variant, if they have one."""
         if not window.experiment:
             return None
