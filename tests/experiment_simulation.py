@@ -13,6 +13,7 @@ import dataclasses
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,7 @@ def _received(user: str, items: list[str], teams: list[str | None], ts: int) -> 
     return Recommendation(user, shown, "sim", f"{user}-{ts}", ts, ts)
 
 
-def run_ab(rankers: Rankers, users: int, seed: int) -> dict[str, object]:
+def run_ab(rankers: Rankers, users: int, seed: int) -> dict[str, Any]:
     """An A/B split of ``users``; the report's analysis of it."""
     rng = random.Random(seed)
     experiment = rankers.experiment(seed)
@@ -79,7 +80,7 @@ def run_ab(rankers: Rankers, users: int, seed: int) -> dict[str, object]:
     return analyse(delta.variants, delta.preferences, ["first", "second"])
 
 
-def run_interleaved(rankers: Rankers, users: int, seed: int) -> dict[str, object]:
+def run_interleaved(rankers: Rankers, users: int, seed: int) -> dict[str, Any]:
     """Both rankers interleaved for every user; the users' preferences as the report tests them."""
     rng = random.Random(seed)
     experiment = rankers.experiment(seed, interleave=True)
@@ -105,7 +106,7 @@ def run_interleaved(rankers: Rankers, users: int, seed: int) -> dict[str, object
 
 def ab_finds(rankers: Rankers, users: int, seed: int) -> bool:
     """Whether the A/B split declares the better ranker better (hit rate, p < 0.05)."""
-    versus = run_ab(rankers, users, seed)["variants"]["second"]["hit_rate"]["vs_control"]  # type: ignore[index]
+    versus = run_ab(rankers, users, seed)["variants"]["second"]["hit_rate"]["vs_control"]
     better_second = rankers.second_quality > rankers.first_quality
     return bool(
         versus["p_value"] is not None and versus["p_value"] < 0.05 and (versus["difference"] > 0) == better_second

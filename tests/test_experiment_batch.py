@@ -3,21 +3,29 @@ broker): lists stamped by variant, credit for what follows them, replays and for
 
 from __future__ import annotations
 
+import logging
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from encoder.config import INTEREST_BUNDLE
 from streams.console.explorer import Explorer
 from streams.console.pages import user_page
 from streams.experiments.assignment import variant_of
 from streams.experiments.attribution import ExperimentCounts, UserExposure
 from streams.experiments.config import ExperimentConfig, VariantConfig
-from streams.experiments.serving import CountsUpdate, ModelLists, PopularLists, RunningExperiment
+from streams.experiments.serving import CountsUpdate, ModelLists, PopularLists, RunningExperiment, VariantLists
 from streams.pipeline import EventBatchProcessor, IncomingMessage, WindowLimits
 from streams.records import ControlCommand, Event, encode_control, encode_event
 from streams.rerank import RerankPolicy
+from streams.settings import Settings
 from streams.state import UserWindow
 from streams.trending import POPULAR_REASON
+from streams.worker.app import load_model
+from streams.worker.experiment_loader import ExperimentLoader
 from tests.harness import processors
 
 LIMITS = WindowLimits(10, 10**12, 100)
@@ -29,7 +37,10 @@ def _running(events: EventBatchProcessor, interleave: bool = False) -> RunningEx
     config = ExperimentConfig(
         "exp", (VariantConfig("model", 50), VariantConfig("popular", 50, baseline="trending")), interleave=interleave
     )
-    variants = {"model": ModelLists(served, RerankPolicy()), "popular": PopularLists(events.trending, served)}
+    variants: dict[str, VariantLists] = {
+        "model": ModelLists(served, RerankPolicy()),
+        "popular": PopularLists(events.trending, served),
+    }
     return RunningExperiment(config, variants, events.metrics, served.top_k)
 
 
@@ -127,3 +138,36 @@ def test_interleaved_lists_draft_both_variants_and_credit_the_team(tmp_path: Pat
     assert UserExposure.from_bytes(window.experiment).team_credits == [0, 1]
     (update,) = credited.experiment_counts
     assert np.array_equal(update.delta.preferences, [0, 1, 0])
+
+
+def test_a_changed_experiment_file_is_swapped_in_and_a_bad_one_leaves_the_running_one(
+    tmp_path: Path, models_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    parts = processors(tmp_path, models_dir, LIMITS)
+    events, items = parts.events, [i.item_id for i in parts.items]
+    path = tmp_path / "experiment.toml"
+    variants = '[[variant]]\nname = "a"\nshare = {a}\n[[variant]]\nname = "b"\nshare = {b}\nmodel = "{model}"\n'
+    path.write_text('name = "live"\n' + variants.format(a=1, b=0, model=models_dir))
+    text_embedder = parts.catalog.current.embedder.text_embedder
+    settings = Settings(home=tmp_path, model_dir=str(models_dir), experiments=str(path))
+    loader = ExperimentLoader(settings, events.recommender.store, text_embedder, events, parts.catalog, load_model)
+    loader.start()  # "b" serves its own copy of the bundle: same item tower, so the same collection
+    thread = ThreadPoolExecutor(1)
+
+    def variants_served(first_event: int) -> set[str | None]:
+        batch = [Event(f"e{first_event + n}", f"user-{n}", items[n], "view", T0 + first_event) for n in range(8)]
+        return {rec.variant for rec in events.process(_messages(batch, first_event), {}).recommendations}
+
+    assert variants_served(0) == {"a"} and loader.check(thread) is None  # unchanged: nothing to do
+    path.write_text('name = "live"\n' + variants.format(a=0, b=1, model=models_dir))
+    assert loader.check(thread) is not None and variants_served(100) == {"b"}
+    path.write_text('name = "live"\n[[variant]]\nname = "only"\n')
+    with caplog.at_level(logging.ERROR):
+        assert loader.check(thread) is None
+    assert "at least two [[variant]]" in caplog.text and variants_served(200) == {"b"}
+    other = tmp_path / "other-model"
+    shutil.copytree(models_dir / INTEREST_BUNDLE, other / INTEREST_BUNDLE)
+    path.write_text('name = "live"\n' + variants.format(a=1, b=1, model=other))
+    with caplog.at_level(logging.ERROR):
+        assert loader.check(thread) is None  # a model not loaded at start: refused, the running one carries on
+    assert "restart the workers to load it" in caplog.text and variants_served(300) == {"b"}

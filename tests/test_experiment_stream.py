@@ -1,7 +1,7 @@
 """An experiment run through the real broker and a real worker: the trained interest encoder, the
 popularity list and a deliberately broken variant split the users; simulated users act on their lists
 as the workload's users would; `rtrec experiment report` must name the better variants with
-significance, from the counts the worker kept."""
+significance, from the counts the worker kept (across a restart half-way)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from streams.cli import main
 from streams.experiments.assignment import variant_of
 from streams.experiments.config import load_experiment
 from streams.records import Event
-from tests.harness import Pipeline, http_get
+from tests.harness import Outputs, Pipeline, http_get
 
 pytestmark = pytest.mark.integration
 
@@ -59,15 +59,17 @@ def pipeline(kafka: LocalKafka, models_dir: Path, tmp_path_factory: pytest.TempP
         running.stop()
 
 
-def _play_rounds(pipeline: Pipeline, histories: list[list[Event]]) -> None:
+def _play_rounds(pipeline: Pipeline, histories: list[list[Event]], rounds: range) -> None:
     """Each round, every user's next event, and then their new lists before the next round: what a user does
     next can only meet the lists they had received."""
-    for round_ in range(ROUNDS):
+    for round_ in rounds:
         sent = {history[round_].event_id for history in histories}
         pipeline.send_events([history[round_] for history in histories])
-        pipeline.collect_until(
-            lambda out, sent=sent: sent <= {r.trigger_event_id for r in out.recommendations}, timeout_s=90
-        )
+
+        def answered(out: Outputs, sent: set[str] = sent) -> bool:
+            return sent <= {r.trigger_event_id for r in out.recommendations}
+
+        pipeline.collect_until(answered, timeout_s=90)
 
 
 def _flags(pipeline: Pipeline) -> list[str]:
@@ -86,7 +88,9 @@ def test_the_report_finds_the_better_variants_from_the_counts_kept_in_the_stream
     pipeline: Pipeline, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     histories = [[g.event for g in h] for h in pipeline.workload.histories(USERS, ROUNDS, first_user=5_000)]
-    _play_rounds(pipeline, histories)
+    _play_rounds(pipeline, histories, range(ROUNDS // 2))
+    pipeline.restart_worker()  # the users' experiment state and the counts come back from the changelogs
+    _play_rounds(pipeline, histories, range(ROUNDS // 2, ROUNDS))
     config = load_experiment(Path(pipeline.settings.experiments), pipeline.settings)
     for rec in pipeline.outputs.recommendations:
         assert rec.experiment == config.name and rec.variant == variant_of(config, rec.user_id).name, rec

@@ -182,7 +182,7 @@ def test_an_a_a_test_finds_a_difference_at_the_stated_false_positive_rate() -> N
     """300 A/A experiments (300 users each, users as different as in the simulation) through the real
     assignment, attribution and statistics: about 5% reach p < 0.05, for the A/B split and for interleaving."""
     same = Rankers(0.45, 0.45)
-    ab = [run_ab(same, 300, seed)["variants"]["second"]["hit_rate"]["vs_control"]["p_value"] for seed in range(300)]  # type: ignore[index]
+    ab = [run_ab(same, 300, seed)["variants"]["second"]["hit_rate"]["vs_control"]["p_value"] for seed in range(300)]
     interleaved = [run_interleaved(same, 300, seed)["p_value"] for seed in range(300)]
     for p_values in (ab, interleaved):
         false_positives = sum(p < 0.05 for p in p_values) / len(p_values)
