@@ -108,9 +108,9 @@ class ExperimentLoader:
                 f"the text encoder makes {self.text_embedder.dim}-d"
             )
         served = self.events.recommender
-        collection = items_collection_name(self.settings.items_collection, items)
-        cache = served.items
-        if collection != self.catalog.current.collection:
+        cache = served.items  # the served tower's vectors, when the variant's model shares that tower
+        if items.tower_id != self.catalog.current.embedder.item_encoder.tower_id:
+            collection = items_collection_name(self.settings.items_collection, items)
             self.store.ensure_collection(collection, items.dim)
             embedder = ItemEmbedder(self.text_embedder, items)
             fill_missing(self.settings, self.store, collection, embedder)
