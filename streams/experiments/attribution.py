@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -62,9 +63,7 @@ class UserExposure:
     @classmethod
     def from_bytes(cls, raw: bytes) -> UserExposure:
         try:
-            obj = msgpack.unpackb(raw, raw=False)
-            if obj.get("v") != STATE_VERSION:
-                raise InvalidRecord(f"unsupported experiment state version {obj.get('v')!r}")
+            obj = _unpacked(raw, "experiment state")
             return cls(
                 obj["e"],
                 obj["var"],
@@ -170,9 +169,7 @@ class ExperimentCounts:
     @classmethod
     def from_bytes(cls, raw: bytes) -> ExperimentCounts:
         try:
-            obj = msgpack.unpackb(raw, raw=False)
-            if obj.get("v") != STATE_VERSION:
-                raise InvalidRecord(f"unsupported experiment counts version {obj.get('v')!r}")
+            obj = _unpacked(raw, "experiment counts")
             variants = {name: np.asarray(stats, dtype=np.float64) for name, stats in obj["variants"].items()}
             if any(stats.shape != (N_STATS,) for stats in variants.values()):
                 raise InvalidRecord("experiment counts of the wrong length")
@@ -180,6 +177,13 @@ class ExperimentCounts:
             return cls(obj["experiment"], int(obj["bucket_ms"]), variants, preferences)
         except (ValueError, KeyError, TypeError, AttributeError, msgpack.ExtraData, msgpack.FormatError) as exc:
             raise InvalidRecord(f"corrupt experiment counts ({type(exc).__name__}: {exc})") from None
+
+
+def _unpacked(raw: bytes, what: str) -> dict[str, Any]:
+    obj = msgpack.unpackb(raw, raw=False)
+    if not isinstance(obj, dict) or obj.get("v") != STATE_VERSION:
+        raise InvalidRecord(f"unsupported {what} format: {str(obj)[:40]!r}")
+    return obj
 
 
 def counts_key(experiment: str, partition: int, bucket_start_ms: int) -> bytes:
