@@ -374,7 +374,8 @@ class ItemTarget:
 
 @dataclass
 class Migration:
-    """A collection being filled for a new item tower while the current one is still served."""
+    """A collection being filled for an item tower (a model swap's next one, an experiment variant's) while
+    the catalogue agent keeps writing changes to it."""
 
     target: ItemTarget
     ends: dict[int, int]  # catalogue end offsets when the fill began: it reads up to these
@@ -383,8 +384,8 @@ class Migration:
 
 class CatalogBatchProcessor:
     """Item upserts are embedded (text, then the item tower) and written in one batch;
-    a tombstone (null value) deletes. During a model swap, every change is written for the
-    new tower too (``begin_migration`` … ``finish_migration``)."""
+    a tombstone (null value) deletes. Every change is written for the towers of experiment variants
+    too, and for a tower being filled (``begin_migration`` … ``finish_migration`` or ``keep_for_variant``)."""
 
     def __init__(
         self,
@@ -402,7 +403,7 @@ class CatalogBatchProcessor:
         self.store = store
         # The served tower: what the catalogue's records are checked against, and kept in step with its cache.
         self.current = ItemTarget(ItemEmbedder(embedder, item_encoder), items_collection, item_cache)
-        self.migration: Migration | None = None
+        self.fills: list[Migration] = []  # towers being filled from the catalogue topic
         self.variant_targets: list[ItemTarget] = []  # towers of an experiment's variant models, kept in step too
         self.limits = limits
         self.clock = clock
@@ -428,59 +429,79 @@ class CatalogBatchProcessor:
         upserts = [item for _, item in latest.values() if item is not None]
         outcome.deleted = [item_id for item_id, (_, item) in latest.items() if item is None]
         outcome.upserted = [item.item_id for item in upserts]
-        targets = [self.current, *self.variant_targets]
-        if self.migration is not None:
-            targets.append(self.migration.target)
-        for target in targets:
-            self._write(target, upserts, outcome.deleted)
-        if self.migration is not None:
-            ends = self.migration.ends
-            self.migration.settled.update(
-                item_id for item_id, (m, _) in latest.items() if m.offset >= ends.get(m.partition, 0)
+        for targets in self._by_collection():
+            self._write(targets, upserts, outcome.deleted)
+        for fill in self.fills:
+            fill.settled.update(
+                item_id for item_id, (m, _) in latest.items() if m.offset >= fill.ends.get(m.partition, 0)
             )
         for name, changes in (("upserted", outcome.upserted), ("deleted", outcome.deleted)):
             self.metrics.catalog.labels(name).inc(len(changes))
         self.metrics.catalog.labels("dead_lettered").inc(len(outcome.dead_letters))
         return outcome
 
-    def begin_migration(self, target: ItemTarget, ends: Callable[[], dict[int, int]]) -> dict[int, int]:
-        """From now on changes are written for ``target`` too; the end offsets its fill must read up to.
+    def begin_migration(self, target: ItemTarget, ends: Callable[[], dict[int, int]]) -> Migration:
+        """From now on changes are written for ``target`` too; the fill, with the end offsets it must read up to.
 
         ``ends`` is read here, between batches: every change this processor writes later either comes
         before those offsets (the fill writes it as well, in order) or at or past them (settled).
         """
-        self.migration = Migration(target, ends())
-        return dict(self.migration.ends)
+        fill = Migration(target, ends())
+        self.fills.append(fill)
+        return fill
 
-    def backfill(self, changes: Mapping[str, VectorPoint | None]) -> None:
+    def backfill(self, fill: Migration, changes: Mapping[str, VectorPoint | None]) -> None:
         """Write a chunk of the fill (the newest change per item: its point, or None for a deletion)
         except the settled items."""
-        assert self.migration is not None, "no migration under way"
-        migration = self.migration
-        fresh = {i: point for i, point in changes.items() if i not in migration.settled}
+        fresh = {i: point for i, point in changes.items() if i not in fill.settled}
         points = [point for point in fresh.values() if point is not None]
         deleted = [i for i, point in fresh.items() if point is None]
-        self.store.upsert(migration.target.collection, points)
-        self.store.delete(migration.target.collection, deleted)
+        self.store.upsert(fill.target.collection, points)
+        self.store.delete(fill.target.collection, deleted)
 
-    def finish_migration(self) -> ItemTarget:
-        """The new tower becomes the served one; the target it replaces is returned."""
-        assert self.migration is not None, "no migration under way"
-        replaced, self.current, self.migration = self.current, self.migration.target, None
+    def finish_migration(self, fill: Migration) -> ItemTarget:
+        """The filled tower becomes the served one; the target it replaces is returned."""
+        self.fills.remove(fill)
+        replaced, self.current = self.current, fill.target
         return replaced
 
-    def abandon_migration(self) -> None:
-        self.migration = None
+    def keep_for_variant(self, fill: Migration) -> None:
+        """The filled tower serves an experiment variant: kept in step from now on."""
+        self.fills.remove(fill)
+        self.variant_targets.append(fill.target)
 
-    def _write(self, target: ItemTarget, upserts: Sequence[Item], deleted: Sequence[str]) -> None:
-        points = target.embedder.points(upserts)
+    def abandon_migration(self, fill: Migration) -> None:
+        self.fills.remove(fill)
+
+    def collections_in_use(self) -> set[str]:
+        """The collections the catalogue keeps in step (none of them may be dropped)."""
+        return {self.current.collection, *(t.collection for t in self.variant_targets)}
+
+    def _by_collection(self) -> list[list[ItemTarget]]:
+        """Every target, grouped by collection: a collection several targets share (a variant model with the
+        served tower, a swap to a variant's tower) is embedded and written once, and each cache kept in step."""
+        groups: dict[str, list[ItemTarget]] = {}
+        for target in [self.current, *self.variant_targets, *(f.target for f in self.fills)]:
+            group = groups.setdefault(target.collection, [])
+            if all(target is not held for held in group):
+                group.append(target)
+        return list(groups.values())
+
+    def set_variant_targets(self, targets: Sequence[ItemTarget]) -> None:
+        """The variant towers kept in step from now on (an experiment changed)."""
+        self.variant_targets = list(targets)
+
+    def _write(self, targets: Sequence[ItemTarget], upserts: Sequence[Item], deleted: Sequence[str]) -> None:
+        first = targets[0]
+        points = first.embedder.points(upserts)
         if points:
-            self.store.upsert(target.collection, points)
+            self.store.upsert(first.collection, points)
+        self.store.delete(first.collection, deleted)
+        for target in targets:
             if target.cache is not None:
-                target.cache.put({p.id: p.vector for p in points})
-        self.store.delete(target.collection, deleted)
-        if target.cache is not None:
-            target.cache.discard(deleted)
+                if points:
+                    target.cache.put({p.id: p.vector for p in points})
+                target.cache.discard(deleted)
 
     def _tombstone_id(self, key: bytes | None) -> str:
         if not key:

@@ -150,24 +150,27 @@ def test_a_changed_experiment_file_is_swapped_in_and_a_bad_one_leaves_the_runnin
     path.write_text('name = "live"\n' + variants.format(a=1, b=0, model=models_dir))
     text_embedder = parts.catalog.current.embedder.text_embedder
     settings = Settings(home=tmp_path, model_dir=str(models_dir), experiments=str(path))
-    loader = ExperimentLoader(settings, events.recommender.store, text_embedder, events, parts.catalog, load_model)
-    loader.start()  # "b" serves its own copy of the bundle: same item tower, so the same collection
-    thread = ThreadPoolExecutor(1)
+    workers = {"event_worker": ThreadPoolExecutor(1), "catalog_worker": ThreadPoolExecutor(1)}
+    store = events.recommender.store
+    loader = ExperimentLoader(settings, store, text_embedder, events, parts.catalog, load_model, **workers)
+    loader.start()  # "b" serves its own copy of the bundle: the served item tower, so the served collection
 
     def variants_served(first_event: int) -> set[str | None]:
         batch = [Event(f"e{first_event + n}", f"user-{n}", items[n], "view", T0 + first_event) for n in range(8)]
         return {rec.variant for rec in events.process(_messages(batch, first_event), {}).recommendations}
 
-    assert variants_served(0) == {"a"} and loader.check(thread) is None  # unchanged: nothing to do
+    assert variants_served(0) == {"a"} and loader.check() is None  # unchanged: nothing to do
+    assert parts.catalog.variant_targets == [parts.catalog.current]
     path.write_text('name = "live"\n' + variants.format(a=0, b=1, model=models_dir))
-    assert loader.check(thread) is not None and variants_served(100) == {"b"}
+    assert loader.check() is not None and variants_served(100) == {"b"}
     path.write_text('name = "live"\n[[variant]]\nname = "only"\n')
     with caplog.at_level(logging.ERROR):
-        assert loader.check(thread) is None
+        assert loader.check() is None
     assert "at least two [[variant]]" in caplog.text and variants_served(200) == {"b"}
+
+    # A model the worker has not loaded yet is loaded live; the one no variant names any more is let go.
     other = tmp_path / "other-model"
     shutil.copytree(models_dir / INTEREST_BUNDLE, other / INTEREST_BUNDLE)
     path.write_text('name = "live"\n' + variants.format(a=1, b=1, model=other))
-    with caplog.at_level(logging.ERROR):
-        assert loader.check(thread) is None  # a model not loaded at start: refused, the running one carries on
-    assert "restart the workers to load it" in caplog.text and variants_served(300) == {"b"}
+    assert loader.check() is not None and variants_served(300) == {"a", "b"}
+    assert list(loader.models) == [other] and len(parts.catalog.variant_targets) == 1

@@ -54,14 +54,15 @@ def test_a_fill_never_overwrites_a_change_the_agent_wrote_from_past_its_end_offs
     renamed = Item(lamp.item_id, "a completely different gardening spade", lamp.ts, category="gardening")
     embedder = ItemEmbedder(parts.text_embedder, parts.item_encoder)
     cache = ItemVectorCache(store, "new", capacity=100, ttl_s=60)
-    assert catalog.begin_migration(ItemTarget(embedder, "new", cache), lambda: {0: 5}) == {0: 5}
+    fill = catalog.begin_migration(ItemTarget(embedder, "new", cache), lambda: {0: 5})
+    assert fill.ends == {0: 5}
 
     catalog.process([_message(renamed, 7)])  # the agent, already past the fill's end offset
     (old_version,) = embedder.points([lamp])
-    catalog.backfill({lamp.item_id: old_version})  # the fill, reading offset 2, comes later
+    catalog.backfill(fill, {lamp.item_id: old_version})  # the fill, reading offset 2, comes later
     kept = store.fetch_vectors("new", [lamp.item_id])[lamp.item_id]
     np.testing.assert_allclose(kept, embedder.vectors([renamed])[0], rtol=1e-5)
-    assert catalog.finish_migration().collection == "old" and catalog.items_collection == "new"
+    assert catalog.finish_migration(fill).collection == "old" and catalog.items_collection == "new"
     assert lamp.item_id in store.fetch_vectors("old", [lamp.item_id])  # written for both towers meanwhile
 
 

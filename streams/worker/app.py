@@ -216,7 +216,14 @@ def _run_experiments(
 ) -> None:
     """The experiment of ``RTREC_EXPERIMENTS``, running before any event is read, and the file watched."""
     loader = ExperimentLoader(
-        settings, store, components.text_embedder, processors.events, processors.catalog, load_model
+        settings,
+        store,
+        components.text_embedder,
+        processors.events,
+        processors.catalog,
+        load_model,
+        event_worker=agents.event_worker,
+        catalog_worker=agents.catalog_worker,
     )
     loader.start()
     if settings.model_reload_s > 0:
@@ -224,7 +231,7 @@ def _run_experiments(
 
         @app.timer(settings.model_reload_s, name="rtrec.watch_experiment")
         async def watch_experiment_file() -> None:
-            await asyncio.get_running_loop().run_in_executor(watcher, loader.check, agents.event_worker)
+            await asyncio.get_running_loop().run_in_executor(watcher, loader.check)
 
 
 def build_app(settings: Settings, components: Components) -> faust.App:

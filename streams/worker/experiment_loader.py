@@ -2,10 +2,9 @@
 two micro-batches.
 
 A variant with a model of its own gets that bundle loaded beside the served one; when its item tower
-differs, the tower gets its own collection, filled from the catalogue before any event is read and kept
-in step by the catalogue agent from then on. Such models load at start: a changed file that names a
-model not loaded yet is refused (restart the workers to load it), while shares, re-ranking settings,
-baselines, the attribution window and new experiments over loaded models change live.
+differs, the tower gets its own collection, filled from the catalogue (at start before any event is
+read; when the file changes, in the background like a model swap's, while the running experiment
+carries on) and kept in step by the catalogue agent from then on.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from streams.ports import InterestEncoderRuntime, ItemEncoderRuntime, TextEmbedd
 from streams.recommend import Recommender
 from streams.settings import Settings
 from streams.worker.catalog_sync import fill_missing, items_collection_name
+from streams.worker.model_swap import fill_tower
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,9 @@ class ExperimentLoader:
         events: EventBatchProcessor,
         catalog: CatalogBatchProcessor,
         load: Loader,
+        *,
+        event_worker: ThreadPoolExecutor,
+        catalog_worker: ThreadPoolExecutor,
     ) -> None:
         self.settings = settings
         self.path = Path(settings.experiments)
@@ -50,39 +53,47 @@ class ExperimentLoader:
         self.events = events
         self.catalog = catalog
         self.load = load
-        self.models: dict[Path, Recommender] = {}  # variant models loaded so far, by bundle folder
+        self.event_worker = event_worker  # where the running experiment is swapped, between two micro-batches
+        self.catalog_worker = catalog_worker  # where the catalogue's targets change, between two of its batches
+        self.models: dict[Path, tuple[Recommender, ItemTarget]] = {}  # variant models loaded, by bundle folder
         self.read_digest = b""  # of the file's contents last read, good or bad: each change is said once
 
     def start(self) -> RunningExperiment:
         """The experiment at start-up, its models loaded and their collections filled; a bad file stops the worker."""
         config = load_experiment(self.path, self.settings)
         self.read_digest = self._digest()
-        running = self.prepare(config, loading=True)
-        self.events.experiment = running
+        running = self._swap_in(config, starting=True)
         log.info("experiment %r running: %s", config.name, _shares(config))
         return running
 
-    def check(self, event_worker: ThreadPoolExecutor) -> RunningExperiment | None:
-        """Re-read a changed file and swap its experiment in on the events thread; the one swapped in, if any."""
+    def check(self) -> RunningExperiment | None:
+        """Re-read a changed file and swap its experiment in; the one swapped in, if any. A new variant model
+        is loaded and its collection filled first, while the running experiment carries on."""
         digest = self._digest()
         if digest == self.read_digest:
             return None
         self.read_digest = digest
         try:
             config = load_experiment(self.path, self.settings)
-            running = self.prepare(config, loading=False)
+            running = self._swap_in(config, starting=False)
         except (ConfigError, ModelError) as exc:
             log.error("experiment file changed but is not used (the running experiment carries on): %s", exc)
             return None
-        event_worker.submit(setattr, self.events, "experiment", running).result()
         log.info("experiment %r now running: %s", config.name, _shares(config))
         return running
 
-    def prepare(self, config: ExperimentConfig, *, loading: bool) -> RunningExperiment:
-        variants = {v.name: self._lists(config, v, loading) for v in config.variants}
-        return RunningExperiment(config, variants, self.events.metrics, self.settings.top_k)
+    def _swap_in(self, config: ExperimentConfig, *, starting: bool) -> RunningExperiment:
+        variants = {v.name: self._lists(config, v, starting) for v in config.variants}
+        running = RunningExperiment(config, variants, self.events.metrics, self.settings.top_k)
+        self.event_worker.submit(setattr, self.events, "experiment", running).result()
+        # Models no variant names any more are let go; the towers of those named stay in step.
+        named = {v.model_dir for v in config.variants}
+        self.models = {folder: loaded for folder, loaded in self.models.items() if folder in named}
+        kept = [target for _, target in self.models.values()]
+        self.catalog_worker.submit(self.catalog.set_variant_targets, kept).result()
+        return running
 
-    def _lists(self, config: ExperimentConfig, variant: VariantConfig, loading: bool) -> VariantLists:
+    def _lists(self, config: ExperimentConfig, variant: VariantConfig, starting: bool) -> VariantLists:
         served = self.events.recommender
         if variant.baseline is not None:
             return PopularLists(self.events.trending, served)
@@ -90,16 +101,14 @@ class ExperimentLoader:
         if variant.model_dir is None:
             return ModelLists(served, policy)
         if variant.model_dir not in self.models:
-            if not loading:
-                raise ConfigError(
-                    f"variant {variant.name!r} names model {variant.model_dir}, not loaded by this worker: "
-                    "restart the workers to load it"
-                )
-            self.models[variant.model_dir] = self._load_model(config, variant)
-        return ModelLists(self.models[variant.model_dir], policy, own_model=True)
+            self.models[variant.model_dir] = self._load_model(config, variant, starting)
+        return ModelLists(self.models[variant.model_dir][0], policy, own_model=True)
 
-    def _load_model(self, config: ExperimentConfig, variant: VariantConfig) -> Recommender:
-        """A variant's model beside the served one: its tower's collection filled, its users' vectors apart."""
+    def _load_model(
+        self, config: ExperimentConfig, variant: VariantConfig, starting: bool
+    ) -> tuple[Recommender, ItemTarget]:
+        """A variant's model beside the served one, and the tower it reads: the served tower when it has that
+        one, else its own collection, filled (at start before any event is read, later while events flow)."""
         assert variant.model_dir is not None
         interest, items = self.load(self.settings.with_overrides(model_dir=str(variant.model_dir)))
         if items.reads_text and items.text_dim != self.text_embedder.dim:
@@ -107,22 +116,18 @@ class ExperimentLoader:
                 f"variant {variant.name!r}: its item tower reads {items.text_dim}-d text vectors, "
                 f"the text encoder makes {self.text_embedder.dim}-d"
             )
-        served = self.events.recommender
-        cache = served.items  # the served tower's vectors, when the variant's model shares that tower
-        if items.tower_id != self.catalog.current.embedder.item_encoder.tower_id:
-            collection = items_collection_name(self.settings.items_collection, items)
-            self.store.ensure_collection(collection, items.dim)
-            embedder = ItemEmbedder(self.text_embedder, items)
-            fill_missing(self.settings, self.store, collection, embedder)
-            cache = ItemVectorCache.sized_by(self.settings, self.store, collection)
-            self.catalog.variant_targets.append(ItemTarget(embedder, collection, cache))
+        target = self.catalog.current
+        if items.tower_id != target.embedder.item_encoder.tower_id:
+            target = self._own_tower(items, starting)
+        assert target.cache is not None
         users = f"{self.settings.users_collection}-{config.name}-{variant.name}"
         self.store.ensure_collection(users, interest.dim)
         log.info("experiment %r: variant %r serves model %s", config.name, variant.name, interest.version)
-        return Recommender(
+        served = self.events.recommender
+        recommender = Recommender(
             interest,
             self.store,
-            cache,
+            target.cache,
             users_collection=users,
             top_k=served.top_k,
             clock=served.clock,
@@ -130,6 +135,20 @@ class ExperimentLoader:
             rules=served.rules,
             pseudonyms=served.pseudonyms,
         )
+        return recommender, target
+
+    def _own_tower(self, items: ItemEncoderRuntime, starting: bool) -> ItemTarget:
+        collection = items_collection_name(self.settings.items_collection, items)
+        embedder = ItemEmbedder(self.text_embedder, items)
+        target = ItemTarget(embedder, collection, ItemVectorCache.sized_by(self.settings, self.store, collection))
+        if starting:  # the catalogue agent has not started: what the collection lacks, from the topic
+            self.store.ensure_collection(collection, items.dim)
+            fill_missing(self.settings, self.store, collection, embedder)
+            return target
+        owns_store = not self.settings.qdrant_url
+        fill = fill_tower(self.settings, self.store, self.catalog, self.catalog_worker, target, owns_store)
+        self.catalog_worker.submit(self.catalog.keep_for_variant, fill).result()
+        return target
 
     def _digest(self) -> bytes:
         try:

@@ -31,7 +31,7 @@ from encoder.config import INTEREST_BUNDLE, BundleManifest
 from streams.errors import ModelError
 from streams.item_vectors import ItemEmbedder, ItemVectorCache
 from streams.metrics import WorkerMetrics
-from streams.pipeline import CatalogBatchProcessor, ItemTarget
+from streams.pipeline import CatalogBatchProcessor, ItemTarget, Migration
 from streams.ports import InterestEncoderRuntime, ItemEncoderRuntime, TextEmbedder, VectorStore
 from streams.recommend import Recommender
 from streams.settings import Settings
@@ -134,48 +134,63 @@ class ModelSwapper:
     def _switch(self, interest: InterestEncoderRuntime, items: ItemEncoderRuntime) -> None:
         old = self.catalog.current
         collection = items_collection_name(self.settings.items_collection, items)
-        target = old
+        target, fill = old, None
         if collection != old.collection:
-            target = self._fill(items, collection)
+            fill = self._fill(items, collection)
+            target = fill.target
         log.info("switching to model %s (items in %s)", interest.version, collection)
         assert target.cache is not None
         cache = target.cache
         self.event_worker.submit(self.recommender.use, interest, cache).result()
-        if target is not old:
-            self.catalog_worker.submit(self.catalog.finish_migration).result()
-            if self._owns_store:
+        if fill is not None:
+            self.catalog_worker.submit(self.catalog.finish_migration, fill).result()
+            if self._owns_store and old.collection not in self.catalog.collections_in_use():
                 self.store.drop_collection(old.collection)
         self.metrics.model.clear()
         self.metrics.model.labels(interest.version, interest.provider).set(1)
         self.info.update(served_model_info(interest, items))
         log.info("now serving model %s", interest.version)
 
-    def _fill(self, items: ItemEncoderRuntime, collection: str) -> ItemTarget:
+    def _fill(self, items: ItemEncoderRuntime, collection: str) -> Migration:
         """The new tower's collection, filled from the catalogue while the served one keeps serving."""
-        settings = self.settings
-        if self._owns_store:
-            self.store.drop_collection(collection)  # what a failed earlier fill left is no base to build on
-        self.store.ensure_collection(collection, items.dim)
         target = ItemTarget(
             ItemEmbedder(self.text_embedder, items),
             collection,
-            ItemVectorCache.sized_by(settings, self.store, collection),
+            ItemVectorCache.sized_by(self.settings, self.store, collection),
         )
-        ends = self.catalog_worker.submit(self.catalog.begin_migration, target, lambda: catalogue_ends(settings))
-        try:
-            filled = 0
-            for changes in read_catalog(settings, ends.result()):
-                newest = latest(changes)
-                upserts = [c.item for c in newest.values() if c.item is not None]
-                points = {p.id: p for p in target.embedder.points(upserts)}  # the items the tower can place
-                chunk = {i: points.get(i) for i, c in newest.items() if c.item is None or i in points}
-                self.catalog_worker.submit(self.catalog.backfill, chunk).result()
-                filled += len(points)
-                log.info("model swap: %d items embedded into %s", filled, collection)
-            self.catalog_worker.submit(self.store.build_index, collection).result()
-        except BaseException:
-            self.catalog_worker.submit(self.catalog.abandon_migration).result()
-            if self._owns_store:
-                self.store.drop_collection(collection)
-            raise
-        return target
+        return fill_tower(self.settings, self.store, self.catalog, self.catalog_worker, target, self._owns_store)
+
+
+def fill_tower(
+    settings: Settings,
+    store: VectorStore,
+    catalog: CatalogBatchProcessor,
+    catalog_worker: ThreadPoolExecutor,
+    target: ItemTarget,
+    owns_store: bool,
+) -> Migration:
+    """``target``'s collection filled from the catalogue topic while the catalogue agent keeps writing every
+    change to it (``CatalogBatchProcessor.begin_migration``); the fill is left registered for the caller to
+    finish, keep or abandon. ``owns_store``: an embedded store, whose collections no other worker reads."""
+    collection = target.collection
+    if owns_store and collection not in catalog.collections_in_use():
+        store.drop_collection(collection)  # what a failed earlier fill left is no base to build on
+    store.ensure_collection(collection, target.embedder.item_encoder.dim)
+    fill = catalog_worker.submit(catalog.begin_migration, target, lambda: catalogue_ends(settings)).result()
+    try:
+        filled = 0
+        for changes in read_catalog(settings, fill.ends):
+            newest = latest(changes)
+            upserts = [c.item for c in newest.values() if c.item is not None]
+            points = {p.id: p for p in target.embedder.points(upserts)}  # the items the tower can place
+            chunk = {i: points.get(i) for i, c in newest.items() if c.item is None or i in points}
+            catalog_worker.submit(catalog.backfill, fill, chunk).result()
+            filled += len(points)
+            log.info("%d items embedded into %s", filled, collection)
+        catalog_worker.submit(store.build_index, collection).result()
+    except BaseException:
+        catalog_worker.submit(catalog.abandon_migration, fill).result()
+        if owns_store and collection not in catalog.collections_in_use():
+            store.drop_collection(collection)
+        raise
+    return fill
