@@ -21,9 +21,7 @@ from infra.kafka_local import LocalKafka, LocalKafkaConfig
 from infra.processes import free_port
 from infra.qdrant_local import HOW_TO_GET_ONE, LocalQdrant, LocalQdrantConfig, find_binary
 from streams.tools.stream_model import ensure_interest_encoder
-from tests.harness import TEST_WORKLOAD
-
-TEST_ENCODER = {"epochs": 40, "patience": 5, "seed": 1}  # overrides of the stream model's config
+from tests.harness import TEST_ENCODER, TEST_WORKLOAD
 
 
 @pytest.fixture(scope="session")

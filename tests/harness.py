@@ -8,6 +8,7 @@ independent kafka-python consumer, as a consumer of the product would.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +21,7 @@ from typing import Any
 
 import msgpack
 
+from encoder.config import TEXT_BUNDLE
 from infra.topics import ensure_pipeline_topics
 from streams.clients.helpers import Publisher
 from streams.clients.kafka_io import delete_items, iterate, make_consumer, make_producer, publish_events, publish_items
@@ -37,13 +39,24 @@ from streams.records import (
     encode_item,
 )
 from streams.settings import Secret, Settings
+from streams.tools.stream_model import ensure_interest_encoder
 from streams.tools.worker_runner import WorkerProcess
 from streams.tools.workload import Workload, WorkloadConfig
 from streams.worker.app import load_components
 from streams.worker.tables import windows_changelog_topic
 
 TEST_WORKLOAD = WorkloadConfig(n_items=240, n_users=60, seed=7)
+TEST_ENCODER = {"epochs": 40, "patience": 5, "seed": 1}  # overrides of the stream model's config
 TOPICS = ("events", "items", "recommendations", "deadletter", "control")
+
+
+def other_model(models_dir: Path, folder: Path) -> Path:
+    """A second, differently seeded training run of the stream's model (a new user tower and item tower) in
+    ``folder``, beside a copy of the text encoder; the interest bundle's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(models_dir / TEXT_BUNDLE, folder / TEXT_BUNDLE, dirs_exist_ok=True)
+    overrides = {**TEST_ENCODER, "seed": 2}
+    return ensure_interest_encoder(folder, TEST_WORKLOAD, overrides, n_users=200, events_per_user=30)
 
 
 def isolated_names() -> dict[str, str]:

@@ -6,18 +6,21 @@ significance, from the counts the worker kept (across a restart half-way)."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from encoder.config import BundleManifest
 from infra.kafka_local import LocalKafka
 from infra.processes import free_port
 from streams.cli import main
 from streams.experiments.assignment import variant_of
 from streams.experiments.config import load_experiment
-from streams.records import Event
-from tests.harness import Outputs, Pipeline, http_get
+from streams.recommend import now_ms
+from streams.records import Event, Recommendation
+from tests.harness import Outputs, Pipeline, http_get, other_model
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +53,12 @@ def pipeline(kafka: LocalKafka, models_dir: Path, tmp_path_factory: pytest.TempP
     home = tmp_path_factory.mktemp("experiment")
     (home / "experiment.toml").write_text(EXPERIMENT)
     running = Pipeline(
-        kafka.config.bootstrap, models_dir, home, experiments=str(home / "experiment.toml"), http_port=free_port()
+        kafka.config.bootstrap,
+        models_dir,
+        home,
+        experiments=str(home / "experiment.toml"),
+        http_port=free_port(),
+        model_reload_s=1,
     ).start()
     try:
         running.publish_catalog()
@@ -59,17 +67,22 @@ def pipeline(kafka: LocalKafka, models_dir: Path, tmp_path_factory: pytest.TempP
         running.stop()
 
 
+def _answered(pipeline: Pipeline, trigger_ids: set[str]) -> list[Recommendation]:
+    """The lists answering these events, once every one of them has arrived."""
+
+    def done(out: Outputs) -> bool:
+        return trigger_ids <= {r.trigger_event_id for r in out.recommendations}
+
+    outputs = pipeline.collect_until(done, timeout_s=90)
+    return [r for r in outputs.recommendations if r.trigger_event_id in trigger_ids]
+
+
 def _play_rounds(pipeline: Pipeline, histories: list[list[Event]], rounds: range) -> None:
     """Each round, every user's next event, and then their new lists before the next round: what a user does
     next can only meet the lists they had received."""
     for round_ in rounds:
-        sent = {history[round_].event_id for history in histories}
         pipeline.send_events([history[round_] for history in histories])
-
-        def answered(out: Outputs, sent: set[str] = sent) -> bool:
-            return sent <= {r.trigger_event_id for r in out.recommendations}
-
-        pipeline.collect_until(answered, timeout_s=90)
+        _answered(pipeline, {history[round_].event_id for history in histories})
 
 
 def _flags(pipeline: Pipeline) -> list[str]:
@@ -117,3 +130,30 @@ def test_the_report_finds_the_better_variants_from_the_counts_kept_in_the_stream
     status, body = http_get(pipeline.settings.http_port, f"/users/{user}/recommendations?k=4")
     assert status == 200 and body["experiment"] == config.name and body["variant"] == "popular", body
     assert body["model"] == "trending" and len(body["items"]) == 4
+
+
+def test_a_variant_model_named_by_a_changed_file_is_loaded_live_with_its_own_item_tower(
+    pipeline: Pipeline, models_dir: Path, tmp_path: Path
+) -> None:
+    bundle = other_model(models_dir, tmp_path / "candidate")
+    candidate = BundleManifest.read(bundle, "interest-encoder").version
+    Path(pipeline.settings.experiments).write_text(
+        'name = "candidate-model"\n[[variant]]\nname = "served"\nshare = 0\n'
+        f'[[variant]]\nname = "candidate"\nshare = 1\nmodel = "{bundle.parent}"\n'
+    )
+    # Events keep flowing while the worker loads the model and fills its tower's collection from the catalogue.
+    workload, category = pipeline.workload, pipeline.workload.categories[3]
+    deadline, user = time.monotonic() + 120, 7_000
+    while not any(r.model == candidate for r in pipeline.outputs.recommendations):
+        assert time.monotonic() < deadline, pipeline.worker_log()[-3000:]
+        events = [g.event for g in workload.scripted_user(user, [(category, 2)], clock=now_ms)]
+        pipeline.send_events(events)
+        _answered(pipeline, {events[-1].event_id})
+        user += 1
+    after = [g.event for g in workload.scripted_user(user, [(category, 6)], clock=now_ms)]
+    pipeline.send_events(after)
+    (latest,) = _answered(pipeline, {after[-1].event_id})
+    assert latest.model == candidate and (latest.experiment, latest.variant) == ("candidate-model", "candidate")
+    on_topic = sum(workload.category_of[i.item_id] == category for i in latest.items)
+    assert on_topic >= 6, [workload.category_of[i.item_id] for i in latest.items]  # its own items space
+    assert "experiment 'candidate-model' now running" in pipeline.worker_log()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from encoder.config import INTEREST_BUNDLE, TEXT_BUNDLE, BundleManifest
+from encoder.config import INTEREST_BUNDLE, BundleManifest
 from encoder.runtime import OnnxItemEncoder
 from infra.kafka_local import LocalKafka
 from infra.processes import free_port
@@ -19,20 +19,10 @@ from streams.pipeline import CatalogBatchProcessor, IncomingMessage, ItemTarget
 from streams.recommend import now_ms
 from streams.records import Item, encode_item
 from streams.settings import Settings
-from streams.tools.stream_model import ensure_interest_encoder
 from streams.tools.workload import Workload
 from streams.worker.app import load_components
 from streams.worker.catalog_sync import items_collection_name
-from tests.conftest import TEST_ENCODER
-from tests.harness import TEST_WORKLOAD, Pipeline
-
-
-def _other_model(models_dir: Path, folder: Path) -> Path:
-    """A second, differently seeded training run of the stream's model: a new user tower and item tower."""
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(models_dir / TEXT_BUNDLE, folder / TEXT_BUNDLE, dirs_exist_ok=True)
-    overrides = {**TEST_ENCODER, "seed": 2}
-    return ensure_interest_encoder(folder, TEST_WORKLOAD, overrides, n_users=200, events_per_user=30)
+from tests.harness import TEST_WORKLOAD, Pipeline, other_model
 
 
 def _message(item: Item, offset: int) -> IncomingMessage:
@@ -88,7 +78,7 @@ def test_a_new_bundle_is_swapped_in_live_with_nothing_lost_and_the_new_items_spa
         pipeline.send_events(before)
         pipeline.collect_until(lambda out: {e.event_id for e in before} <= out.covered_event_ids())
 
-        bundle = _other_model(models_dir, tmp_path / "next")
+        bundle = other_model(models_dir, tmp_path / "next")
         swapped_to = BundleManifest.read(bundle, "interest-encoder").version
         assert swapped_to != served
         (models / INTEREST_BUNDLE).rename(tmp_path / "retired")

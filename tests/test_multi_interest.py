@@ -10,8 +10,7 @@ from encoder.config import TEXT_BUNDLE
 from infra.kafka_local import LocalKafka
 from streams.recommend import now_ms
 from streams.tools.stream_model import ensure_interest_encoder
-from tests.conftest import TEST_ENCODER
-from tests.harness import TEST_WORKLOAD, Pipeline
+from tests.harness import TEST_ENCODER, TEST_WORKLOAD, Pipeline
 
 # The test catalogue, with users who draw 30% of their events from a second, standing interest.
 TWO_INTEREST_USERS = dataclasses.replace(TEST_WORKLOAD, second_interest_prob=0.3)
