@@ -202,9 +202,7 @@ class EventBatchProcessor:
             vectors = self.recommender.item_vectors(list(needed))
         by_user = self._by_known_user(valid, vectors, outcome)
         with stage("state"):
-            requests, fresh = self._add_to_windows(by_user, windows, outcome, tally)
-            for user_id in forgotten.keys() - outcome.windows.keys():  # the marker, also where no event was kept
-                outcome.windows[user_id] = windows[user_id].to_bytes()
+            requests, fresh = self._add_to_windows(by_user, windows, tally)
         with stage("lookup"):
             # A replay's window may hold entries evicted since, whose vectors the fetch above left out.
             then_items = {e.item_id for r in requests if r.replayed for e in r.window.entries} - vectors.keys()
@@ -215,7 +213,17 @@ class EventBatchProcessor:
             outcome.recommendations = self.recommender.refresh_batch(requests, vectors)
         else:
             outcome.recommendations = experiment.lists(requests, vectors)
-            self._attribute(experiment, windows, fresh, requests, partition_of, outcome)
+            with stage("state"):
+                replayed = {r.user_id for r in requests if r.replayed}
+                credited = experiment.attribute(windows, fresh, outcome.recommendations, replayed, partition_of)
+                outcome.experiment_counts += credited
+        with stage("state"):
+            # Stored once the batch is done with them (an experiment keeps its part inside them); a forgotten
+            # user's window keeps the marker, also where no event of theirs was kept.
+            for user_id in {r.user_id for r in requests} | forgotten.keys():
+                stored_now = windows[user_id].to_bytes()
+                outcome.windows[user_id] = stored_now
+                self._keep(user_id, stored_now, windows[user_id])
         outcome.counts = {
             "events": len(messages),
             "added": tally[AddOutcome.ADDED],
@@ -228,25 +236,6 @@ class EventBatchProcessor:
         }
         self._count(outcome.counts)
         return outcome
-
-    def _attribute(
-        self,
-        experiment: RunningExperiment,
-        windows: Mapping[str, UserWindow],
-        fresh: Sequence[Event],
-        requests: Sequence[RefreshRequest],
-        partition_of: Mapping[str, int],
-        outcome: EventBatchOutcome,
-    ) -> None:
-        """The experiment's credit for the batch's events and its record of the lists sent, kept in the windows."""
-        with self.metrics.stage("state"):
-            replayed = {r.user_id for r in requests if r.replayed}
-            changed, updates = experiment.attribute(windows, fresh, outcome.recommendations, replayed, partition_of)
-            outcome.experiment_counts += updates
-            for user_id in changed:
-                stored_now = windows[user_id].to_bytes()
-                outcome.windows[user_id] = stored_now
-                self._keep(user_id, stored_now, windows[user_id])
 
     def _decode(
         self, messages: Sequence[IncomingMessage], outcome: EventBatchOutcome, tally: Counter[AddOutcome]
@@ -285,11 +274,10 @@ class EventBatchProcessor:
         self,
         by_user: Mapping[str, list[Event]],
         windows: Mapping[str, UserWindow],
-        outcome: EventBatchOutcome,
         tally: Counter[AddOutcome],
     ) -> tuple[list[RefreshRequest], list[Event]]:
-        """Each user's events into their window: the windows to store, one refresh per user with a kept
-        event, and the events new to their windows (what trending counts)."""
+        """Each user's events into their window: one refresh per user with a kept event (their window is
+        stored), and the events new to their windows (what trending counts)."""
         requests = []
         fresh: list[Event] = []
         for user_id, events in by_user.items():
@@ -300,9 +288,6 @@ class EventBatchProcessor:
             kept = [(e, r) for e, r in zip(events, results, strict=True) if r is not AddOutcome.FORGOTTEN]
             if not kept:
                 continue  # all of them erased: nothing to store or answer
-            stored_now = window.to_bytes()
-            outcome.windows[user_id] = stored_now
-            self._keep(user_id, stored_now, window)
             # Redelivered events only (a replay after a crash): answer from the window they first met,
             # so that a (user, trigger) pair gets the list it got before, not one of a later window.
             # Otherwise the trigger is the last event new to the window, a pair not answered before.

@@ -230,18 +230,15 @@ class RunningExperiment:
         sent: Sequence[Recommendation],
         replayed: set[str],
         partition_of: Mapping[str, int],
-    ) -> tuple[set[str], list[CountsUpdate]]:
-        """Credit the batch's new events to the lists before them, then remember the lists just sent.
-
-        ``replayed``: users whose lists answer redelivered events (already counted). Returns the users whose
-        state changed (their windows are stored again) and the counts updates.
-        """
+    ) -> list[CountsUpdate]:
+        """Credit the batch's new events to the lists before them, then remember the lists just sent, in the
+        users' windows. ``replayed``: users whose lists answer redelivered events (already counted).
+        Returns the changes to the counts."""
         tally = _Tally(self.config)
         new_events: dict[str, list[Event]] = {}
         for event in fresh:
             new_events.setdefault(event.user_id, []).append(event)
         lists = {rec.user_id: rec for rec in sent if rec.user_id not in replayed}
-        changed = set()
         for user_id in new_events.keys() | lists.keys():
             window = windows[user_id]
             before = self.exposure_of(user_id, window)
@@ -256,14 +253,13 @@ class RunningExperiment:
             if rec is not None:
                 exposure.record(rec, [self.teams.get(i.team or "", -1) for i in rec.items], self.window_ms)
             window.experiment = exposure.to_bytes()
-            changed.add(user_id)
             when = rec.event_ts if rec is not None else max(e.ts for e in new_events[user_id])
             delta = tally.delta(partition_of[user_id], when)
             delta.move(exposure.variant, totals if before else None, exposure.totals)
             if self.teams:
                 delta.prefer(preference, exposure.preference())
             self._count(exposure, totals if before else None, team_credits)
-        return changed, tally.done()
+        return tally.done()
 
     def forget(self, window: UserWindow, user_id: str, ts: int, partition: int) -> list[CountsUpdate]:
         """Take a user about to be forgotten out of the counts (their state goes with their window)."""
