@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from streams.experiments.assignment import team_draft, unit_hash, variant_of
-from streams.experiments.attribution import CountsDelta, UserExposure
+from streams.experiments.attribution import CountsDelta, ExperimentCounts, UserExposure
 from streams.experiments.config import ExperimentConfig, VariantConfig
-from streams.experiments.report import analyse
+from streams.experiments.report import Timeline, experiment_report
 from streams.experiments.stats import preference
 from streams.records import Event, Recommendation, RecommendedItem
 
@@ -59,25 +59,30 @@ def _received(user: str, items: list[str], teams: list[str | None], ts: int) -> 
     return Recommendation(user, shown, "sim", f"{user}-{ts}", ts, ts)
 
 
-def run_ab(rankers: Rankers, users: int, seed: int) -> dict[str, Any]:
-    """An A/B split of ``users``; the report's analysis of it."""
+def run_ab(rankers: Rankers, users: int, seed: int, looks: int = 1) -> dict[str, Any]:
+    """An A/B split of ``users``, arriving over ``looks`` report buckets; the report of it."""
     rng = random.Random(seed)
     experiment = rankers.experiment(seed)
     quality = {"first": rankers.first_quality, "second": rankers.second_quality}
-    delta = CountsDelta()
-    for n in range(users):
-        user = f"u{n}"
-        variant = variant_of(experiment, user).name
-        difficulty = rng.betavariate(0.5, 0.5)
-        exposure = UserExposure(experiment.name, variant)
-        for visit in range(_visits(rng)):
-            ts = visit * VISIT_MS
-            target = rng.randrange(N_ITEMS)
-            items = _list(rng, target, quality[variant] * difficulty)
-            exposure.record(_received(user, items, [None] * K, ts), [-1] * K, WINDOW_MS)
-            exposure.credit(Event(f"{user}-{visit}", user, f"i{target}", "click", ts + 1_000), WINDOW_MS)
-        delta.move(variant, None, exposure.totals)
-    return analyse(delta.variants, delta.preferences, ["first", "second"])
+    timeline = Timeline(experiment.name)
+    for look in range(looks):
+        delta = CountsDelta()
+        for n in range(look * users // looks, (look + 1) * users // looks):
+            user = f"u{n}"
+            variant = variant_of(experiment, user).name
+            difficulty = rng.betavariate(0.5, 0.5)
+            exposure = UserExposure(experiment.name, variant)
+            for visit in range(_visits(rng)):
+                ts = visit * VISIT_MS
+                target = rng.randrange(N_ITEMS)
+                items = _list(rng, target, quality[variant] * difficulty)
+                exposure.record(_received(user, items, [None] * K, ts), [-1] * K, WINDOW_MS)
+                exposure.credit(Event(f"{user}-{visit}", user, f"i{target}", "click", ts + 1_000), WINDOW_MS)
+            delta.move(variant, None, exposure.totals)
+        counts = ExperimentCounts(experiment.name, look * 3_600_000)
+        counts.add(delta)
+        timeline.add(counts)
+    return experiment_report(timeline, ["first", "second"])
 
 
 def run_interleaved(rankers: Rankers, users: int, seed: int) -> dict[str, Any]:

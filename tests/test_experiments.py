@@ -234,3 +234,17 @@ def test_a_recommendation_says_its_experiment_variant_and_teams_and_one_from_bef
     plain = Recommendation("u", (RecommendedItem("x", 1.0, "r"),), "m", "t", 1, 2)
     assert b"experiment" not in encode_recommendation(plain) and b"team" not in encode_recommendation(plain)
     assert decode_recommendation(encode_recommendation(plain)) == plain
+
+
+def test_reading_the_report_at_every_look_is_safe_with_the_always_valid_p_value_only() -> None:
+    """120 A/A experiments whose 400 users arrive over 8 report buckets, each bucket read: stopping at the
+    first fixed-sample p < 0.05 declares a difference in a quarter of them; at the first always-valid one,
+    in at most 5% (the sequential test's promise)."""
+    same = Rankers(0.45, 0.45)
+    fixed = always = 0
+    for seed in range(120):
+        looks = [s["variants"]["second"]["hit_rate"]["vs_control"] for s in run_ab(same, 400, seed, 8)["over_time"]]
+        fixed += any(look["p_value"] is not None and look["p_value"] < 0.05 for look in looks)
+        always += any(look["always_valid_p"] is not None and look["always_valid_p"] < 0.05 for look in looks)
+        assert looks[-1]["always_valid_p"] == min(look["always_valid_p"] for look in looks)
+    assert fixed / 120 > 0.15 and always / 120 <= 0.05, (fixed, always)

@@ -94,6 +94,7 @@ def analyse(variants: Mapping[str, np.ndarray], preferences: np.ndarray, order: 
                     "ci95": [_number(versus.interval[0]), _number(versus.interval[1])],
                     "relative": _number(versus.relative),
                     "p_value": _p_value(versus.p_value),
+                    "sequential_p": _p_value(versus.sequential_p),
                 }
         report["variants"][name] = entry
     if preferences.any():
@@ -104,6 +105,7 @@ def analyse(variants: Mapping[str, np.ndarray], preferences: np.ndarray, order: 
             "tied": chosen.tied,
             "first_share": _number(chosen.first_share),
             "p_value": _p_value(chosen.p_value),
+            "sequential_p": _p_value(chosen.sequential_p),
         }
     return report
 
@@ -127,18 +129,39 @@ def experiment_report(timeline: Timeline, order: list[str] | None = None, contro
     steps = timeline.cumulative()
     if not steps:
         raise RtrecError(f"experiment {timeline.experiment!r} has no counts yet")
-    _, final, preferences = steps[-1]
+    final = steps[-1][1]
     names = list(dict.fromkeys([*(order or []), *_variant_order(final)]))
     if control is not None:
         if control not in names:
             raise RtrecError(f"no variant {control!r} in experiment {timeline.experiment!r}: {', '.join(names)}")
         names = [control, *(n for n in names if n != control)]
+    over_time = [{"bucket_ms": start, **analyse(v, p, names)} for start, v, p in steps]
+    _always_valid(over_time)
     return {
         "experiment": timeline.experiment,
         "buckets": len(steps),
-        **analyse(final, preferences, names),
-        "over_time": [{"bucket_ms": start, **analyse(v, p, names)} for start, v, p in steps],
+        **{key: value for key, value in over_time[-1].items() if key != "bucket_ms"},
+        "over_time": over_time,
     }
+
+
+def _always_valid(steps: list[dict[str, Any]]) -> None:
+    """Each comparison's always-valid p-value: the running minimum of its sequential p over the looks so far."""
+    lowest: dict[tuple[str, ...], float] = {}
+    for step in steps:
+        tests: list[tuple[tuple[str, ...], dict[str, Any]]] = []
+        if "interleaving" in step:
+            tests.append((("interleaving",), step["interleaving"]))
+        tests += [
+            ((name, metric), entry[metric]["vs_control"])
+            for name, entry in step["variants"].items()
+            for metric, *_ in METRICS
+            if "vs_control" in entry[metric]
+        ]
+        for key, test in tests:
+            if test["sequential_p"] is not None:
+                lowest[key] = min(lowest.get(key, 1.0), test["sequential_p"])
+            test["always_valid_p"] = lowest.get(key)
 
 
 def _variant_order(variants: Mapping[str, np.ndarray]) -> list[str]:
@@ -171,15 +194,19 @@ def render_text(report: Mapping[str, Any]) -> str:
             if versus and versus["difference"] is not None:
                 lines.append(
                     f"  {name} vs {report['control']}, {metric}: {versus['difference']:+.4f} "
-                    f"[{_fmt(versus['ci95'][0])}, {_fmt(versus['ci95'][1])}], p = {_fmt(versus['p_value'])}"
+                    f"[{_fmt(versus['ci95'][0])}, {_fmt(versus['ci95'][1])}], p = {_fmt(versus['p_value'])} "
+                    f"(always valid: {_fmt(versus['always_valid_p'])})"
                 )
     if "interleaving" in report:
         chosen = report["interleaving"]
         lines.append(
             f"interleaving: {chosen['prefer_first']} users prefer the first, {chosen['prefer_second']} the second, "
-            f"{chosen['tied']} tied; p = {_fmt(chosen['p_value'])}"
+            f"{chosen['tied']} tied; p = {_fmt(chosen['p_value'])} (always valid: {_fmt(chosen['always_valid_p'])})"
         )
     lines.append("metrics: " + "; ".join(f"{metric}: {meaning}" for metric, _, _, meaning in METRICS))
+    lines.append(
+        "p: for one look at a planned size; always valid: however often the report is read (stop when it is < 0.05)"
+    )
     return "\n".join(lines)
 
 

@@ -7,6 +7,11 @@ are compared with a two-sided z-test on the difference of their ratios.
 
 Interleaving compares two rankers within each user: a user prefers the team whose items earned more
 of their credited engagements; the preferences are tested against a fair coin (two-sided binomial).
+
+Next to each fixed-sample p-value, a sequential one that stays valid however often the report is read
+(a mixture sequential probability ratio test, Johari et al., "Always valid inference", 2017): the report
+keeps its running minimum over the report buckets, and stopping the first time it falls below 0.05
+keeps the false-positive rate at 5%, where stopping at the first fixed p-value below 0.05 does not.
 """
 
 from __future__ import annotations
@@ -15,11 +20,16 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import special
 from scipy import stats as scipy_stats
 
 from streams.experiments.attribution import N_TOTALS, PAIRS, TOTALS
 
 Z_95 = 1.959963984540054
+# The sequential test's mixture over effects: a normal of this share of the control's value (for A/B metrics),
+# a uniform over the preference share (interleaving). Any choice keeps the test valid; it sets which
+# effects it finds soonest (about this size).
+MIXTURE_SHARE = 0.1
 # Each A/B metric: (name, numerator total, denominator total, what it means).
 METRICS = (
     ("ctr", "clicks", "lists", "credited clicks per list served"),
@@ -45,6 +55,7 @@ class Comparison:
     interval: tuple[float, float]  # its 95% confidence interval
     relative: float  # difference / control's value
     p_value: float
+    sequential_p: float = math.nan  # the mixture SPRT's at this look (the report keeps the running minimum)
 
 
 def _moments(stats: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
@@ -78,7 +89,17 @@ def compare(control: Ratio, variant: Ratio) -> Comparison:
         return Comparison(difference, (math.nan, math.nan), _relative(difference, control.value), p)
     p = float(2 * scipy_stats.norm.sf(abs(difference) / se))
     interval = (difference - Z_95 * se, difference + Z_95 * se)
-    return Comparison(difference, interval, _relative(difference, control.value), p)
+    sequential = mixture_p(difference, se, MIXTURE_SHARE * abs(control.value))
+    return Comparison(difference, interval, _relative(difference, control.value), p, sequential)
+
+
+def mixture_p(difference: float, se: float, tau: float) -> float:
+    """1 / the likelihood ratio of a normal mixture (sd ``tau``) of effects against none, at most 1."""
+    if not (math.isfinite(difference) and math.isfinite(se) and se > 0 and tau > 0):
+        return math.nan
+    v, t2 = se * se, tau * tau
+    log_ratio = 0.5 * math.log(v / (v + t2)) + difference * difference * t2 / (2 * v * (v + t2))
+    return float(min(1.0, math.exp(-log_ratio)))
 
 
 @dataclass(frozen=True)
@@ -89,6 +110,7 @@ class Preference:
     second: int
     tied: int
     p_value: float
+    sequential_p: float = math.nan  # a uniform mixture over the preference share against a fair coin
 
     @property
     def first_share(self) -> float:
@@ -100,8 +122,12 @@ class Preference:
 def preference(counts: np.ndarray) -> Preference:
     first, second, tied = (round(float(c)) for c in counts)
     decided = first + second
-    p = float(scipy_stats.binomtest(first, decided, 0.5).pvalue) if decided else math.nan
-    return Preference(first, second, tied, p)
+    if not decided:
+        return Preference(first, second, tied, math.nan)
+    p = float(scipy_stats.binomtest(first, decided, 0.5).pvalue)
+    # The likelihood ratio of a uniform prior on the share against 1/2: 2^n B(first + 1, second + 1).
+    log_ratio = decided * math.log(2) + float(special.betaln(first + 1, second + 1))
+    return Preference(first, second, tied, p, float(min(1.0, math.exp(-log_ratio))))
 
 
 def _relative(difference: float, base: float) -> float:
