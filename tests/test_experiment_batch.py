@@ -19,6 +19,7 @@ from streams.experiments.attribution import ExperimentCounts, UserExposure
 from streams.experiments.config import ExperimentConfig, VariantConfig
 from streams.experiments.serving import CountsUpdate, ModelLists, PopularLists, RunningExperiment, VariantLists
 from streams.pipeline import EventBatchProcessor, IncomingMessage, WindowLimits
+from streams.recommend import RefreshRequest
 from streams.records import ControlCommand, Event, encode_control, encode_event
 from streams.rerank import RerankPolicy
 from streams.settings import Settings
@@ -174,3 +175,40 @@ def test_a_changed_experiment_file_is_swapped_in_and_a_bad_one_leaves_the_runnin
     path.write_text('name = "live"\n' + variants.format(a=1, b=1, model=other))
     assert loader.check() is not None and variants_served(300) == {"a", "b"}
     assert list(loader.models) == [other] and len(parts.catalog.variant_targets) == 1
+
+
+@pytest.mark.parametrize("kind", ["model", "popular"])
+def test_every_variant_lists_maker_keeps_the_contract(tmp_path: Path, models_dir: Path, kind: str) -> None:
+    """Whatever makes a variant's lists: one list per request, answering its trigger, at most k items, none
+    of them already in the window or repeated; the same for one user now, and nothing for an
+    empty window."""
+    parts = processors(tmp_path, models_dir, LIMITS)
+    events, items = parts.events, [i.item_id for i in parts.items]
+    warm = events.process(_messages([Event(f"w{n}", f"w{n}", items[n], "view", T0) for n in range(10)]), {})
+    assert warm.recommendations  # the trending counts now hold the items seen
+    makers = {
+        "model": ModelLists(events.recommender, RerankPolicy()),
+        "popular": PopularLists(events.trending, events.recommender),
+    }
+    maker: VariantLists = makers[kind]
+    windows = {}
+    for n in range(4):
+        window = LIMITS.new_window()
+        for step in range(3):
+            window.add(Event(f"u{n}-{step}", f"u{n}", items[n + step], "click", T0 + step))
+        windows[f"u{n}"] = window
+    requests = [
+        RefreshRequest(user, window, Event(f"{user}-2", user, window.item_ids[-1], "click", T0 + 2), (f"{user}-2",))
+        for user, window in windows.items()
+    ]
+    lists = maker.lists(requests, events.recommender.item_vectors(items))
+    assert sorted(r.user_id for r in lists) == sorted(windows)
+    for rec in lists:
+        shown = [i.item_id for i in rec.items]
+        assert rec.trigger_event_id == f"{rec.user_id}-2" and 0 < len(shown) <= events.recommender.top_k
+        assert len(set(shown)) == len(shown) and not set(shown) & set(windows[rec.user_id].item_ids)
+    now = maker.current("u0", windows["u0"], 3, None)
+    assert (
+        now is not None and 0 < len(now.items) <= 3 and not {i.item_id for i in now.items} & set(windows["u0"].item_ids)
+    )
+    assert maker.current("nobody", LIMITS.new_window(), 3, None) is None
