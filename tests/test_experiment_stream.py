@@ -119,6 +119,7 @@ def test_the_report_finds_the_better_variants_from_the_counts_kept_in_the_stream
     for worse in ("popular", "broken"):
         versus = variants[worse]["hit_rate"]["vs_control"]
         assert versus["difference"] < 0 and versus["ci95"][1] < 0 and versus["p_value"] < 0.01, (worse, variants)
+        assert versus["always_valid_p"] < 0.05, (worse, variants)
     assert report["buckets"] > 1 and (tmp_path / "experiment-encoder-vs-popular.png").stat().st_size > 10_000
     assert main([*_flags(pipeline), "experiment", "report"]) == 0
     table = capsys.readouterr().out
