@@ -106,12 +106,11 @@ def _partitions_of(messages: Sequence[IncomingMessage]) -> dict[str, int]:
     return partitions
 
 
-def _by_partition(events: Sequence[Event], messages: Sequence[IncomingMessage]) -> dict[int, list[Event]]:
+def _by_partition(events: Sequence[Event], partition_of: Mapping[str, int]) -> dict[int, list[Event]]:
     """Events grouped by the partition their user's messages came from (a user's are all on one)."""
-    partition_of = {m.key: m.partition for m in messages if m.key is not None}
     grouped: dict[int, list[Event]] = {}
     for event in events:
-        grouped.setdefault(partition_of[event.user_id.encode("utf-8")], []).append(event)
+        grouped.setdefault(partition_of[event.user_id], []).append(event)
     return grouped
 
 
@@ -208,7 +207,7 @@ class EventBatchProcessor:
             then_items = {e.item_id for r in requests if r.replayed for e in r.window.entries} - vectors.keys()
             if then_items:
                 vectors = vectors.merged(self.recommender.item_vectors(list(then_items)))
-        self.trending.add(_by_partition(fresh, messages))
+        self.trending.add(_by_partition(fresh, partition_of))
         if experiment is None:
             outcome.recommendations = self.recommender.refresh_batch(requests, vectors)
         else:
