@@ -330,7 +330,11 @@ class Settings:
         at_least=0,
     )
     batch_max: int = setting(256, "largest micro-batch taken from the stream", at_least=1)
-    batch_within_s: float = setting(0.05, "longest wait to fill a micro-batch", above=0)
+    batch_within_s: float = setting(
+        0.05,
+        "longest a micro-batch waits to fill after its first event (taken sooner once 2 ms pass with no new event)",
+        above=0,
+    )
     max_message_bytes: int = setting(1_000_000, "larger messages are dead-lettered")
     max_id_chars: int = setting(256, "longer ids are dead-lettered")
     max_text_chars: int = setting(20_000, "longer item text is dead-lettered")

@@ -14,13 +14,13 @@ partition's counts, its own and those other workers report.
 
 from __future__ import annotations
 
-import heapq
 import math
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from streams.errors import InvalidRecord
 from streams.ports import ItemFilter
@@ -58,11 +58,17 @@ class Trending:
         return relative(self.log_scores(), n, exclude)
 
     def log_scores(self, depth: int | None = None) -> LogScores:
+        """The counts, most popular first (ties by item id); the first ``depth`` of them when given."""
         with self._lock:
-            scores = list(self._log_score.items())
-        if depth is not None:
-            return heapq.nsmallest(depth, scores, key=lambda kv: (-kv[1], kv[0]))
-        return sorted(scores, key=lambda kv: (-kv[1], kv[0]))
+            item_ids = list(self._log_score)
+            scores = np.fromiter(self._log_score.values(), dtype=np.float64, count=len(item_ids))
+        if depth is not None and depth < len(item_ids):
+            # The snapshot's cut runs every few seconds beside the events: selected in numpy, so that only
+            # the kept items (and those tied with the last of them) are sorted while holding the interpreter.
+            cut = np.partition(scores, len(scores) - depth)[len(scores) - depth] if depth > 0 else np.inf
+            kept = np.flatnonzero(scores >= cut)
+            return _ranked([(item_ids[i], float(scores[i])) for i in kept])[:depth]
+        return _ranked(list(zip(item_ids, scores.tolist(), strict=True)))
 
     def merge(self, scores: LogScores) -> None:
         """Add counts kept elsewhere (a snapshot, another partition's) to these."""
@@ -140,7 +146,11 @@ def merge(lists: Iterable[LogScores]) -> LogScores:
         for item_id, score in scores:
             held = total.get(item_id)
             total[item_id] = score if held is None else _log_add(held, score)
-    return sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))
+    return _ranked(list(total.items()))
+
+
+def _ranked(scores: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    return sorted(scores, key=lambda kv: (-kv[1], kv[0]))
 
 
 def relative(scores: LogScores, n: int, exclude: Iterable[str] = ()) -> list[tuple[str, float]]:

@@ -289,3 +289,23 @@ def test_windows_kept_on_disk_by_rocksdb_survive_a_restart(
             assert len(window) == 6, user[0].user_id
     finally:
         on_disk.stop()
+
+
+def test_a_micro_batch_starts_with_what_has_arrived_instead_of_waiting_to_fill(
+    kafka: LocalKafka, models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """With ``batch_within_s`` far longer than the test waits, lists still come: a batch is taken once no
+    event has joined it for a moment (Faust's own take_events would hold each batch for the whole 60 s)."""
+    waiting = Pipeline(kafka.config.bootstrap, models_dir, tmp_path_factory.mktemp("greedy"), batch_within_s=60.0)
+    try:
+        waiting.start()
+        waiting.publish_catalog()
+        lone = _scripted(waiting, 760, [("music", 1)])
+        waiting.send_events(lone)
+        waiting.collect_until(lambda out: lone[0].event_id in out.covered_event_ids(), timeout_s=20)
+        burst = [e for n in range(8) for e in _scripted(waiting, 770 + n, [("gaming", 5)])]
+        waiting.send_events(burst)
+        wanted = {e.event_id for e in burst}
+        waiting.collect_until(lambda out: wanted <= out.accounted_event_ids(), timeout_s=20)
+    finally:
+        waiting.stop()

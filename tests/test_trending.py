@@ -35,6 +35,16 @@ def test_only_the_most_popular_are_kept() -> None:
     assert [item for item, _ in trending.top(3)] == ["item-29", "item-28", "item-27"]
 
 
+def test_the_first_items_are_the_head_of_the_whole_ranking_ties_included() -> None:
+    trending = Trending(half_life_s=3600)
+    # item-i seen i % 7 times, all at one time: many items tie, and ties are ranked by item id.
+    trending.add([_event(f"item-{i:03d}", HOUR_MS, n) for i in range(300) for n in range(i % 7 + 1)])
+    ranked = trending.log_scores()
+    assert ranked == sorted(ranked, key=lambda kv: (-kv[1], kv[0])) and len(ranked) == 300
+    for depth in (0, 1, 42, 43, 44, 299, 300, 301):
+        assert trending.log_scores(depth) == ranked[:depth], depth
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError):
         Trending(half_life_s=0)

@@ -26,7 +26,7 @@ from streams.records import Event, Recommendation, RecommendedItem, decode_event
 from streams.settings import Settings
 from streams.worker.agents import raw_topic
 from streams.worker.app import faust_app
-from streams.worker.faust_compat import take_batches
+from streams.worker.faust_compat import faust_take_events
 from streams.worker.output import Output
 from streams.worker.tables import WINDOWS_TABLE, add_table
 
@@ -64,7 +64,7 @@ def build_ceiling_app(settings: Settings) -> faust.App:
     size = full_window_bytes(settings)
 
     async def events(stream: faust.StreamT) -> None:
-        async for batch in take_batches(stream, settings.batch_max, settings.batch_within_s):
+        async for batch in faust_take_events(stream, settings.batch_max, settings.batch_within_s):
             metrics.batch_events.observe(len(batch))
             touched: dict[str, tuple[Event, int, list[str]]] = {}
             for e in batch:

@@ -6,6 +6,7 @@ this module first.
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,9 +17,79 @@ import faust
 from faust import streams as faust_streams
 from faust.tables.manager import TableManager
 
+BATCH_QUIET_S = 0.002  # a micro-batch is taken once no event has joined it for this long (RTREC_BATCH_WITHIN_S says so)
 
-def take_batches(stream: faust.StreamT, max_events: int, within_s: float) -> AsyncIterator[Sequence[Any]]:
-    """Micro-batches of events, acknowledged after the batch is processed.
+
+async def take_batches(stream: faust.StreamT, max_events: int, within_s: float) -> AsyncIterator[Sequence[Any]]:
+    """Micro-batches of events, acknowledged after the batch is processed, each taken as soon as the one
+    before is done: with whatever arrived meanwhile, once ``max_events`` are buffered or no event has
+    joined for ``BATCH_QUIET_S`` (at most ``within_s`` after its first event).
+
+    Faust's ``take_events`` waits ``within`` after every batch, even with events waiting, which adds that
+    wait to every event's latency at any load below the worker's capacity. This is its buffering (a
+    stream processor that holds the stream while a batch is processed, manual acks, passive draining:
+    private parts of ``faust.Stream``) with that wait replaced; the batch size then follows the load.
+    """
+    faust_stream = cast(faust.Stream, stream)
+    buffer: list[Any] = []
+    arrived = asyncio.Event()  # an event joined the buffer
+    room = asyncio.Event()  # cleared while the buffer is full or handed out: the stream waits
+    room.set()
+
+    async def add_to_buffer(value: Any) -> Any:
+        await room.wait()
+        event = faust_stream.current_event
+        if event is None:
+            raise RuntimeError("a buffered event has no current_event")
+        buffer.append(event)
+        arrived.set()
+        if len(buffer) >= max_events:
+            room.clear()
+        return value
+
+    acks = faust_stream.enable_acks
+    faust_stream.enable_acks = False  # acked below, once the batch is processed
+    faust_stream.add_processor(add_to_buffer)
+    faust_stream._enable_passive(cast(Any, aiter(faust_stream.channel)))  # no public way to drain passively
+    try:
+        while not faust_stream.should_stop:
+            await _filled(faust_stream, buffer, arrived, max_events, within_s)
+            if not buffer:
+                continue
+            room.clear()
+            batch = list(buffer)
+            try:
+                yield batch
+            finally:
+                buffer.clear()
+                for event in batch:
+                    await faust_stream.ack(event)
+                room.set()
+    finally:
+        faust_stream.enable_acks = acks
+        faust_stream._processors.remove(add_to_buffer)  # no public way to remove a processor
+
+
+async def _filled(
+    stream: faust.Stream, buffer: list[Any], arrived: asyncio.Event, max_events: int, within_s: float
+) -> None:
+    """Returns when ``buffer`` holds a batch to take (see ``take_batches``), or empty to check for a stop."""
+    arrived.clear()
+    if not buffer:
+        await stream.wait_for_stopped(cast(Any, arrived), timeout=within_s)  # mode accepts an asyncio.Event
+        if not buffer:
+            return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while len(buffer) < max_events and loop.time() < deadline:
+        held = len(buffer)
+        await asyncio.sleep(min(BATCH_QUIET_S, deadline - loop.time()))
+        if len(buffer) == held:
+            return
+
+
+def faust_take_events(stream: faust.StreamT, max_events: int, within_s: float) -> AsyncIterator[Sequence[Any]]:
+    """Faust's own micro-batches (a batch waits up to ``within_s`` after the one before, to fill).
 
     ``take_events`` exists on ``faust.Stream``, not on its ``StreamT`` protocol.
     """
