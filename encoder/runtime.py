@@ -61,7 +61,7 @@ def make_session(model_path: Path, provider: str = "auto", intra_op_threads: int
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     # ORT's pool threads spin after each call by default: between the stream's small, frequent calls they
-    # held a core the worker's other threads and the broker needed (event-to-list p99 282 against 123 ms at
+    # held a core the worker's other threads and the broker needed (event-to-list p99 282 against 140 ms at
     # 270 events/s on 2 cores).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
