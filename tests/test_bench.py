@@ -71,7 +71,10 @@ def test_bench_measures_every_phase_with_each_store_through_the_real_pipeline(
         assert probes and probes[0]["offered_per_s"] == pytest.approx(drain, rel=0.01)
         assert results["capacity_per_s"] == pytest.approx(probes[-1]["offered_per_s"], rel=0.01)
         for probe in probes[:-1]:  # not kept up with: under-served, or its answers fell more than a second behind
-            assert probe["events_per_s"] < 0.97 * probe["offered_per_s"] or probe["latency_ms"]["p99"] > 1000, probe
+            # Rates are rounded to 0.1 in the results: under-served is judged on the rates before rounding
+            # (518.65 served of 534.7 offered is under 97 %, and reads 518.7).
+            under_served = probe["events_per_s"] - 0.05 < 0.97 * (probe["offered_per_s"] + 0.05)
+            assert under_served or probe["latency_ms"]["p99"] > 1000, probe
         last = probes[-1]
         assert last["events_per_s"] >= 0.97 * last["offered_per_s"] or last["phase"] == "probe30", last
         for share in (50, 80):  # offered at a share of the capacity, for two seconds
