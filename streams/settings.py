@@ -25,6 +25,7 @@ from streams.rerank import RerankPolicy
 ENV_PREFIX = "RTREC_"
 KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+BATCH_QUIET_S = 0.002  # a micro-batch is taken once no event has joined it for this long (before batch_within_s)
 
 
 class Secret:
@@ -332,7 +333,8 @@ class Settings:
     batch_max: int = setting(256, "largest micro-batch taken from the stream", at_least=1)
     batch_within_s: float = setting(
         0.05,
-        "longest a micro-batch waits to fill after its first event (taken sooner once 2 ms pass with no new event)",
+        "longest a micro-batch waits to fill after its first event "
+        f"(taken sooner once {BATCH_QUIET_S * 1000:g} ms pass with no new event)",
         above=0,
     )
     max_message_bytes: int = setting(1_000_000, "larger messages are dead-lettered")

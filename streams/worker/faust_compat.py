@@ -17,7 +17,7 @@ import faust
 from faust import streams as faust_streams
 from faust.tables.manager import TableManager
 
-BATCH_QUIET_S = 0.002  # a micro-batch is taken once no event has joined it for this long (RTREC_BATCH_WITHIN_S says so)
+from streams.settings import BATCH_QUIET_S
 
 
 async def take_batches(stream: faust.StreamT, max_events: int, within_s: float) -> AsyncIterator[Sequence[Any]]:
