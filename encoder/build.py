@@ -137,8 +137,10 @@ def train_and_export(
             "hardware": hardware() if result.device == "cpu" else result.device,
             "epochs_run": result.epochs_run,
             "history": result.history,
+            "fusion_choice": result.fusion_table,
         },
         metrics=result.metrics,
+        fusion=result.fusion,
         fp16=fp16,
         int8=int8,
     )

@@ -178,6 +178,7 @@ class BundleManifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
     item_tower: dict[str, Any] = field(default_factory=dict)  # contract and parity of item_tower.onnx
+    fusion: dict[str, Any] = field(default_factory=dict)  # with live co-occurrence (streams.fusion); empty: none
 
     def write(self, folder: Path) -> None:
         self.files = {name: sha256_file(folder / name) for name in sorted(self.files or _bundle_files(folder))}

@@ -20,6 +20,7 @@ import numpy as np
 from encoder.baselines import Popularity, Scorer, baselines
 from encoder.data import Dataset, Example, History
 from encoder.features import WindowArrays, assemble_inputs
+from encoder.fusion import FusedScorer, fit_cooccurrence
 from encoder.ranking_metrics import (
     RankCounts,
     coverage,
@@ -142,6 +143,10 @@ def evaluate(
     # A refit model also learned the validation targets; the baselines then count them too.
     refit = bool(model.users.manifest.config.get("refit", False))
     scorers: list[Scorer] = [model, *baselines(dataset, refit)]
+    fusion = model.users.fusion
+    if fusion.active:  # what the stream serves: first
+        counts = fit_cooccurrence(dataset.training_sequences(refit), dataset.item_ids, fusion.cooccurrence)
+        scorers.insert(0, FusedScorer(model, counts, dataset.item_ids, fusion))
     results = [score_method(s, dataset.test, progress) for s in scorers]
     popularity = Popularity(dataset, refit).counts  # training occurrences of each item
     targets = np.array([e.target for e in dataset.test])

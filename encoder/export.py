@@ -38,6 +38,7 @@ from encoder.config import (
 from encoder.features import EncoderInputs, WindowArrays, assemble_inputs
 from encoder.model import InterestEncoder, ItemTower
 from streams.errors import ModelError
+from streams.fusion import ENCODER_ALONE, Fusion
 
 PARITY_TOLERANCE = 1e-4  # max abs difference between torch and ONNX Runtime outputs (scores are unnormalised)
 # Half precision keeps ~3 significant digits: its user vectors may differ from the float32 torch
@@ -193,6 +194,7 @@ def export_interest_encoder(
     metrics: dict[str, Any],
     fp16: bool = False,
     int8: bool = False,
+    fusion: Fusion = ENCODER_ALONE,
 ) -> BundleManifest:
     """``fp16`` adds ``model.fp16.onnx``, the user tower a CUDA worker runs by default; ``int8``
     adds ``model.int8.onnx``, run where RTREC_ENCODER_PRECISION=int8 asks for it."""
@@ -243,6 +245,7 @@ def export_interest_encoder(
                 "parity": {"max_abs_diff": item_parity, "tolerance": PARITY_TOLERANCE},
                 "items": len(item_ids),
             },
+            fusion=fusion.to_dict() if fusion.active else {},
         )
         manifest.write(staging)
     return manifest

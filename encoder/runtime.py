@@ -34,6 +34,7 @@ from encoder.config import (
 )
 from encoder.features import EncoderInputs, EventTypeVocabulary
 from streams.errors import ModelError
+from streams.fusion import ENCODER_ALONE, Fusion
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -132,6 +133,10 @@ class OnnxInterestEncoder:
         self.version = self.manifest.version
         self.max_len = self.config.max_len
         self.interests = self.config.interests
+        try:
+            self.fusion = Fusion.from_dict(self.manifest.fusion) if self.manifest.fusion else ENCODER_ALONE
+        except ValueError as exc:
+            raise ModelError(f"{bundle}: {exc}") from None
         if precision not in PRECISIONS:
             raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         tower_files = {"fp32": MODEL_FILE, "fp16": MODEL_FP16_FILE, "int8": MODEL_INT8_FILE}

@@ -27,8 +27,11 @@ from torch.nn import functional as F  # noqa: N812
 from encoder.config import InterestEncoderConfig
 from encoder.data import Dataset, Example, History
 from encoder.features import EventTypeVocabulary, ages_from_newest, left_pad
+from encoder.fusion import choose_fusion
 from encoder.model import InterestEncoder, routed, score_all, user_scores
 from encoder.ranking_metrics import RankCounts, summarize
+from streams.cooccurrence import CooccurrenceSpec
+from streams.fusion import Fusion
 
 Progress = Callable[[str], None]
 
@@ -41,6 +44,8 @@ class TrainingResult:
     seconds: float
     device: str
     epochs_run: int
+    fusion: Fusion  # with live co-occurrence, as the validation targets chose it
+    fusion_table: list[dict[str, float]]  # every fusion tried, with its validation figures
 
 
 def seed_everything(seed: int) -> None:
@@ -126,6 +131,23 @@ def _without_ids(index: torch.Tensor, id_dropout: float, model: InterestEncoder)
 
 
 @torch.no_grad()
+def history_scores(
+    model: InterestEncoder,
+    catalogue: CatalogueTensors,
+    histories: Sequence[History],
+    vocabulary: EventTypeVocabulary,
+    device: torch.device,
+) -> np.ndarray:
+    """[len(histories), n_items]: the torch model's score of every item for each history."""
+    was_training = model.training
+    model.eval()
+    batch = pad_histories(histories, vocabulary, model.cfg.max_len).to(device)
+    users = model(catalogue.inputs(model, batch.items, 0.0), batch.types, batch.ages_s, batch.mask)
+    scores = user_scores(users, catalogue.all_items(model)).cpu().numpy()
+    model.train(was_training)
+    return scores
+
+
 def rank_examples(
     model: InterestEncoder,
     catalogue: CatalogueTensors,
@@ -135,17 +157,11 @@ def rank_examples(
     batch_size: int = 512,
 ) -> RankCounts:
     """Full-ranking ranks of each example's target among items not in its history (torch model)."""
-    was_training = model.training
-    model.eval()
-    item_vectors = catalogue.all_items(model)
     parts = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        batch = pad_histories([e.history for e in chunk], vocabulary, model.cfg.max_len).to(device)
-        users = model(catalogue.inputs(model, batch.items, 0.0), batch.types, batch.ages_s, batch.mask)
-        scores = user_scores(users, item_vectors).cpu().numpy()
+        scores = history_scores(model, catalogue, [e.history for e in chunk], vocabulary, device)
         parts.append(RankCounts.from_scores(scores, [e.target for e in chunk], [e.history.items for e in chunk]))
-    model.train(was_training)
     return RankCounts.concatenate(parts)
 
 
@@ -287,12 +303,22 @@ def train_interest_encoder(
             break
     best = max((r for r in log if "val_ndcg@10" in r), key=lambda r: r["val_ndcg@10"])
     metrics = {k: v for k, v in best.items() if k.startswith("val_")} | {"best_epoch": best["epoch"]}
+    model.load_state_dict(best_state)
+    # Chosen before a refit, which learns the validation targets and so could no longer be judged on them.
+    fusion, fusion_table = choose_fusion(
+        lambda histories: history_scores(model, catalogue, histories, vocabulary, dev),
+        dataset.train,
+        valid,
+        dataset.item_ids,
+        CooccurrenceSpec(),
+        progress,
+    )
     if cfg.refit:
         model = refit(dataset, cfg, text_vectors, int(best["epoch"]), dev, progress)
-    else:
-        model.load_state_dict(best_state)
     model.eval()
-    return TrainingResult(model.cpu(), log, metrics, time.perf_counter() - started, str(dev), epoch)
+    return TrainingResult(
+        model.cpu(), log, metrics, time.perf_counter() - started, str(dev), epoch, fusion, fusion_table
+    )
 
 
 def refit(

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from encoder.features import EncoderInputs, EventTypeVocabulary
+from streams.fusion import Fusion
 
 
 class TextEmbedder(Protocol):
@@ -44,6 +45,7 @@ class InterestEncoderRuntime(Protocol):
     precision: str  # fp32, fp16 or int8: the user tower actually loaded
     max_len: int  # newest events of a window the model reads
     interests: int  # user vectors per window
+    fusion: Fusion  # how its scores are fused with live co-occurrence (chosen with the model)
 
     @property
     def vocabulary(self) -> EventTypeVocabulary:

@@ -1,0 +1,94 @@
+"""The fusion of the encoder with live co-occurrence (``streams.fusion``), offline: fitted by replaying
+training sequences through the stream's own counting, chosen on validation targets, scored by the
+same code as every other method."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from encoder.baselines import Scorer
+from encoder.data import Example, History
+from encoder.ranking_metrics import RankCounts, summarize
+from streams.cooccurrence import Cooccurrence, CooccurrenceSpec
+from streams.fusion import Fusion
+
+WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
+FLOORS = (0.001, 0.01, 0.1, 1.0)
+CHUNK = 1024
+
+
+def fit_cooccurrence(histories: Sequence[History], item_ids: Sequence[str], spec: CooccurrenceSpec) -> Cooccurrence:
+    """Co-occurrence as a stream would have counted these histories, each event after the ones before it."""
+    counts = Cooccurrence(spec)
+    for history in histories:
+        names = [item_ids[row] for row in history.items]
+        for position, (name, ts) in enumerate(zip(names, history.ts_ms.tolist(), strict=True)):
+            counts.observe(names[max(0, position - spec.span) : position], name, int(ts))
+    return counts
+
+
+def cooccurrence_scores(
+    counts: Cooccurrence, histories: Sequence[History], item_ids: Sequence[str], depth: int
+) -> np.ndarray:
+    """[len(histories), n_items]: each history's ``depth`` best co-occurrence scores (its own items left out),
+    zero elsewhere: the candidates the stream would take from co-occurrence."""
+    row_of = {item_id: row for row, item_id in enumerate(item_ids)}
+    out = np.zeros((len(histories), len(item_ids)), dtype=np.float32)
+    for n, history in enumerate(histories):
+        names = [item_ids[row] for row in history.items]
+        for item_id, score, _ in counts.scores(names, depth, exclude=names):
+            out[n, row_of[item_id]] = score
+    return out
+
+
+def fused(fusion: Fusion, encoder_scores: np.ndarray, cooccurrence: np.ndarray) -> np.ndarray:
+    return encoder_scores + fusion.weight * np.log1p(cooccurrence / fusion.floor)
+
+
+class FusedScorer:
+    """The served list offline: the encoder's scores raised by co-occurrence, as ``streams.fusion`` defines."""
+
+    def __init__(self, model: Scorer, counts: Cooccurrence, item_ids: Sequence[str], fusion: Fusion) -> None:
+        self.model, self.counts, self.item_ids, self.fusion = model, counts, item_ids, fusion
+        self.name = f"fused: {model.name} + co-occurrence (weight {fusion.weight:g}, floor {fusion.floor:g})"
+
+    def scores(self, histories: Sequence[History]) -> np.ndarray:
+        cooccurrence = cooccurrence_scores(self.counts, histories, self.item_ids, self.fusion.depth)
+        return fused(self.fusion, self.model.scores(histories), cooccurrence)
+
+
+def choose_fusion(
+    encoder_scores: Callable[[Sequence[History]], np.ndarray],
+    training: Sequence[History],
+    valid: Sequence[Example],
+    item_ids: Sequence[str],
+    spec: CooccurrenceSpec,
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> tuple[Fusion, list[dict[str, float]]]:
+    """The weight and floor with the best NDCG@10 on ``valid`` (co-occurrence counted on ``training``,
+    which must not hold the validation targets), and every candidate's figures. A weight of 0 (the
+    encoder alone) is a candidate: fusion is used only where it helps."""
+    counts = fit_cooccurrence(training, item_ids, spec)
+    base = Fusion(cooccurrence=spec)
+    grid = [replace(base, weight=w, floor=f) for w in WEIGHTS for f in (FLOORS if w else FLOORS[:1])]
+    parts: list[list[RankCounts]] = [[] for _ in grid]
+    for start in range(0, len(valid), CHUNK):
+        chunk = valid[start : start + CHUNK]
+        histories = [e.history for e in chunk]
+        encoder, cooccurrence = encoder_scores(histories), cooccurrence_scores(counts, histories, item_ids, base.depth)
+        targets, exclude = [e.target for e in chunk], [e.history.items for e in chunk]
+        for part, fusion in zip(parts, grid, strict=True):
+            part.append(RankCounts.from_scores(fused(fusion, encoder, cooccurrence), targets, exclude))
+    table = [
+        {"weight": fusion.weight, "floor": fusion.floor, **summarize(RankCounts.concatenate(part))}
+        for fusion, part in zip(grid, parts, strict=True)
+    ]
+    best = max(range(len(grid)), key=lambda i: table[i]["ndcg@10"])
+    progress(
+        f"fusion with co-occurrence, chosen on {len(valid):,} validation users: weight {grid[best].weight:g}, "
+        f"floor {grid[best].floor:g}: NDCG@10 {table[best]['ndcg@10']:.4f} (encoder alone {table[0]['ndcg@10']:.4f})"
+    )
+    return grid[best], table

@@ -1,0 +1,129 @@
+"""Live co-occurrence (streams.cooccurrence) and its fusion with the encoder (streams.fusion, encoder.fusion)."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+
+from encoder.baselines import ItemCooccurrence
+from encoder.data import Example, History, leave_one_out
+from encoder.fusion import choose_fusion, cooccurrence_scores, fit_cooccurrence
+from encoder.ranking_metrics import RankCounts, summarize
+from streams.cooccurrence import Cooccurrence, CooccurrenceSpec, row_from_bytes
+from streams.errors import InvalidRecord
+from streams.fusion import Fusion
+
+HOUR_MS = 3_600_000
+
+
+def _walks(users: int, items: int, length: int, seed: int) -> dict[str, History]:
+    """Users walking the catalogue in steps of 1 to 3, never the same item twice in a row."""
+    rng = np.random.default_rng(seed)
+    histories = {}
+    for user in range(users):
+        walk = (rng.integers(items) + np.cumsum(rng.integers(1, 4, size=length))) % items
+        histories[f"u{user}"] = History(walk.astype(np.int64), ["view"] * length, np.arange(length) * 1000)
+    return histories
+
+
+def test_live_counts_of_training_sequences_rank_as_the_offline_item_knn() -> None:
+    ids = [f"i{n}" for n in range(40)]
+    data = leave_one_out("walks", ids, _walks(60, 40, 12, seed=1))
+    spec = CooccurrenceSpec(neighbours=1_000)  # unbounded here: the baseline keeps every pair
+    live = fit_cooccurrence(data.train, ids, spec)
+    offline = ItemCooccurrence(data)
+    histories = [e.history for e in data.test[:20]]
+    expected = offline.scores(histories)
+    got = cooccurrence_scores(live, histories, ids, depth=len(ids))
+    for row, history in enumerate(histories):
+        seen = set(history.items.tolist())
+        scored = [i for i in range(len(ids)) if i not in seen and expected[row, i] > 0]
+        assert got[row, scored] == pytest.approx(expected[row, scored], rel=1e-5)
+
+
+def test_each_item_keeps_its_heaviest_neighbours_and_the_least_connected_items_leave() -> None:
+    counts = Cooccurrence(CooccurrenceSpec(neighbours=4, capacity=10))
+    for n in range(200):
+        counts.observe(["hub"], f"x{n % 30}", 0)
+        counts.observe(["hub"], "favourite", 0)
+    assert len(counts) <= 12  # capacity * 1.2 before a bulk trim
+    best = counts.scores(["hub"], depth=10)
+    assert best[0][:1] == ("favourite",) and best[0][2] == "hub"
+    assert len(best) <= 6  # neighbours * 1.5 before a row is cut back
+
+
+def test_old_pairs_fade_with_event_time() -> None:
+    counts = Cooccurrence(CooccurrenceSpec(half_life_s=3600))
+    start = 1_700_000_000_000
+    for n in range(4):
+        counts.observe(["a"], "old", start + n)
+    counts.observe(["a"], "new", start + 3 * HOUR_MS)  # one pair, three half-lives later: 4/8 of a pair
+    counts.observe(["a"], "new", start + 3 * HOUR_MS)
+    ranked = [item for item, _, _ in counts.scores(["a"], depth=5)]
+    assert ranked[:2] == ["new", "old"]
+    counts.observe(["a"], "old", start + 400 * 24 * HOUR_MS)  # far later: the weights are rebased, not overflowed
+    assert counts.scores(["a"], depth=1)[0][0] == "old"
+
+
+@pytest.mark.parametrize("half_life_s", [0.0, 3600.0])
+def test_changed_rows_restore_the_same_scores_elsewhere(half_life_s: float) -> None:
+    spec = CooccurrenceSpec(half_life_s=half_life_s)
+    counts = Cooccurrence(spec)
+    for n, (before, item) in enumerate([(["a"], "b"), (["a", "b"], "c"), (["c"], "a"), (["b"], "d")]):
+        counts.observe(before, item, 1_700_000_000_000 + n * HOUR_MS)
+    rows = counts.take_changed()
+    assert {item for item, _ in rows} == {"a", "b", "c", "d"} and counts.take_changed() == []
+    restored = Cooccurrence(spec)
+    restored.restore(rows)
+    for recent in (["a"], ["b", "c"], ["d"]):
+        expected = counts.scores(recent, depth=5)
+        got = restored.scores(recent, depth=5)
+        assert [i for i, _, _ in got] == [i for i, _, _ in expected]
+        assert [s for _, s, _ in got] == pytest.approx([s for _, s, _ in expected])
+
+
+def test_an_unreadable_row_is_an_invalid_record() -> None:
+    for raw in (b"\xc1", msgpack.packb({"v": 9}), msgpack.packb({"v": 1, "origin_ms": 0, "total": "x"})):
+        with pytest.raises(InvalidRecord):
+            row_from_bytes(raw)
+
+
+def test_a_fusion_round_trips_through_a_manifest_and_rejects_nonsense() -> None:
+    fusion = Fusion(weight=1.5, floor=0.01, depth=40, cooccurrence=CooccurrenceSpec(span=2, half_life_s=60.0))
+    assert Fusion.from_dict(fusion.to_dict()) == fusion
+    for broken in ({"weight": 1.0}, {**fusion.to_dict(), "span": 0}, {**fusion.to_dict(), "colour": 1}):
+        with pytest.raises(ValueError):
+            Fusion.from_dict(broken)
+
+
+def _figures(scores: np.ndarray, examples: list[Example]) -> float:
+    counts = RankCounts.from_scores(scores, [e.target for e in examples], [e.history.items for e in examples])
+    return summarize(counts)["ndcg@10"]
+
+
+def test_validation_chooses_co_occurrence_where_it_knows_the_next_item_and_not_where_it_is_noise() -> None:
+    ids = [f"i{n}" for n in range(80)]
+    data = leave_one_out("walks", ids, _walks(300, 80, 10, seed=2))
+    rng = np.random.default_rng(0)
+
+    def guessing(histories: list[History]) -> np.ndarray:  # an encoder that learned nothing
+        return rng.normal(size=(len(histories), len(ids)))
+
+    fusion, table = choose_fusion(guessing, data.train, data.valid, ids, CooccurrenceSpec())
+    assert fusion.weight > 0 and table[0]["weight"] == 0
+    assert max(row["ndcg@10"] for row in table) > table[0]["ndcg@10"] + 0.2
+
+    shuffled = [  # the same users, with every target replaced by a random item: nothing follows anything
+        Example(e.user, e.history, int(rng.integers(len(ids)))) for e in data.valid
+    ]
+
+    def knowing(histories: list[History]) -> np.ndarray:  # an encoder that knows the shuffled targets
+        targets = {id(e.history): e.target for e in shuffled}
+        scores = rng.normal(size=(len(histories), len(ids))) * 0.01
+        for row, history in enumerate(histories):
+            scores[row, targets[id(history)]] = 5.0
+        return scores
+
+    alone, _ = choose_fusion(knowing, data.train, shuffled, ids, CooccurrenceSpec())
+    assert alone.weight == 0 and not alone.active
