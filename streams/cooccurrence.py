@@ -16,6 +16,7 @@ the stream serves.
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -58,15 +59,16 @@ class CooccurrenceSpec:
 
 
 class Cooccurrence:
-    def __init__(self, spec: CooccurrenceSpec | None = None) -> None:
+    def __init__(self, spec: CooccurrenceSpec | None = None, track_changes: bool = True) -> None:
         self.spec = spec or CooccurrenceSpec()
+        self.track_changes = track_changes  # for ``take_changed``: counts that are kept elsewhere
         self._rate = math.log(2) / (self.spec.half_life_s * 1000) if self.spec.half_life_s else 0.0
         self._origin_ms = 0  # weights are multiples of one event's weight at this time
         self._newest_ms = 0
         self._rows: dict[str, dict[str, float]] = {}  # item → neighbour → weight
         self._totals: dict[str, float] = {}  # item → every weight it took part in, trimmed neighbours included
         self._lock = threading.Lock()  # the events thread writes while HTTP requests read
-        self.changed: set[str] = set()  # items whose row changed since ``take_changed``
+        self.changed: dict[str, None] = {}  # items whose row changed since ``take_changed``, in that order
 
     def observe(self, before: Sequence[str], item_id: str, ts_ms: int) -> None:
         """``item_id`` happened at ``ts_ms`` after ``before`` (the user's previous items, newest last)."""
@@ -105,11 +107,19 @@ class Cooccurrence:
         best = sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))[:depth]
         return [(item_id, score, because[item_id][1]) for item_id, score in best]
 
-    def take_changed(self) -> list[tuple[str, bytes]]:
-        """The rows changed since the last call, each as a snapshot record (``row_from_bytes``)."""
+    def take_changed(self, limit: int | None = None) -> list[tuple[str, bytes]]:
+        """The rows changed since they were last taken (at most ``limit``, those changed first first), each
+        as a snapshot record (``row_from_bytes``)."""
         with self._lock:
-            changed, self.changed = self.changed, set()
-            return [(item_id, self._row_bytes(item_id)) for item_id in sorted(changed)]
+            taken = list(itertools.islice(self.changed, limit))
+            for item_id in taken:
+                del self.changed[item_id]
+            return [(item_id, self._row_bytes(item_id)) for item_id in taken]
+
+    def rows(self) -> list[tuple[str, bytes]]:
+        """Every row, as ``take_changed`` gives them."""
+        with self._lock:
+            return [(item_id, self._row_bytes(item_id)) for item_id in self._totals]
 
     def restore(self, rows: Iterable[tuple[str, bytes]]) -> None:
         """Merge rows written by ``take_changed`` (of this partition, by an earlier owner)."""
@@ -147,7 +157,8 @@ class Cooccurrence:
         row = self._rows.setdefault(item_id, {})
         row[neighbour] = row.get(neighbour, 0.0) + weight
         self._totals[item_id] = self._totals.get(item_id, 0.0) + weight
-        self.changed.add(item_id)
+        if self.track_changes:
+            self.changed[item_id] = None
         if len(row) > self.spec.neighbours * TRIM_SLACK:
             kept = sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))[: self.spec.neighbours]
             self._rows[item_id] = dict(kept)
@@ -156,7 +167,7 @@ class Cooccurrence:
         kept = sorted(self._totals.items(), key=lambda kv: (-kv[1], kv[0]))[: self.spec.capacity]
         self._totals = dict(kept)
         self._rows = {item_id: self._rows[item_id] for item_id in self._totals if item_id in self._rows}
-        self.changed &= self._totals.keys()
+        self.changed = {item_id: None for item_id in self.changed if item_id in self._totals}
 
     def _row_bytes(self, item_id: str) -> bytes:
         row = self._rows.get(item_id, {})
@@ -182,3 +193,46 @@ def row_from_bytes(raw: bytes) -> tuple[int, int, float, list[tuple[str, float]]
         return int(row["origin_ms"]), int(row["newest_ms"]), float(row["total"]), neighbours
     except (ValueError, TypeError, KeyError, msgpack.ExtraData) as exc:
         raise InvalidRecord(f"unreadable co-occurrence row ({exc})", "neighbours") from None
+
+
+class PartitionedCooccurrence:
+    """Counts per events partition a worker owns (what is kept for, and handed over with, each partition),
+    and their sum over the owned partitions (what lists are scored with)."""
+
+    def __init__(self, spec: CooccurrenceSpec | None = None) -> None:
+        self.spec = spec or CooccurrenceSpec()
+        self._partitions: dict[int, Cooccurrence] = {}
+        self._all = Cooccurrence(self.spec, track_changes=False)
+        self._lock = threading.Lock()
+
+    def partition(self, partition: int) -> Cooccurrence:
+        with self._lock:
+            if partition not in self._partitions:
+                self._partitions[partition] = Cooccurrence(self.spec)
+            return self._partitions[partition]
+
+    def observe(self, partition: int, before: Sequence[str], item_id: str, ts_ms: int) -> None:
+        self.partition(partition).observe(before, item_id, ts_ms)
+        self._all.observe(before, item_id, ts_ms)
+
+    def restore(self, partition: int, rows: Sequence[tuple[str, bytes]]) -> None:
+        self.partition(partition).restore(rows)
+        self._all.restore(rows)
+
+    def owned(self) -> list[int]:
+        with self._lock:
+            return sorted(self._partitions)
+
+    def drop(self, partition: int) -> None:
+        """A partition another worker owns now: its counts go on there, and leave the sum here."""
+        with self._lock:
+            if self._partitions.pop(partition, None) is None:
+                return
+            kept = list(self._partitions.values())
+        total = Cooccurrence(self.spec, track_changes=False)
+        for counts in kept:
+            total.restore(counts.rows())
+        self._all = total
+
+    def scores(self, recent: Sequence[str], depth: int, exclude: Iterable[str] = ()) -> list[tuple[str, float, str]]:
+        return self._all.scores(recent, depth, exclude)

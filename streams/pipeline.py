@@ -13,6 +13,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from streams.cooccurrence import PartitionedCooccurrence
 from streams.errors import InvalidRecord
 from streams.experiments.serving import CountsUpdate, RunningExperiment
 from streams.item_vectors import ItemEmbedder, ItemVectorCache, ItemVectors
@@ -20,6 +21,7 @@ from streams.metrics import WorkerMetrics
 from streams.ports import ItemEncoderRuntime, TextEmbedder, VectorPoint, VectorStore
 from streams.recommend import Recommender, RefreshRequest, now_ms
 from streams.records import (
+    REJECTION_TYPES,
     ControlCommand,
     DeadLetter,
     Event,
@@ -158,8 +160,10 @@ class EventBatchProcessor:
         restored_capacity: int = 10_000,
         control_topic: str = "rec.control",
         trending: PartitionedTrending | None = None,
+        cooccurrence: PartitionedCooccurrence | None = None,
     ) -> None:
         self.recommender = recommender
+        self.cooccurrence = cooccurrence  # counted from the events new to windows; None: not counted
         self.control_topic = control_topic
         self.trending = trending or PartitionedTrending()
         self.window_limits = windows
@@ -201,7 +205,7 @@ class EventBatchProcessor:
             vectors = self.recommender.item_vectors(list(needed))
         by_user = self._by_known_user(valid, vectors, outcome)
         with stage("state"):
-            requests, fresh = self._add_to_windows(by_user, windows, tally)
+            requests, fresh = self._add_to_windows(by_user, windows, tally, partition_of)
         with stage("lookup"):
             # A replay's window may hold entries evicted since, whose vectors the fetch above left out.
             then_items = {e.item_id for r in requests if r.replayed for e in r.window.entries} - vectors.keys()
@@ -274,14 +278,15 @@ class EventBatchProcessor:
         by_user: Mapping[str, list[Event]],
         windows: Mapping[str, UserWindow],
         tally: Counter[AddOutcome],
+        partition_of: Mapping[str, int],
     ) -> tuple[list[RefreshRequest], list[Event]]:
         """Each user's events into their window: one refresh per user with a kept event (their window is
-        stored), and the events new to their windows (what trending counts)."""
+        stored), and the events new to their windows (what trending and co-occurrence count)."""
         requests = []
         fresh: list[Event] = []
         for user_id, events in by_user.items():
             window = windows[user_id]
-            results = [window.add(event) for event in events]
+            results = [self._add(window, event, partition_of[user_id]) for event in events]
             tally.update(results)
             fresh += [e for e, r in zip(events, results, strict=True) if r is AddOutcome.ADDED]
             kept = [(e, r) for e, r in zip(events, results, strict=True) if r is not AddOutcome.FORGOTTEN]
@@ -297,6 +302,14 @@ class EventBatchProcessor:
             served = window if then is None else then
             requests.append(RefreshRequest(user_id, served, trigger, ids, replayed=then is not None))
         return requests, fresh
+
+    def _add(self, window: UserWindow, event: Event, partition: int) -> AddOutcome:
+        result = window.add(event)
+        # What a user rejected says nothing about what goes together (and leads no list: ``Recommender``).
+        if result is AddOutcome.ADDED and self.cooccurrence is not None and event.type not in REJECTION_TYPES:
+            before = [e.item_id for e in window.before(event) if e.type not in REJECTION_TYPES]
+            self.cooccurrence.observe(partition, before[-self.cooccurrence.spec.span :], event.item_id, event.ts)
+        return result
 
     def _apply(
         self, command: ControlCommand, earlier: list[tuple[IncomingMessage, Event]], forgotten: dict[str, int]

@@ -9,7 +9,7 @@ for the vector stores.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -54,6 +54,15 @@ class InterestEncoderRuntime(Protocol):
 
     def encode_batch(self, inputs: EncoderInputs) -> np.ndarray:
         """[batch, dim] float32 user vectors, or [batch, interests, dim]; items rank by dot product with them."""
+        ...
+
+
+class CooccurrenceScores(Protocol):
+    """Which items go with a user's newest ones, counted from the stream (``streams.cooccurrence``)."""
+
+    def scores(self, recent: Sequence[str], depth: int, exclude: Iterable[str] = ()) -> list[tuple[str, float, str]]:
+        """The ``depth`` best items for a user whose items are ``recent`` (newest last), not in ``exclude``:
+        (item, score, the recent item it goes with most), best first."""
         ...
 
 
@@ -133,6 +142,7 @@ class SearchQuery:
     exclude_ids: Sequence[str] = ()
     only_available: bool = True
     item_filter: ItemFilter | None = None
+    only_ids: Sequence[str] | None = None  # rank these items alone (e.g. co-occurrence's candidates); None: all
 
 
 @dataclass(slots=True)  # not frozen: a search builds tens of thousands a batch, and frozen ones cost 3x as much
@@ -182,10 +192,10 @@ class VectorStore(Protocol):
     def search_batch(self, collection: str, queries: Sequence[SearchQuery]) -> list[list[SearchHit]]:
         """One list of hits per query, in the queries' order. Each list holds at most ``limit`` hits,
         highest dot product with the query's vector first (the score), and never an id of
-        ``exclude_ids``, an item whose payload says ``available: false`` when ``only_available``, or
-        one the ``item_filter`` does not admit (``ItemFilter.admits``). Each hit's payload holds at
-        least ``available`` where the item has it. An approximate index may miss a true neighbour
-        (``rtrec bench`` reports the recall), never break these rules."""
+        ``exclude_ids``, an item whose payload says ``available: false`` when ``only_available``, one
+        the ``item_filter`` does not admit (``ItemFilter.admits``), or one outside ``only_ids`` when
+        given. Each hit's payload holds at least ``available`` where the item has it. An approximate
+        index may miss a true neighbour (``rtrec bench`` reports the recall), never break these rules."""
         ...
 
     def close(self) -> None:

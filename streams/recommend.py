@@ -15,10 +15,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from encoder.features import WindowArrays, assemble_inputs
+from streams.fusion import ENCODER_ALONE, Fusion
 from streams.item_titles import ItemTitles
 from streams.item_vectors import ItemVectorCache, ItemVectors
 from streams.metrics import WorkerMetrics
-from streams.ports import InterestEncoderRuntime, ItemFilter, SearchHit, SearchQuery, VectorPoint, VectorStore
+from streams.ports import (
+    CooccurrenceScores,
+    InterestEncoderRuntime,
+    ItemFilter,
+    SearchHit,
+    SearchQuery,
+    VectorPoint,
+    VectorStore,
+)
 from streams.pseudonym import Pseudonyms
 from streams.records import REJECTION_TYPES, Event, Recommendation, RecommendedItem
 from streams.rerank import Feedback, RerankPolicy, merge_interests, rerank
@@ -69,8 +78,10 @@ class Recommender:
         policy: RerankPolicy | None = None,
         rules: ItemFilter | None = None,
         pseudonyms: Pseudonyms | None = None,
+        cooccurrence: CooccurrenceScores | None = None,
     ) -> None:
         self.pseudonyms = pseudonyms or Pseudonyms(None)  # user vectors are stored under the state key
+        self.cooccurrence = cooccurrence  # fused into the lists where the model's bundle says how
         self.metrics = metrics or WorkerMetrics()
         self.policy = policy or RerankPolicy()
         self.rules = rules  # business rules every list obeys (a request's own filter narrows them)
@@ -189,20 +200,39 @@ class Recommender:
         interests = user_vectors if user_vectors.ndim == 3 else user_vectors[:, None]  # [users, interests, dim]
         per_user = interests.shape[1]
         limits = [policy.fetch_limit(k, f) for f in feedback]
+        fusion = self.encoder.fusion if self.cooccurrence is not None else ENCODER_ALONE
+        together = [self._cooccurring(r.window, fusion) for r, _ in usable]
         with self.metrics.stage("search"):
-            found = self.store.search_batch(
-                self.items_collection,
-                [
-                    SearchQuery(
-                        vector=policy.query(v, f), limit=limit, exclude_ids=r.window.item_ids, item_filter=rules
-                    )
-                    for (r, _), vs, f, limit in zip(usable, interests, feedback, limits, strict=True)
-                    for v in vs
-                ],
-            )
-            hits = [merge_interests(found[n * per_user : (n + 1) * per_user], limit) for n, limit in enumerate(limits)]
+            queries = [
+                SearchQuery(vector=policy.query(v, f), limit=limit, exclude_ids=r.window.item_ids, item_filter=rules)
+                for (r, _), vs, f, limit in zip(usable, interests, feedback, limits, strict=True)
+                for v in vs
+            ]
+            # Co-occurrence's candidates, scored by the encoder and filtered by the store like any other.
+            queries += [
+                SearchQuery(vector=policy.query(v, f), limit=len(c), only_ids=list(c), item_filter=rules)
+                for vs, f, c in zip(interests, feedback, together, strict=True)
+                if c
+                for v in vs
+            ]
+            found = iter(self.store.search_batch(self.items_collection, queries))
+            searched = [[next(found) for _ in range(per_user)] for _ in usable]
+            for lists, candidates in zip(searched, together, strict=True):
+                lists += [next(found) for _ in range(per_user)] if candidates else []
+            hits = [
+                fused_hits(merge_interests(lists, sum(map(len, lists))), c, fusion, limit)
+                for lists, c, limit in zip(searched, together, limits, strict=True)
+            ]
         with self.metrics.stage("rerank"):
-            return self._recommendations(usable, windows, hits, feedback, k, policy)
+            return self._recommendations(usable, windows, hits, feedback, k, policy, together)
+
+    def _cooccurring(self, window: UserWindow, fusion: Fusion) -> dict[str, tuple[float, str]]:
+        """Co-occurrence's candidates for a window: item → (score, the window item it goes with)."""
+        if self.cooccurrence is None or not fusion.active:
+            return {}
+        liked = [e.item_id for e in window.entries if e.type not in REJECTION_TYPES]
+        best = self.cooccurrence.scores(liked, fusion.depth, exclude=window.item_ids)
+        return {item_id: (score, anchor) for item_id, score, anchor in best}
 
     def _recommendations(
         self,
@@ -212,14 +242,17 @@ class Recommender:
         feedback: Sequence[Feedback],
         k: int,
         policy: RerankPolicy,
+        together: Sequence[Mapping[str, tuple[float, str]]],
     ) -> list[Recommendation]:
         candidate_vectors = self.item_vectors(list({hit.id for candidates in hits for hit in candidates}))
         lists = []
-        for (request, entries), window, candidates, signals in zip(usable, windows, hits, feedback, strict=True):
+        for (request, entries), window, candidates, signals, with_items in zip(
+            usable, windows, hits, feedback, together, strict=True
+        ):
             # Catalogue age at the time of the user's event, not of processing: a replay ranks as the first pass did.
             shown = rerank(candidates, candidate_vectors, k, policy, request.trigger.ts, signals)
             named = explaining_entries([candidate_vectors.get(hit.id) for hit in shown], window.item_vectors, entries)
-            lists.append((shown, named))
+            lists.append((shown, _named_by_cooccurrence(shown, named, with_items, entries)))
         titles = self.titles.of(e.item_id for _, explained in lists for named in explained for e in named)
         recommendations = []
         for (request, _), (shown, explained) in zip(usable, lists, strict=True):
@@ -239,6 +272,35 @@ class Recommender:
                 )
             )
         return recommendations
+
+
+def fused_hits(
+    hits: Sequence[SearchHit], together: Mapping[str, tuple[float, str]], fusion: Fusion, limit: int
+) -> list[SearchHit]:
+    """The ``limit`` best of the encoder's hits and co-occurrence's, each at its fused score (``streams.fusion``)."""
+    if not together:
+        return list(hits[:limit])
+    scored = [
+        SearchHit(h.id, h.score + fusion.boost(together[h.id][0]) if h.id in together else h.score, h.payload)
+        for h in hits
+    ]
+    return sorted(scored, key=lambda hit: -hit.score)[:limit]
+
+
+def _named_by_cooccurrence(
+    shown: Sequence[SearchHit],
+    named: list[list[WindowEntry]],
+    together: Mapping[str, tuple[float, str]],
+    entries: Sequence[WindowEntry],
+) -> list[list[WindowEntry]]:
+    """An item that co-occurrence raised is explained by the window item it goes with (its newest event)."""
+    if not together:
+        return named
+    newest = {e.item_id: e for e in entries}
+    return [
+        [newest[together[hit.id][1]]] if hit.id in together and together[hit.id][1] in newest else by
+        for hit, by in zip(shown, named, strict=True)
+    ]
 
 
 def _feedback(entries: Sequence[WindowEntry], window: WindowArrays) -> Feedback:

@@ -308,6 +308,12 @@ class Settings:
         "the cold-start list (`GET /trending`): an event's weight halves every this many seconds of event time",
         above=0,
     )
+    cooccurrence: bool = setting(
+        True,
+        "count which items users reach one after another, per events partition (kept in a changelogged table), "
+        "and fuse it into the lists of a model whose bundle says how (chosen on validation targets by "
+        "`rtrec train`; docs/models.md); off: the encoder alone",
+    )
     allow_categories: str = setting(
         "",
         "comma-separated categories every list keeps to (empty: all); an HTTP request can only narrow it",

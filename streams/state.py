@@ -128,6 +128,11 @@ class UserWindow:
         # An out-of-order event older than everything in a full window is evicted at once.
         return AddOutcome.ADDED if entry in self._entries else AddOutcome.TOO_OLD
 
+    def before(self, event: Event) -> list[WindowEntry]:
+        """The entries before ``event``'s in event time, oldest first."""
+        entry = WindowEntry(event.ts, event.event_id, event.item_id, event.type, event.value)
+        return self._entries[: bisect.bisect_left(self._entries, entry)]
+
     def forget(self, until_ts: int) -> int:
         """Erase every event at or before ``until_ts`` (also those evicted, and their ids) and the user's
         experiment state, and refuse such events from now on. Returns how many entries were erased."""

@@ -25,6 +25,7 @@ from encoder.config import TEXT_BUNDLE
 from infra.topics import ensure_pipeline_topics
 from streams.clients.helpers import Publisher
 from streams.clients.kafka_io import delete_items, iterate, make_consumer, make_producer, publish_events, publish_items
+from streams.cooccurrence import PartitionedCooccurrence
 from streams.item_vectors import ItemVectorCache
 from streams.pipeline import CatalogBatchProcessor, EventBatchProcessor, IncomingMessage, WindowLimits
 from streams.pseudonym import Pseudonyms
@@ -252,7 +253,12 @@ class Processors:
 
 
 def processors(
-    home: Path, models_dir: Path, limits: WindowLimits, n_items: int = 20, pseudonymize_key: Secret | None = None
+    home: Path,
+    models_dir: Path,
+    limits: WindowLimits,
+    n_items: int = 20,
+    pseudonymize_key: Secret | None = None,
+    cooccurrence: PartitionedCooccurrence | None = None,
 ) -> Processors:
     settings = Settings(home=home, model_dir=str(models_dir), pseudonymize_key=pseudonymize_key)
     parts = load_components(settings)
@@ -267,6 +273,7 @@ def processors(
     catalog.process([IncomingMessage(i.item_id.encode(), encode_item(i), "items", 0, n) for n, i in enumerate(items)])
     recommender = Recommender(
         parts.interest_encoder, parts.store, cache, users_collection=settings.users_collection, top_k=5,
-        pseudonyms=Pseudonyms(pseudonymize_key),
+        pseudonyms=Pseudonyms(pseudonymize_key), cooccurrence=cooccurrence,
     )  # fmt: skip
-    return Processors(EventBatchProcessor(recommender, limits, settings.limits()), catalog, items)
+    events = EventBatchProcessor(recommender, limits, settings.limits(), cooccurrence=cooccurrence)
+    return Processors(events, catalog, items)

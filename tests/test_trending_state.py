@@ -1,6 +1,6 @@
 """The trending list (the cold-start fallback) outlives a worker and spans workers, through the real
 broker: a restarted worker answers /trending from the snapshots it kept, and with two workers either
-one answers from every partition."""
+one answers from every partition. The item co-occurrence outlives a restart the same way."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from infra.processes import free_port
 from streams.clients.helpers import Publisher
 from streams.recommend import now_ms
 from streams.tools.worker_runner import WorkerProcess, wait_group_ready
-from streams.worker.trending_keeper import TRENDING_SNAPSHOT_S
+from streams.worker.partition_keeper import TRENDING_SNAPSHOT_S
 from tests.harness import Pipeline, http_get, http_text
 
 pytestmark = pytest.mark.integration
@@ -37,7 +37,7 @@ def _eventually(check: Callable[[], Any], timeout_s: float = 30.0) -> Any:
     return result
 
 
-def test_trending_survives_a_restart_and_either_of_two_workers_answers_from_every_partition(
+def test_trending_and_cooccurrence_survive_a_restart_and_either_of_two_workers_answers_from_every_partition(
     kafka: LocalKafka, models_dir: Path, tmp_path: Path
 ) -> None:
     pipeline = Pipeline(
@@ -62,12 +62,25 @@ def test_trending_survives_a_restart_and_either_of_two_workers_answers_from_ever
         # partition (a worker's own partitions alone would give other shares).
         expected = [(item, round((12 - 2 * i) / 12, 4)) for i, item in enumerate(items)]
         assert _ranked(port) == expected
-        time.sleep(TRENDING_SNAPSHOT_S * 2)  # a snapshot of every partition is written
+        # Walkers go from item A to item B (six of them) or C (three): what people reach next after A.
+        a, b, c = (item.item_id for item in pipeline.workload.catalog[5:8])
+        walks = [
+            Publisher.event(f"walker-{n}", item, "view", ts=start + 1000 * step, event_id=f"walk-{n}-{step}")
+            for n in range(9)
+            for step, item in enumerate((a, b if n < 6 else c))
+        ]
+        pipeline.send_events(walks)
+        pipeline.collect_until(lambda out: {e.event_id for e in walks} <= out.covered_event_ids(), timeout_s=60)
+        next_after = _ranked(port, f"/items/{a}/together?k=3")
+        assert [item for item, _ in next_after] == [b, c] and next_after[0][1] > next_after[1][1]
+        expected = _ranked(port)  # the walkers count too
+        time.sleep(TRENDING_SNAPSHOT_S * 2)  # a snapshot of every partition is written, and the changed rows
 
         pipeline.restart_worker()  # nothing new arrives: only the snapshots can bring the counts back
         assert _eventually(lambda: _ranked(port) == expected)
+        assert _eventually(lambda: _ranked(port, f"/items/{a}/together?k=3") == next_after)
         status, body = http_get(port, "/users/newcomer-1/recommendations?k=2&fallback=trending")
-        assert status == 200 and [i["item_id"] for i in body["items"]] == items[:2]
+        assert status == 200 and [i["item_id"] for i in body["items"]] == [item for item, _ in expected[:2]]
 
         # A second worker joins: each owns some partitions, and either answers from all of them.
         second_settings = dataclasses.replace(pipeline.settings, home=tmp_path / "second", http_port=free_port())

@@ -112,6 +112,20 @@ def test_search_ranks_by_cosine_and_honours_exclusions(subject: StoreUnderTest) 
     assert "item-7" in {h.id for h in with_unavailable}
 
 
+def test_a_search_among_given_ids_ranks_those_alone_with_every_other_rule(subject: StoreUnderTest) -> None:
+    store, name = subject.store, subject.name
+    points = _points(30)
+    points[4] = VectorPoint("item-4", _unit(4), {"available": False})
+    store.upsert(name, points)
+    query = _unit(0)
+    among = ["item-2", "item-4", "item-9", "item-17", "item-21", "unknown"]
+    hits = store.search_batch(name, [SearchQuery(query, limit=10, exclude_ids=["item-9"], only_ids=among)])[0]
+    expected = sorted(["item-2", "item-17", "item-21"], key=lambda i: -float(_unit(int(i[5:])) @ query))
+    assert [h.id for h in hits] == expected  # not excluded, available, known: exact scores, best first
+    assert [h.score for h in hits] == pytest.approx([float(_unit(int(i[5:])) @ query) for i in expected], abs=1e-5)
+    assert store.search_batch(name, [SearchQuery(query, limit=3, only_ids=[])])[0] == []
+
+
 def test_a_search_after_a_write_sees_the_write(subject: StoreUnderTest) -> None:
     """The embedded store keeps hits' ranking fields between searches; a write must still show at once."""
     store, name = subject.store, subject.name

@@ -290,6 +290,8 @@ def _filter(query: SearchQuery) -> edge.Filter | None:
     must_not: list[edge.ConditionType] = []
     if query.exclude_ids:
         must_not.append(edge.HasIdCondition({point_id(i) for i in query.exclude_ids}))
+    if query.only_ids is not None:
+        must.append(edge.HasIdCondition({point_id(i) for i in query.only_ids}))
     rules = query.item_filter
     if rules is not None:
         if rules.categories:

@@ -241,6 +241,8 @@ def _filter(query: SearchQuery) -> models.Filter | None:
     must_not: list[models.Condition] = []
     if query.exclude_ids:
         must_not.append(models.HasIdCondition(has_id=[point_id(i) for i in query.exclude_ids]))
+    if query.only_ids is not None:
+        must.append(models.HasIdCondition(has_id=[point_id(i) for i in query.only_ids]))
     rules = query.item_filter
     if rules is not None:
         if rules.categories:

@@ -1,6 +1,6 @@
 """The worker's agents and timers, registered on a Faust app. Each piece lives in its own module:
 the events agent (``events_agent``), the tables (``tables``), what is sent (``output``), the
-housekeeping timers (``timers``) and the trending snapshots (``trending_keeper``); the catalogue
+housekeeping timers (``timers``) and the counts kept per partition (``partition_keeper``); the catalogue
 agent is small enough to stand here."""
 
 from __future__ import annotations
@@ -19,7 +19,15 @@ from streams.settings import Settings
 from streams.worker.events_agent import EventsAgent, incoming
 from streams.worker.faust_compat import take_batches
 from streams.worker.output import Output
+from streams.worker.partition_keeper import (
+    COOCCURRENCE_WRITE_S,
+    TRENDING_SNAPSHOT_S,
+    CooccurrenceRows,
+    PartitionKeeper,
+    TrendingSnapshots,
+)
 from streams.worker.tables import (
+    COOCCURRENCE_TABLE,
     EXPERIMENT_COUNTS_TABLE,
     TRENDING_TABLE,
     WINDOWS_TABLE,
@@ -27,7 +35,6 @@ from streams.worker.tables import (
     add_table,
 )
 from streams.worker.timers import LAG_INTERVAL_S, LagGauge, UndeliveredLook
-from streams.worker.trending_keeper import TRENDING_SNAPSHOT_S, TrendingKeeper
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +70,14 @@ def register_agents(
     catalog_worker = register_catalog_agent(app, settings, catalog, output)
     app.timer(LAG_INTERVAL_S, name="rtrec.redeliver_stalled")(UndeliveredLook(app, settings, events_agent).tick)
     app.timer(LAG_INTERVAL_S, name="rtrec.track_lag")(LagGauge(app, settings, events.metrics).tick)
-    keeper = TrendingKeeper(app, settings, events.trending, add_table(app, settings, TRENDING_TABLE))
-    app.timer(TRENDING_SNAPSHOT_S, name="rtrec.keep_trending")(keeper.tick)
+    trending = PartitionKeeper(
+        app, settings, TrendingSnapshots(events.trending), add_table(app, settings, TRENDING_TABLE)
+    )
+    app.timer(TRENDING_SNAPSHOT_S, name="rtrec.keep_trending")(trending.tick)
+    if events.cooccurrence is not None:
+        rows = CooccurrenceRows(events.cooccurrence)
+        together = PartitionKeeper(app, settings, rows, add_table(app, settings, COOCCURRENCE_TABLE))
+        app.timer(COOCCURRENCE_WRITE_S, name="rtrec.keep_cooccurrence")(together.tick)
     return Agents(windows, pseudonyms.of, events_agent.worker, catalog_worker, output)
 
 

@@ -22,6 +22,7 @@ from mode.types.signals import BaseSignalT
 from encoder.config import INTEREST_BUNDLE, TEXT_BUNDLE
 from encoder.runtime import OnnxInterestEncoder, OnnxItemEncoder, OnnxTextEmbedder
 from streams.console.routes import register_console
+from streams.cooccurrence import CooccurrenceSpec, PartitionedCooccurrence
 from streams.errors import ModelError
 from streams.item_vectors import ItemEmbedder, ItemVectorCache
 from streams.metrics import WorkerMetrics
@@ -142,6 +143,7 @@ def build_processors(settings: Settings, components: Components, store: VectorSt
     limits = settings.limits()
     pseudonyms = Pseudonyms(settings.pseudonymize_key)
     item_cache = ItemVectorCache.sized_by(settings, store, items_collection)
+    cooccurrence = counted_cooccurrence(settings, components.interest_encoder)
     recommender = Recommender(
         components.interest_encoder,
         store,
@@ -153,6 +155,7 @@ def build_processors(settings: Settings, components: Components, store: VectorSt
         policy=settings.rerank_policy(),
         rules=settings.business_rules(),
         pseudonyms=pseudonyms,
+        cooccurrence=cooccurrence,
     )
     events = EventBatchProcessor(
         recommender,
@@ -162,6 +165,7 @@ def build_processors(settings: Settings, components: Components, store: VectorSt
         control_topic=settings.control_topic,
         trending=PartitionedTrending(settings.trending_half_life_s),
         restored_capacity=settings.window_cache_size,
+        cooccurrence=cooccurrence,
     )
     catalog = CatalogBatchProcessor(
         components.text_embedder,
@@ -174,6 +178,15 @@ def build_processors(settings: Settings, components: Components, store: VectorSt
         metrics=components.metrics,
     )
     return Processors(recommender, events, catalog, pseudonyms)
+
+
+def counted_cooccurrence(settings: Settings, encoder: InterestEncoderRuntime) -> PartitionedCooccurrence | None:
+    """Co-occurrence counted as the served model's fusion was fitted (a model swapped in later is fused with
+    these counts); None where the settings turn it off."""
+    if not settings.cooccurrence:
+        return None
+    fusion = encoder.fusion
+    return PartitionedCooccurrence(fusion.cooccurrence if fusion.active else CooccurrenceSpec())
 
 
 def faust_app(settings: Settings) -> faust.App:

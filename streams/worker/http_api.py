@@ -6,6 +6,8 @@
     GET /trending?k=&category=&exclude_category=&min_price=&max_price=   what is popular now (cold start),
                   over every partition: this worker's counts and those the other workers report
     GET /trending/partial?depth=   this worker's own partitions' counts (what the others merge)
+    GET /items/{item_id}/together?k=&category=&exclude_category=&min_price=&max_price=   the items people
+                  reach right after this one (co-occurrence, as counted from this worker's partitions)
     GET /health   the process is up (liveness)
     GET /ready    partitions assigned and the window table recovered (readiness)
     GET /model    the loaded encoders and the settings that shape a list
@@ -31,6 +33,7 @@ import faust
 from faust.web import Request, Response, View
 from multidict import MultiMapping
 
+from streams.cooccurrence import PartitionedCooccurrence
 from streams.errors import InvalidRecord
 from streams.pipeline import EventBatchProcessor
 from streams.ports import ItemFilter
@@ -191,6 +194,30 @@ class HttpApi:
             return None, " (the user was forgotten)" if window.forgotten_until else ""
         return window, ""
 
+    async def together(self, item_id: str, query: MultiMapping[str]) -> Answer:
+        counted = self.events.cooccurrence
+        if counted is None:
+            return Answer(404, {"error": "co-occurrence is not counted here (RTREC_COOCCURRENCE=0)"})
+        try:
+            k, rules = parse_request(query, self.settings.top_k, self.settings.max_http_k)
+        except BadParameter as exc:
+            return Answer(400, {"error": str(exc)})
+        loop = asyncio.get_running_loop()
+        items = await loop.run_in_executor(self.worker, self._together_items, counted, item_id, k, rules)
+        return Answer(200, {"item_id": item_id, "k": k, "partitions": counted.owned(), "items": items})
+
+    def _together_items(
+        self, counted: PartitionedCooccurrence, item_id: str, k: int, request_rules: ItemFilter | None
+    ) -> list[dict[str, Any]]:
+        recommender = self.events.recommender
+        # Over-fetched: some may be filtered out, deleted or unavailable.
+        ranked = [(i, score) for i, score, _ in counted.scores([item_id], 10 * k, exclude=[item_id])]
+        payloads = recommender.store.fetch_payloads(
+            recommender.items_collection, [i for i, _ in ranked], list(SHOWN_FIELDS)
+        )
+        shown = shown_popular(ranked, payloads, recommender.rules_for(request_rules), k)
+        return [{"item_id": i, "score": round(score, 6)} for i, score in shown]
+
     def partial_trending(self, query: MultiMapping[str]) -> Answer:
         """This worker's own partitions' counts, for another worker's ``/trending`` to merge."""
         depth = query.get("depth", "")
@@ -248,6 +275,11 @@ def register_http_api(
     @app.page("/trending/partial")
     async def partial_trending(web: View, request: Request) -> Response:
         answer = api.partial_trending(cast(MultiMapping[str], request.query))
+        return web.json(answer.body, status=answer.status)
+
+    @app.page("/items/{item_id}/together")
+    async def together(web: View, request: Request, item_id: str) -> Response:
+        answer = await api.together(item_id, cast(MultiMapping[str], request.query))
         return web.json(answer.body, status=answer.status)
 
     @app.page("/health")

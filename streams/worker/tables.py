@@ -1,6 +1,7 @@
 """The worker's changelogged tables, each value on the changelog partition of the events it comes from:
-the user windows (one per user), the trending snapshots (one per events partition) and a running
-experiment's counts (one per events partition and report bucket)."""
+the user windows (one per user), the trending snapshots (one per events partition), the item
+co-occurrence (one per events partition and item) and a running experiment's counts (one per events
+partition and report bucket)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from streams.worker.faust_compat import current_event_on
 
 WINDOWS_TABLE = "user-windows"
 TRENDING_TABLE = "trending"
+COOCCURRENCE_TABLE = "cooccurrence"
 EXPERIMENT_COUNTS_TABLE = "experiment-counts"
 
 

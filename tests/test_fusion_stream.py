@@ -1,0 +1,114 @@
+"""Co-occurrence fused into the stream's lists (streams.recommend with streams.fusion), with the real ONNX
+encoders and embedded Qdrant, no broker: what people reach next after an item rises in the lists of whoever
+touches it, named by that item, and every rule of a list still holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from streams.cooccurrence import PartitionedCooccurrence
+from streams.fusion import Fusion
+from streams.pipeline import IncomingMessage, WindowLimits
+from streams.ports import ItemFilter
+from streams.records import Event, Recommendation, encode_event, encode_item
+from tests.harness import Processors, processors
+
+START = 1_700_000_000_000
+
+
+class FusingEncoder:
+    """The real user tower, with the fusion a bundle would carry (training one that chose it costs minutes)."""
+
+    def __init__(self, tower: Any, fusion: Fusion) -> None:
+        self.tower, self.fusion = tower, fusion
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tower, name)
+
+
+@pytest.fixture
+def parts(tmp_path: Path, models_dir: Path) -> Processors:
+    counted = PartitionedCooccurrence()
+    used = processors(tmp_path, models_dir, WindowLimits(20, 10**12, 100), n_items=20, cooccurrence=counted)
+    recommender = used.events.recommender
+    recommender.encoder = FusingEncoder(recommender.encoder, Fusion(weight=3.0, floor=0.01))  # type: ignore[assignment]
+    return used
+
+
+def _send(used: Processors, events: list[Event], stored: dict[str, bytes]) -> list[Recommendation]:
+    messages = [IncomingMessage(e.user_id.encode(), encode_event(e), "events", 0, n) for n, e in enumerate(events)]
+    outcome = used.events.process(messages, {u: stored.get(u) for u in {e.user_id for e in events}})
+    stored.update(outcome.windows)
+    assert not outcome.dead_letters, outcome.dead_letters
+    return outcome.recommendations
+
+
+def _crowd(used: Processors, first: str, then: str, stored: dict[str, bytes], n: int = 30) -> None:
+    """``n`` users who touch ``first`` and go on to ``then``."""
+    _send(
+        used,
+        [
+            Event(f"c{n}-{step}", f"crowd-{n}", item, "view", START + 1000 * step)
+            for n in range(n)
+            for step, item in enumerate((first, then))
+        ],
+        stored,
+    )
+
+
+def _least_likely_next(used: Processors, after: str, stored: dict[str, bytes]) -> str:
+    """The item the encoder alone ranks lowest for a user who touched ``after``."""
+    used.events.recommender.cooccurrence = None
+    try:
+        plain = used.events.recommender.current("probe", _window(used, after, stored), k=19)
+    finally:
+        used.events.recommender.cooccurrence = used.events.cooccurrence
+    assert plain is not None
+    return plain.items[-1].item_id
+
+
+def _window(used: Processors, item: str, stored: dict[str, bytes]) -> Any:
+    _send(used, [Event("probe-1", "probe", item, "view", START)], stored)
+    return used.events.window_limits.load(stored["probe"])
+
+
+def test_what_people_reach_next_rises_named_by_the_item_it_follows(parts: Processors) -> None:
+    stored: dict[str, bytes] = {}
+    first = parts.items[0]
+    then = _least_likely_next(parts, first.item_id, stored)
+    _crowd(parts, first.item_id, then, stored)
+    (fresh,) = _send(parts, [Event("n1", "newcomer", first.item_id, "view", START + 10_000)], stored)
+    assert fresh.items[0].item_id == then
+    assert fresh.items[0].explained_by == (first.item_id,) and first.title in fresh.items[0].reason
+    # Once it is in the window, it is never recommended; its own neighbours take over.
+    (after,) = _send(parts, [Event("n2", "newcomer", then, "view", START + 20_000)], stored)
+    assert then not in {i.item_id for i in after.items} and first.item_id not in {i.item_id for i in after.items}
+
+
+def test_a_rejection_leads_nothing_and_the_rules_still_hold(parts: Processors) -> None:
+    stored: dict[str, bytes] = {}
+    first = parts.items[0]
+    then = _least_likely_next(parts, first.item_id, stored)
+    _crowd(parts, first.item_id, then, stored)
+    (disliked,) = _send(parts, [Event("d1", "hater", first.item_id, "dislike", START + 10_000)], stored)
+    assert then not in {i.item_id for i in disliked.items[:1]}
+    # A category the standing rules leave out stays out, however strongly it co-occurs.
+    category = next(i.category for i in parts.items if i.item_id == then)
+    parts.events.recommender.rules = ItemFilter(exclude_categories=(category,))
+    (ruled,) = _send(parts, [Event("r1", "ruled", first.item_id, "view", START + 10_000)], stored)
+    assert then not in {i.item_id for i in ruled.items}
+    parts.events.recommender.rules = None
+    # An item taken off sale stays out too.
+    gone = next(i for i in parts.items if i.item_id == then)
+    parts.catalog.process([IncomingMessage(then.encode(), encode_item(_unavailable(gone)), "items", 0, 99)])
+    (unsold,) = _send(parts, [Event("s1", "shopper", first.item_id, "view", START + 10_000)], stored)
+    assert then not in {i.item_id for i in unsold.items}
+
+
+def _unavailable(item: Any) -> Any:
+    from dataclasses import replace
+
+    return replace(item, available=False, ts=item.ts + 1)
