@@ -12,8 +12,9 @@ import numpy as np
 from encoder.baselines import Scorer
 from encoder.data import Example, History
 from encoder.ranking_metrics import RankCounts, summarize
-from streams.cooccurrence import Cooccurrence, CooccurrenceSpec
+from streams.cooccurrence import Cooccurrence, CooccurrenceSpec, liked
 from streams.fusion import Fusion
+from streams.records import REJECTION_TYPES
 
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
 FLOORS = (0.001, 0.01, 0.1, 1.0)
@@ -24,9 +25,11 @@ def fit_cooccurrence(histories: Sequence[History], item_ids: Sequence[str], spec
     """Co-occurrence as a stream would have counted these histories, each event after the ones before it."""
     counts = Cooccurrence(spec)
     for history in histories:
-        names = [item_ids[row] for row in history.items]
-        for position, (name, ts) in enumerate(zip(names, history.ts_ms.tolist(), strict=True)):
-            counts.observe(names[max(0, position - spec.span) : position], name, int(ts))
+        earlier: list[str] = []  # what the user liked so far (``streams.cooccurrence.pairs_with``)
+        for row, kind, ts in zip(history.items.tolist(), history.types, history.ts_ms.tolist(), strict=True):
+            if kind not in REJECTION_TYPES:
+                counts.observe(earlier[-spec.span :], item_ids[row], int(ts))
+                earlier.append(item_ids[row])
     return counts
 
 
@@ -39,7 +42,7 @@ def cooccurrence_scores(
     out = np.zeros((len(histories), len(item_ids)), dtype=np.float32)
     for n, history in enumerate(histories):
         names = [item_ids[row] for row in history.items]
-        for item_id, score, _ in counts.scores(names, depth, exclude=names):
+        for item_id, score, _ in counts.scores(liked(names, history.types), depth, exclude=names):
             out[n, row_of[item_id]] = score
     return out
 

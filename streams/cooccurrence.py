@@ -26,6 +26,8 @@ from typing import Any
 import msgpack
 
 from streams.errors import InvalidRecord
+from streams.records import REJECTION_TYPES, Event
+from streams.state import UserWindow
 
 SNAPSHOT_VERSION = 1
 REBASE_EXPONENT = 40.0  # weights are kept relative to a time origin, moved before they overflow
@@ -193,6 +195,19 @@ def row_from_bytes(raw: bytes) -> tuple[int, int, float, list[tuple[str, float]]
         return int(row["origin_ms"]), int(row["newest_ms"]), float(row["total"]), neighbours
     except (ValueError, TypeError, KeyError, msgpack.ExtraData) as exc:
         raise InvalidRecord(f"unreadable co-occurrence row ({exc})", "neighbours") from None
+
+
+def pairs_with(window: UserWindow, event: Event, span: int) -> list[str] | None:
+    """The items an event just added to ``window`` is counted after (at most ``span``, oldest first); None
+    for a rejection, which says nothing about what goes together (and leads no list either)."""
+    if event.type in REJECTION_TYPES:
+        return None
+    return [e.item_id for e in window.before(event) if e.type not in REJECTION_TYPES][-span:]
+
+
+def liked(items: Sequence[str], types: Sequence[str]) -> list[str]:
+    """The items of a window that may lead co-occurrence's candidates: all but the rejected."""
+    return [item for item, kind in zip(items, types, strict=True) if kind not in REJECTION_TYPES]
 
 
 class PartitionedCooccurrence:

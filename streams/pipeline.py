@@ -13,7 +13,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from streams.cooccurrence import PartitionedCooccurrence
+from streams.cooccurrence import PartitionedCooccurrence, pairs_with
 from streams.errors import InvalidRecord
 from streams.experiments.serving import CountsUpdate, RunningExperiment
 from streams.item_vectors import ItemEmbedder, ItemVectorCache, ItemVectors
@@ -21,7 +21,6 @@ from streams.metrics import WorkerMetrics
 from streams.ports import ItemEncoderRuntime, TextEmbedder, VectorPoint, VectorStore
 from streams.recommend import Recommender, RefreshRequest, now_ms
 from streams.records import (
-    REJECTION_TYPES,
     ControlCommand,
     DeadLetter,
     Event,
@@ -305,10 +304,10 @@ class EventBatchProcessor:
 
     def _add(self, window: UserWindow, event: Event, partition: int) -> AddOutcome:
         result = window.add(event)
-        # What a user rejected says nothing about what goes together (and leads no list: ``Recommender``).
-        if result is AddOutcome.ADDED and self.cooccurrence is not None and event.type not in REJECTION_TYPES:
-            before = [e.item_id for e in window.before(event) if e.type not in REJECTION_TYPES]
-            self.cooccurrence.observe(partition, before[-self.cooccurrence.spec.span :], event.item_id, event.ts)
+        if result is AddOutcome.ADDED and self.cooccurrence is not None:
+            before = pairs_with(window, event, self.cooccurrence.spec.span)
+            if before is not None:
+                self.cooccurrence.observe(partition, before, event.item_id, event.ts)
         return result
 
     def _apply(

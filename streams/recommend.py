@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from encoder.features import WindowArrays, assemble_inputs
+from streams.cooccurrence import liked
 from streams.fusion import ENCODER_ALONE, Fusion
 from streams.item_titles import ItemTitles
 from streams.item_vectors import ItemVectorCache, ItemVectors
@@ -230,8 +231,9 @@ class Recommender:
         """Co-occurrence's candidates for a window: item → (score, the window item it goes with)."""
         if self.cooccurrence is None or not fusion.active:
             return {}
-        liked = [e.item_id for e in window.entries if e.type not in REJECTION_TYPES]
-        best = self.cooccurrence.scores(liked, fusion.depth, exclude=window.item_ids)
+        entries = window.entries
+        leading = liked([e.item_id for e in entries], [e.type for e in entries])
+        best = self.cooccurrence.scores(leading, fusion.depth, exclude=window.item_ids)
         return {item_id: (score, anchor) for item_id, score, anchor in best}
 
     def _recommendations(

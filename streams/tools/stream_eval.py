@@ -16,7 +16,8 @@ Scored by the same code on the same events:
 - stream: the list held, as above;
 - offline: the same exported model, fed the same window the worker held (the
   stream's own ``UserWindow``), ranking the whole catalogue exactly, window items
-  left out, as the stream leaves them out;
+  left out, as the stream leaves them out; fused with co-occurrence counted from
+  the same windows where the bundle says so (and then the encoder alone too);
 - popularity stream: the items with the most events so far, window items left out.
 
 The ratio stream/offline shows what the live path loses (stale lists while
@@ -43,16 +44,16 @@ from encoder.data import EventLog, History, LoggedEvent
 from infra.kafka_local import local_broker_for
 from infra.topics import ensure_pipeline_topics
 from streams.clients.helpers import Publisher, RecommendationReader
+from streams.cooccurrence import Cooccurrence, pairs_with
 from streams.errors import RtrecError
 from streams.pipeline import WindowLimits
 from streams.recommend import now_ms
 from streams.records import Event, Item
 from streams.settings import Settings
-from streams.state import UserWindow
+from streams.state import AddOutcome, UserWindow
 from streams.tools.worker_runner import WorkerProcess
 
 K = 10
-METHODS = ("stream", "offline", "popularity stream")
 TIME_BUCKETS = 10
 OFFLINE_BATCH = 512
 ANSWER_TIMEOUT_S = 10.0  # a user whose answer takes longer goes on (the list they then hold is stale)
@@ -162,30 +163,48 @@ def offline_lists(
     scored: set[int],
     windows: WindowLimits,
     progress: Callable[[str], None],
-) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
-    """Per scored event (by position in ``events``): the model's top K and popularity's top K, as catalogue rows.
+) -> dict[str, dict[int, np.ndarray]]:
+    """Per method, per scored event (by position in ``events``): the method's top K, as catalogue rows.
+    The methods: the served model ("offline": fused with co-occurrence where the bundle says so, and then
+    also the encoder alone) and popularity.
 
-    Both see only what came before the event; each window is rebuilt by the stream's own ``UserWindow``
-    from the same event ids, so it equals the one the worker held.
+    Each sees only what came before the event; each window is rebuilt by the stream's own ``UserWindow``
+    from the same event ids, so it equals the one the worker held, and co-occurrence is counted from the
+    same windows as the worker counts it.
     """
     from encoder.build import ensure_text_encoder
     from encoder.evaluate import BundleScorer
+    from encoder.fusion import cooccurrence_scores, fused
     from encoder.ranking_metrics import top_k
     from encoder.runtime import OnnxTextEmbedder
 
     embedder = OnnxTextEmbedder(ensure_text_encoder(models), provider="cpu") if log.item_texts else None
     scorer = BundleScorer(bundle, log.split(), embedder)
+    fusion = scorer.users.fusion
+    together = Cooccurrence(fusion.cooccurrence) if fusion.active else None
     counts = np.zeros(len(log.item_ids), dtype=np.float64)
     user_windows: dict[str, UserWindow] = {}
     row_of = {item_id: row for row, item_id in enumerate(log.item_ids)}
     pending: list[tuple[int, History]] = []
-    model_lists: dict[int, np.ndarray] = {}
-    popular_lists: dict[int, np.ndarray] = {}
+    pending_together: list[np.ndarray] = []  # co-occurrence's scores of each pending history at its event's time
+    lists: dict[str, dict[int, np.ndarray]] = {
+        "offline": {},
+        **({"offline encoder alone": {}} if together is not None else {}),
+    }
+    lists["popularity stream"] = {}
 
     def rank_pending() -> None:
-        lists = top_k(scorer.scores([h for _, h in pending]), [h.items for _, h in pending], K)
-        model_lists.update((position, top) for (position, _), top in zip(pending, lists, strict=True))
+        histories = [h for _, h in pending]
+        exclude = [h.items for h in histories]
+        alone = scorer.scores(histories)
+        ranked = {"offline": alone}
+        if together is not None:
+            ranked = {"offline": fused(fusion, alone, np.stack(pending_together)), "offline encoder alone": alone}
+        for method, scores in ranked.items():
+            tops = top_k(scores, exclude, K)
+            lists[method].update((position, top) for (position, _), top in zip(pending, tops, strict=True))
         pending.clear()
+        pending_together.clear()
 
     for position, event in enumerate(events):
         window = user_windows.setdefault(event.user, windows.new_window())
@@ -197,16 +216,22 @@ def offline_lists(
                 np.array([e.ts for e in entries], dtype=np.int64),
             )
             pending.append((position, history))
-            popular_lists[position] = top_k(counts[None, :], [history.items], K)[0]
+            if together is not None:
+                pending_together.append(cooccurrence_scores(together, [history], log.item_ids, fusion.depth)[0])
+            lists["popularity stream"][position] = top_k(counts[None, :], [history.items], K)[0]
             if len(pending) == OFFLINE_BATCH:
                 rank_pending()
-        window.add(Event(event_ids[position], event.user, log.item_ids[event.item], event.type, event.ts_ms))
+        added = Event(event_ids[position], event.user, log.item_ids[event.item], event.type, event.ts_ms)
+        if window.add(added) is AddOutcome.ADDED and together is not None:
+            before = pairs_with(window, added, fusion.cooccurrence.span)
+            if before is not None:
+                together.observe(before, added.item_id, added.ts)
         counts[event.item] += 1
         if position and position % 20_000 == 0:
             progress(f"  offline: {position:,}/{len(events):,} events")
     if pending:
         rank_pending()
-    return model_lists, popular_lists
+    return lists
 
 
 def run_stream_eval(
@@ -274,12 +299,8 @@ def _run(settings: Settings, log: EventLog, options: StreamEvalOptions, say: Cal
         s.sent_ms = sent[s.position]
     say("ranking the same events offline…")
     windows = WindowLimits.of(live)
-    model_lists, popular_lists = offline_lists(
-        bundle, models, log, events, event_ids, {s.position for s in scored}, windows, say
-    )
-    return _score(
-        scored, held, log, model_lists, popular_lists, cut, version, len(events), time.perf_counter() - started
-    )
+    offline = offline_lists(bundle, models, log, events, event_ids, {s.position for s in scored}, windows, say)
+    return _score(scored, held, log, offline, cut, version, len(events), time.perf_counter() - started)
 
 
 def _date(ms: int) -> str:
@@ -396,24 +417,21 @@ def _score(
     scored: Sequence[ScoredEvent],
     held: HeldLists,
     log: EventLog,
-    model_lists: dict[int, np.ndarray],
-    popular_lists: dict[int, np.ndarray],
+    offline: dict[str, dict[int, np.ndarray]],
     cut: int,
     version: str,
     replayed: int,
     seconds: float,
 ) -> StreamEvalResult:
-    gains = {method: np.zeros(len(scored)) for method in METHODS}
+    methods = ("stream", *offline)
+    gains = {method: np.zeros(len(scored)) for method in methods}
     fresh = 0
     for n, s in enumerate(scored):
         target = log.item_ids[s.event.item]
         held_list = held.held_before(s.event.user, s.sent_ms)
         fresh += held_list is not None and s.previous_id in held_list.event_ids
-        lists = {
-            "stream": held_list.items if held_list else (),
-            "offline": [log.item_ids[row] for row in model_lists[s.position]],
-            "popularity stream": [log.item_ids[row] for row in popular_lists[s.position]],
-        }
+        lists: dict[str, Sequence[str]] = {"stream": held_list.items if held_list else ()}
+        lists |= {method: [log.item_ids[row] for row in tops[s.position]] for method, tops in offline.items()}
         for method, items in lists.items():
             if target in items[:K]:
                 gains[method][n] = 1.0 / np.log2(list(items).index(target) + 2)
@@ -425,7 +443,7 @@ def _score(
     buckets = []
     for part in np.array_split(np.arange(len(scored)), min(TIME_BUCKETS, len(scored))):
         row = {"start_ms": float(scored[int(part[0])].event.ts_ms), "events": float(len(part))}
-        row.update({method: float(np.mean(gains[method][part] > 0)) for method in METHODS})
+        row.update({method: float(np.mean(gains[method][part] > 0)) for method in methods})
         buckets.append(row)
     return StreamEvalResult(metrics, ratio, fresh / len(scored), len(scored), replayed, buckets, cut, version, seconds)
 
@@ -455,7 +473,7 @@ def write_report(result: StreamEvalResult, log: EventLog, folder: Path, command:
     fig, ax = plt.subplots(figsize=(8, 4))
     dates = [_date(int(b["start_ms"]))[:10] for b in result.buckets]
     styles: dict[str, dict[str, Any]] = {"stream": {"linewidth": 4, "alpha": 0.5}, "offline": {"linestyle": "--"}}
-    for method in METHODS:  # stream and offline often coincide: the styles keep both visible
+    for method in result.metrics:  # stream and offline often coincide: the styles keep both visible
         values = [b[method] for b in result.buckets]
         ax.plot(range(len(dates)), values, marker="o", label=method, **styles.get(method, {}))
     ax.set_xticks(range(len(dates)), dates, rotation=30, fontsize=7)
