@@ -299,7 +299,8 @@ class EventBatchProcessor:
             ids = tuple(e.event_id for e, _ in kept)
             trigger = new[-1] if new else kept[-1][0]
             served = window if then is None else then
-            requests.append(RefreshRequest(user_id, served, trigger, ids, replayed=then is not None))
+            together = window.together_for(trigger.event_id) if then is not None else None
+            requests.append(RefreshRequest(user_id, served, trigger, ids, replayed=then is not None, together=together))
         return requests, fresh
 
     def _add(self, window: UserWindow, event: Event, partition: int) -> AddOutcome:

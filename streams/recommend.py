@@ -32,7 +32,7 @@ from streams.ports import (
 from streams.pseudonym import Pseudonyms
 from streams.records import REJECTION_TYPES, Event, Recommendation, RecommendedItem
 from streams.rerank import Feedback, RerankPolicy, merge_interests, rerank
-from streams.state import UserWindow, WindowEntry
+from streams.state import Together, UserWindow, WindowEntry
 
 REASON_VERBS = {
     "view": "viewed",
@@ -61,6 +61,7 @@ class RefreshRequest:
     # A redelivery answered from the window the events first met: the users collection already holds a
     # newer vector for this user, which the answer must not overwrite.
     replayed: bool = False
+    together: Together | None = None  # a replay's co-occurrence candidates, as its list was first ranked with
 
 
 class Recommender:
@@ -129,7 +130,9 @@ class Recommender:
                 points.append(VectorPoint(key, vector, {"user_id": key, "model": self.encoder.version, "ts": emitted}))
         with self.metrics.stage("upsert"):
             self.store.upsert(self.users_collection, points)
-        return self._search_and_rank(usable, windows, user_vectors, self.top_k, None, policy or self.policy)
+        fusion = self._fusion()
+        together = [self._together(request, fusion) for request, _ in usable]
+        return self._search_and_rank(usable, windows, user_vectors, self.top_k, None, policy or self.policy, together)
 
     def rules_for(self, request: ItemFilter | None) -> ItemFilter | None:
         """The standing business rules, narrowed by a request's own filter."""
@@ -169,7 +172,8 @@ class Recommender:
         if not usable:
             return None
         windows, user_vectors = self._encode(usable, vectors)
-        rec = self._search_and_rank(usable, windows, user_vectors, k, item_filter, policy or self.policy)[0]
+        together = [_by_item(self._cooccurring(window, self._fusion()))]
+        rec = self._search_and_rank(usable, windows, user_vectors, k, item_filter, policy or self.policy, together)[0]
         return rec, (user_vectors[0] if user_vectors.ndim == 3 else user_vectors)
 
     def _encode(
@@ -195,14 +199,15 @@ class Recommender:
         k: int,
         item_filter: ItemFilter | None,
         policy: RerankPolicy,
+        together: Sequence[Mapping[str, tuple[float, str]]],
     ) -> list[Recommendation]:
+        """``together``: each user's co-occurrence candidates (item → score, the window item it follows)."""
         rules = self.rules_for(item_filter)
         feedback = [_feedback(entries, window) for (_, entries), window in zip(usable, windows, strict=True)]
         interests = user_vectors if user_vectors.ndim == 3 else user_vectors[:, None]  # [users, interests, dim]
         per_user = interests.shape[1]
         limits = [policy.fetch_limit(k, f) for f in feedback]
-        fusion = self.encoder.fusion if self.cooccurrence is not None else ENCODER_ALONE
-        together = [self._cooccurring(r.window, fusion) for r, _ in usable]
+        fusion = self._fusion()
         with self.metrics.stage("search"):
             queries = [
                 SearchQuery(vector=policy.query(v, f), limit=limit, exclude_ids=r.window.item_ids, item_filter=rules)
@@ -227,14 +232,26 @@ class Recommender:
         with self.metrics.stage("rerank"):
             return self._recommendations(usable, windows, hits, feedback, k, policy, together)
 
-    def _cooccurring(self, window: UserWindow, fusion: Fusion) -> dict[str, tuple[float, str]]:
-        """Co-occurrence's candidates for a window: item → (score, the window item it goes with)."""
+    def _fusion(self) -> Fusion:
+        return self.encoder.fusion if self.cooccurrence is not None else ENCODER_ALONE
+
+    def _cooccurring(self, window: UserWindow, fusion: Fusion) -> Together:
+        """Co-occurrence's candidates for a window now, best first."""
         if self.cooccurrence is None or not fusion.active:
-            return {}
+            return ()
         entries = window.entries
         leading = liked([e.item_id for e in entries], [e.type for e in entries])
-        best = self.cooccurrence.scores(leading, fusion.depth, exclude=window.item_ids)
-        return {item_id: (score, anchor) for item_id, score, anchor in best}
+        return tuple(self.cooccurrence.scores(leading, fusion.depth, exclude=window.item_ids))
+
+    def _together(self, request: RefreshRequest, fusion: Fusion) -> dict[str, tuple[float, str]]:
+        """A refresh's co-occurrence candidates: a replay's as first ranked, else the counts' now (kept in the
+        window for a replay of this trigger)."""
+        if request.together is not None:
+            return _by_item(request.together)
+        candidates = self._cooccurring(request.window, fusion)
+        if fusion.active:
+            request.window.remember_together(request.trigger.event_id, candidates)
+        return _by_item(candidates)
 
     def _recommendations(
         self,
@@ -274,6 +291,10 @@ class Recommender:
                 )
             )
         return recommendations
+
+
+def _by_item(candidates: Together) -> dict[str, tuple[float, str]]:
+    return {item_id: (score, anchor) for item_id, score, anchor in candidates}
 
 
 def fused_hits(

@@ -26,9 +26,13 @@ from streams.records import Event
 # entries evicted last, so that a replayed event's list is rebuilt from the window it saw
 # (``as_of``). v4 remembers up to when a forget-user command erased the user's events, so that
 # a replayed event or command cannot undo or overreach it. v5 carries the user's part in a running
-# experiment (``streams.experiments.attribution``). v1 to v4 are still read.
-WINDOW_FORMAT_VERSION = 5
-_READABLE_VERSIONS = (1, 2, 3, 4, 5)
+# experiment (``streams.experiments.attribution``). v6 keeps the co-occurrence candidates of the
+# user's last lists (``together_for``). v1 to v5 are still read.
+WINDOW_FORMAT_VERSION = 6
+_READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
+TOGETHER_KEPT = 8  # lists whose co-occurrence candidates a window keeps for a replay
+
+Together = tuple[tuple[str, float, str], ...]  # co-occurrence's candidates: (item, score, the window item it follows)
 
 
 def event_digest(event_id: str) -> int:
@@ -77,6 +81,7 @@ class UserWindow:
         "forgotten_until",
         "horizon_ms",
         "max_events",
+        "together",
     )
 
     def __init__(self, max_events: int, horizon_ms: int, dedup_capacity: int) -> None:
@@ -88,6 +93,9 @@ class UserWindow:
         self._seen: set[int] = set()
         self._seen_order: deque[int] = deque()
         self.forgotten_until = 0  # event time (ms) up to which the user's events are erased; 0: never
+        # The co-occurrence candidates each of the last lists was ranked with, by its trigger's digest: the
+        # counts move on with every user's events, and a redelivered event's list must be the one first sent.
+        self.together: dict[int, Together] = {}
         # The user's part in a running experiment, opaque here: kept with the window so that it is stored,
         # recovered, moved and forgotten with it. Empty outside experiments.
         self.experiment = b""
@@ -133,11 +141,21 @@ class UserWindow:
         entry = WindowEntry(event.ts, event.event_id, event.item_id, event.type, event.value)
         return self._entries[: bisect.bisect_left(self._entries, entry)]
 
+    def remember_together(self, trigger_id: str, candidates: Together) -> None:
+        self.together[event_digest(trigger_id)] = candidates
+        while len(self.together) > TOGETHER_KEPT:
+            del self.together[next(iter(self.together))]
+
+    def together_for(self, trigger_id: str) -> Together | None:
+        """The co-occurrence candidates the list of ``trigger_id`` was ranked with, if still kept."""
+        return self.together.get(event_digest(trigger_id))
+
     def forget(self, until_ts: int) -> int:
         """Erase every event at or before ``until_ts`` (also those evicted, and their ids) and the user's
         experiment state, and refuse such events from now on. Returns how many entries were erased."""
         self.forgotten_until = max(self.forgotten_until, until_ts)
         self.experiment = b""
+        self.together = {}
         held = len(self._entries) + len(self._evicted)
         self._entries = [e for e in self._entries if e.ts > self.forgotten_until]
         self._evicted = [e for e in self._evicted if e.ts > self.forgotten_until]
@@ -203,6 +221,7 @@ class UserWindow:
                 "seen": np.fromiter(self._seen_order, dtype="<u8", count=len(self._seen_order)).tobytes(),
                 "forgotten": self.forgotten_until,
                 "experiment": self.experiment,
+                "together": [[digest, candidates] for digest, candidates in self.together.items()],
             },
             use_bin_type=True,
         )
@@ -224,6 +243,10 @@ class UserWindow:
             window._evicted = sorted(WindowEntry(*row) for row in obj.get("evicted", ()))[-window.max_events :]
             window.forgotten_until = int(obj.get("forgotten", 0))
             window.experiment = bytes(obj.get("experiment", b""))
+            window.together = {
+                int(digest): tuple((str(i), float(score), str(anchor)) for i, score, anchor in candidates)
+                for digest, candidates in obj.get("together", ())
+            }
         except (ValueError, KeyError, TypeError, msgpack.ExtraData, msgpack.FormatError) as exc:
             raise InvalidRecord(f"corrupt stored window ({type(exc).__name__}: {exc})") from None
         if window._entries:

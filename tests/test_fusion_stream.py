@@ -46,12 +46,12 @@ def _send(used: Processors, events: list[Event], stored: dict[str, bytes]) -> li
     return outcome.recommendations
 
 
-def _crowd(used: Processors, first: str, then: str, stored: dict[str, bytes], n: int = 30) -> None:
+def _crowd(used: Processors, first: str, then: str, stored: dict[str, bytes], n: int = 30, name: str = "crowd") -> None:
     """``n`` users who touch ``first`` and go on to ``then``."""
     _send(
         used,
         [
-            Event(f"c{n}-{step}", f"crowd-{n}", item, "view", START + 1000 * step)
+            Event(f"{name}{n}-{step}", f"{name}-{n}", item, "view", START + 1000 * step)
             for n in range(n)
             for step, item in enumerate((first, then))
         ],
@@ -86,6 +86,22 @@ def test_what_people_reach_next_rises_named_by_the_item_it_follows(parts: Proces
     # Once it is in the window, it is never recommended; its own neighbours take over.
     (after,) = _send(parts, [Event("n2", "newcomer", then, "view", START + 20_000)], stored)
     assert then not in {i.item_id for i in after.items} and first.item_id not in {i.item_id for i in after.items}
+
+
+def test_a_redelivered_event_gets_the_list_it_got_first_though_the_counts_moved_on(parts: Processors) -> None:
+    stored: dict[str, bytes] = {}
+    first = parts.items[0]
+    then = _least_likely_next(parts, first.item_id, stored)
+    _crowd(parts, first.item_id, then, stored)
+    batch = [Event("r1", "replayer", first.item_id, "view", START + 10_000)]
+    (original,) = _send(parts, batch, stored)
+    assert original.items[0].item_id == then
+    other = next(i.item_id for i in parts.items[1:] if i.item_id != then)
+    _crowd(parts, first.item_id, other, stored, n=200, name="later")  # now most go on to another item
+    (again,) = _send(parts, batch, stored)  # redelivered after a crash: a duplicate in the stored window
+    assert again.items == original.items and again.trigger_event_id == "r1"
+    (fresh,) = _send(parts, [Event("f1", "fresh", first.item_id, "view", START + 10_000)], stored)
+    assert fresh.items[0].item_id == other  # while a new event's list follows the counts as they are
 
 
 def test_a_rejection_leads_nothing_and_the_rules_still_hold(parts: Processors) -> None:

@@ -53,6 +53,19 @@ def test_forget_erases_up_to_its_time_evicted_entries_and_ids_included_and_survi
     assert restored.forget(1001) == 0 and restored.forgotten_until == 1003  # an older command changes nothing
 
 
+def test_the_last_lists_co_occurrence_candidates_are_kept_stored_and_forgotten() -> None:
+    window = UserWindow(max_events=3, horizon_ms=100 * HOUR, dedup_capacity=10)
+    for n in range(12):
+        window.add(ev(n, 1000 + n))
+        window.remember_together(f"e{n}", ((f"next-{n}", 0.5 + n, f"i{n}"),))
+    restored = UserWindow.from_bytes(window.to_bytes(), 3, 100 * HOUR, 10)
+    assert restored.together_for("e11") == (("next-11", 11.5, "i11"),)
+    assert restored.together_for("e3") is None  # only the last eight lists' are kept
+    assert [restored.together_for(f"e{n}") is not None for n in range(4, 12)] == [True] * 8
+    restored.forget(1005)
+    assert restored.together_for("e11") is None  # they name the user's items: erased with them
+
+
 def test_out_of_order_events_are_placed_by_event_time() -> None:
     window = UserWindow(max_events=10, horizon_ms=100 * HOUR, dedup_capacity=10)
     for n, ts in enumerate([50, 10, 30, 20, 40]):
