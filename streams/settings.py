@@ -308,11 +308,13 @@ class Settings:
         "the cold-start list (`GET /trending`): an event's weight halves every this many seconds of event time",
         above=0,
     )
-    cooccurrence: bool = setting(
-        True,
+    cooccurrence: str = setting(
+        "auto",
         "count which items users reach one after another, per events partition (kept in a changelogged table), "
-        "and fuse it into the lists of a model whose bundle says how (chosen on validation targets by "
-        "`rtrec train`; docs/models.md); off: the encoder alone",
+        "and fuse it into the lists as the model's bundle says (chosen on validation targets by `rtrec train`; "
+        "docs/models.md). auto: only where the served model fuses it; on: always (GET /items/{id}/together "
+        "answers, and a model swapped in later finds counts); off: never, the encoder alone",
+        choices=("auto", "on", "off"),
     )
     allow_categories: str = setting(
         "",

@@ -41,7 +41,12 @@ def test_trending_and_cooccurrence_survive_a_restart_and_either_of_two_workers_a
     kafka: LocalKafka, models_dir: Path, tmp_path: Path
 ) -> None:
     pipeline = Pipeline(
-        kafka.config.bootstrap, models_dir, tmp_path / "first", topic_partitions=4, http_port=free_port()
+        kafka.config.bootstrap,
+        models_dir,
+        tmp_path / "first",
+        topic_partitions=4,
+        http_port=free_port(),
+        cooccurrence="on",  # the test model does not fuse it: counted all the same
     ).start()
     second: WorkerProcess | None = None
     try:

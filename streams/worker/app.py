@@ -182,10 +182,10 @@ def build_processors(settings: Settings, components: Components, store: VectorSt
 
 def counted_cooccurrence(settings: Settings, encoder: InterestEncoderRuntime) -> PartitionedCooccurrence | None:
     """Co-occurrence counted as the served model's fusion was fitted (a model swapped in later is fused with
-    these counts); None where the settings turn it off."""
-    if not settings.cooccurrence:
-        return None
+    these counts), or None: off, or auto with a model that does not fuse it (counting costs every event)."""
     fusion = encoder.fusion
+    if settings.cooccurrence == "off" or (settings.cooccurrence == "auto" and not fusion.active):
+        return None
     return PartitionedCooccurrence(fusion.cooccurrence if fusion.active else CooccurrenceSpec())
 
 

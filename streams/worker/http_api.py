@@ -197,7 +197,13 @@ class HttpApi:
     async def together(self, item_id: str, query: MultiMapping[str]) -> Answer:
         counted = self.events.cooccurrence
         if counted is None:
-            return Answer(404, {"error": "co-occurrence is not counted here (RTREC_COOCCURRENCE=0)"})
+            return Answer(
+                404,
+                {
+                    "error": "co-occurrence is not counted here (RTREC_COOCCURRENCE=off, or auto with a "
+                    "model that does not fuse it)"
+                },
+            )
         try:
             k, rules = parse_request(query, self.settings.top_k, self.settings.max_http_k)
         except BadParameter as exc:
