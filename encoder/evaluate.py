@@ -3,8 +3,9 @@
 The model is scored exactly as the stream serves it: item vectors from the
 exported item tower (what goes into the vector store), user vectors from the
 exported interest encoder fed by the stream's featurizer, ranked by dot
-product. Leave-one-out, full ranking over the whole catalogue, the user's
-history removed from the ranking.
+product. A bundle that fuses item co-occurrence (``streams.fusion``) is scored
+fused, as the stream serves it, and by its encoder alone. Leave-one-out, full
+ranking over the whole catalogue, the user's history removed from the ranking.
 """
 
 from __future__ import annotations

@@ -75,11 +75,17 @@ def _window(used: Processors, item: str, stored: dict[str, bytes]) -> Any:
     return used.events.window_limits.load(stored["probe"])
 
 
-def test_what_people_reach_next_rises_named_by_the_item_it_follows(parts: Processors) -> None:
+def _crowded(used: Processors) -> tuple[dict[str, bytes], Any, str]:
+    """Stored windows after a crowd went from the first item to the one the encoder alone ranks last."""
     stored: dict[str, bytes] = {}
-    first = parts.items[0]
-    then = _least_likely_next(parts, first.item_id, stored)
-    _crowd(parts, first.item_id, then, stored)
+    first = used.items[0]
+    then = _least_likely_next(used, first.item_id, stored)
+    _crowd(used, first.item_id, then, stored)
+    return stored, first, then
+
+
+def test_what_people_reach_next_rises_named_by_the_item_it_follows(parts: Processors) -> None:
+    stored, first, then = _crowded(parts)
     (fresh,) = _send(parts, [Event("n1", "newcomer", first.item_id, "view", START + 10_000)], stored)
     assert fresh.items[0].item_id == then
     assert fresh.items[0].explained_by == (first.item_id,) and first.title in fresh.items[0].reason
@@ -89,10 +95,7 @@ def test_what_people_reach_next_rises_named_by_the_item_it_follows(parts: Proces
 
 
 def test_a_redelivered_event_gets_the_list_it_got_first_though_the_counts_moved_on(parts: Processors) -> None:
-    stored: dict[str, bytes] = {}
-    first = parts.items[0]
-    then = _least_likely_next(parts, first.item_id, stored)
-    _crowd(parts, first.item_id, then, stored)
+    stored, first, then = _crowded(parts)
     batch = [Event("r1", "replayer", first.item_id, "view", START + 10_000)]
     (original,) = _send(parts, batch, stored)
     assert original.items[0].item_id == then
@@ -105,10 +108,7 @@ def test_a_redelivered_event_gets_the_list_it_got_first_though_the_counts_moved_
 
 
 def test_a_rejection_leads_nothing_and_the_rules_still_hold(parts: Processors) -> None:
-    stored: dict[str, bytes] = {}
-    first = parts.items[0]
-    then = _least_likely_next(parts, first.item_id, stored)
-    _crowd(parts, first.item_id, then, stored)
+    stored, first, then = _crowded(parts)
     (disliked,) = _send(parts, [Event("d1", "hater", first.item_id, "dislike", START + 10_000)], stored)
     assert then not in {i.item_id for i in disliked.items[:1]}
     # A category the standing rules leave out stays out, however strongly it co-occurs.

@@ -94,11 +94,16 @@ def test_upsert_fetch_and_delete_by_external_id(subject: StoreUnderTest) -> None
     assert set(store.fetch_vectors(name, ["item-1", "item-3"])) == {"item-3"}
 
 
+def _stored_with_one_unavailable(subject: StoreUnderTest, n: int, unavailable: int) -> list[VectorPoint]:
+    points = _points(n)
+    points[unavailable] = VectorPoint(f"item-{unavailable}", _unit(unavailable), {"available": False})
+    subject.store.upsert(subject.name, points)
+    return points
+
+
 def test_search_ranks_by_cosine_and_honours_exclusions(subject: StoreUnderTest) -> None:
     store, name = subject.store, subject.name
-    points = _points(40)
-    points[7] = VectorPoint("item-7", _unit(7), {"available": False})
-    store.upsert(name, points)
+    points = _stored_with_one_unavailable(subject, 40, 7)
     query = _unit(3)
     expected = sorted(
         (p.id for p in points if p.id not in {"item-3", "item-7"}), key=lambda i: -float(_unit(int(i[5:])) @ query)
@@ -114,9 +119,7 @@ def test_search_ranks_by_cosine_and_honours_exclusions(subject: StoreUnderTest) 
 
 def test_a_search_among_given_ids_ranks_those_alone_with_every_other_rule(subject: StoreUnderTest) -> None:
     store, name = subject.store, subject.name
-    points = _points(30)
-    points[4] = VectorPoint("item-4", _unit(4), {"available": False})
-    store.upsert(name, points)
+    _stored_with_one_unavailable(subject, 30, 4)
     query = _unit(0)
     among = ["item-2", "item-4", "item-9", "item-17", "item-21", "unknown"]
     hits = store.search_batch(name, [SearchQuery(query, limit=10, exclude_ids=["item-9"], only_ids=among)])[0]
