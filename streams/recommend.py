@@ -246,11 +246,12 @@ class Recommender:
     def _together(self, request: RefreshRequest, fusion: Fusion) -> dict[str, tuple[float, str]]:
         """A refresh's co-occurrence candidates: a replay's as first ranked, else the counts' now (kept in the
         window for a replay of this trigger)."""
+        if not fusion.active:
+            return {}
         if request.together is not None:
             return _by_item(request.together)
         candidates = self._cooccurring(request.window, fusion)
-        if fusion.active:
-            request.window.remember_together(request.trigger.event_id, candidates)
+        request.window.remember_together(request.trigger.event_id, candidates)
         return _by_item(candidates)
 
     def _recommendations(
