@@ -47,10 +47,6 @@ def cooccurrence_scores(
     return out
 
 
-def fused(fusion: Fusion, encoder_scores: np.ndarray, cooccurrence: np.ndarray) -> np.ndarray:
-    return encoder_scores + fusion.weight * np.log1p(cooccurrence / fusion.floor)
-
-
 class FusedScorer:
     """The served list offline: the encoder's scores raised by co-occurrence, as ``streams.fusion`` defines."""
 
@@ -60,7 +56,7 @@ class FusedScorer:
 
     def scores(self, histories: Sequence[History]) -> np.ndarray:
         cooccurrence = cooccurrence_scores(self.counts, histories, self.item_ids, self.fusion.depth)
-        return fused(self.fusion, self.model.scores(histories), cooccurrence)
+        return self.fusion.fused(self.model.scores(histories), cooccurrence)
 
 
 def choose_fusion(
@@ -84,7 +80,7 @@ def choose_fusion(
         encoder, cooccurrence = encoder_scores(histories), cooccurrence_scores(counts, histories, item_ids, base.depth)
         targets, exclude = [e.target for e in chunk], [e.history.items for e in chunk]
         for part, fusion in zip(parts, grid, strict=True):
-            part.append(RankCounts.from_scores(fused(fusion, encoder, cooccurrence), targets, exclude))
+            part.append(RankCounts.from_scores(fusion.fused(encoder, cooccurrence), targets, exclude))
     table = [
         {"weight": fusion.weight, "floor": fusion.floor, **summarize(RankCounts.concatenate(part))}
         for fusion, part in zip(grid, parts, strict=True)

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from streams.cooccurrence import CooccurrenceSpec
 
 
@@ -41,6 +43,10 @@ class Fusion:
     def boost(self, cooccurrence_score: float) -> float:
         """What co-occurrence adds to the encoder's score."""
         return self.weight * math.log1p(cooccurrence_score / self.floor)
+
+    def fused(self, encoder_scores: np.ndarray, cooccurrence_scores: np.ndarray) -> np.ndarray:
+        """``boost`` over arrays: the fused scores of every item at once (offline)."""
+        return encoder_scores + self.weight * np.log1p(cooccurrence_scores / self.floor)
 
     def to_dict(self) -> dict[str, object]:
         return {"weight": self.weight, "floor": self.floor, "depth": self.depth, **self.cooccurrence.to_dict()}

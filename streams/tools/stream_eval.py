@@ -174,7 +174,7 @@ def offline_lists(
     """
     from encoder.build import ensure_text_encoder
     from encoder.evaluate import BundleScorer
-    from encoder.fusion import cooccurrence_scores, fused
+    from encoder.fusion import cooccurrence_scores
     from encoder.ranking_metrics import top_k
     from encoder.runtime import OnnxTextEmbedder
 
@@ -199,7 +199,7 @@ def offline_lists(
         alone = scorer.scores(histories)
         ranked = {"offline": alone}
         if together is not None:
-            ranked = {"offline": fused(fusion, alone, np.stack(pending_together)), "offline encoder alone": alone}
+            ranked = {"offline": fusion.fused(alone, np.stack(pending_together)), "offline encoder alone": alone}
         for method, scores in ranked.items():
             tops = top_k(scores, exclude, K)
             lists[method].update((position, top) for (position, _), top in zip(pending, tops, strict=True))
