@@ -133,21 +133,20 @@ def _without_ids(index: torch.Tensor, id_dropout: float, model: InterestEncoder)
 @torch.no_grad()
 def history_scores(
     model: InterestEncoder,
+    item_vectors: torch.Tensor,
     catalogue: CatalogueTensors,
     histories: Sequence[History],
     vocabulary: EventTypeVocabulary,
     device: torch.device,
 ) -> np.ndarray:
-    """[len(histories), n_items]: the torch model's score of every item for each history."""
-    was_training = model.training
-    model.eval()
+    """[len(histories), n_items]: the torch model's score of every item for each history (``model`` in eval
+    mode, ``item_vectors`` its ``catalogue.all_items``, computed once for all the histories to score)."""
     batch = pad_histories(histories, vocabulary, model.cfg.max_len).to(device)
     users = model(catalogue.inputs(model, batch.items, 0.0), batch.types, batch.ages_s, batch.mask)
-    scores = user_scores(users, catalogue.all_items(model)).cpu().numpy()
-    model.train(was_training)
-    return scores
+    return user_scores(users, item_vectors).cpu().numpy()
 
 
+@torch.no_grad()
 def rank_examples(
     model: InterestEncoder,
     catalogue: CatalogueTensors,
@@ -157,11 +156,15 @@ def rank_examples(
     batch_size: int = 512,
 ) -> RankCounts:
     """Full-ranking ranks of each example's target among items not in its history (torch model)."""
+    was_training = model.training
+    model.eval()
+    item_vectors = catalogue.all_items(model)
     parts = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        scores = history_scores(model, catalogue, [e.history for e in chunk], vocabulary, device)
+        scores = history_scores(model, item_vectors, catalogue, [e.history for e in chunk], vocabulary, device)
         parts.append(RankCounts.from_scores(scores, [e.target for e in chunk], [e.history.items for e in chunk]))
+    model.train(was_training)
     return RankCounts.concatenate(parts)
 
 
@@ -304,9 +307,12 @@ def train_interest_encoder(
     best = max((r for r in log if "val_ndcg@10" in r), key=lambda r: r["val_ndcg@10"])
     metrics = {k: v for k, v in best.items() if k.startswith("val_")} | {"best_epoch": best["epoch"]}
     model.load_state_dict(best_state)
+    model.eval()
+    with torch.no_grad():
+        item_vectors = catalogue.all_items(model)
     # Chosen before a refit, which learns the validation targets and so could no longer be judged on them.
     fusion, fusion_table = choose_fusion(
-        lambda histories: history_scores(model, catalogue, histories, vocabulary, dev),
+        lambda histories: history_scores(model, item_vectors, catalogue, histories, vocabulary, dev),
         dataset.train,
         valid,
         dataset.item_ids,
