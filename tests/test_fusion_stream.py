@@ -4,6 +4,7 @@ touches it, named by that item, and every rule of a list still holds."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,4 @@ def test_a_rejection_leads_nothing_and_the_rules_still_hold(parts: Processors) -
 
 
 def _unavailable(item: Any) -> Any:
-    from dataclasses import replace
-
     return replace(item, available=False, ts=item.ts + 1)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, cast
@@ -215,14 +215,19 @@ class HttpApi:
     def _together_items(
         self, counted: PartitionedCooccurrence, item_id: str, k: int, request_rules: ItemFilter | None
     ) -> list[dict[str, Any]]:
-        recommender = self.events.recommender
         # Over-fetched: some may be filtered out, deleted or unavailable.
         ranked = [(i, score) for i, score, _ in counted.scores([item_id], 10 * k, exclude=[item_id])]
+        return [{"item_id": i, "score": round(score, 6)} for i, score in self._shown(ranked, request_rules, k)]
+
+    def _shown(
+        self, ranked: Sequence[tuple[str, float]], request_rules: ItemFilter | None, k: int
+    ) -> list[tuple[str, float]]:
+        """The first ``k`` of ``ranked`` that a list may show (``shown_popular``), read from the store."""
+        recommender = self.events.recommender
         payloads = recommender.store.fetch_payloads(
-            recommender.items_collection, [i for i, _ in ranked], list(SHOWN_FIELDS)
+            recommender.items_collection, [item_id for item_id, _ in ranked], list(SHOWN_FIELDS)
         )
-        shown = shown_popular(ranked, payloads, recommender.rules_for(request_rules), k)
-        return [{"item_id": i, "score": round(score, 6)} for i, score in shown]
+        return shown_popular(ranked, payloads, recommender.rules_for(request_rules), k)
 
     def partial_trending(self, query: MultiMapping[str]) -> Answer:
         """This worker's own partitions' counts, for another worker's ``/trending`` to merge."""
@@ -243,15 +248,10 @@ class HttpApi:
     def _trending_items(
         self, k: int, request_rules: ItemFilter | None, depth: int, elsewhere: list[LogScores]
     ) -> list[dict[str, Any]]:
-        recommender = self.events.recommender
-        rules = recommender.rules_for(request_rules)
         ranked = self.events.trending.top(depth, elsewhere=elsewhere)
-        payloads = recommender.store.fetch_payloads(
-            recommender.items_collection, [item_id for item_id, _ in ranked], list(SHOWN_FIELDS)
-        )
         return [
             {"item_id": item_id, "score": round(score, 6), "reason": POPULAR_REASON}
-            for item_id, score in shown_popular(ranked, payloads, rules, k)
+            for item_id, score in self._shown(ranked, request_rules, k)
         ]
 
 
