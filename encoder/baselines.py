@@ -35,10 +35,7 @@ class Popularity:
     name = "popularity"
 
     def __init__(self, dataset: Dataset, refit: bool = False) -> None:
-        counts = np.zeros(dataset.n_items)
-        for history in dataset.training_sequences(refit):
-            np.add.at(counts, history.items, 1.0)
-        self.counts = counts
+        self.counts = dataset.occurrences(refit).astype(np.float64)
 
     def scores(self, histories: Sequence[History]) -> np.ndarray:
         return np.broadcast_to(self.counts, (len(histories), len(self.counts)))

@@ -84,6 +84,11 @@ class InterestEncoderConfig:
     candidate_id_dropout: float = hyper(
         0.0, "share of the training softmax's items scored without their id, so new items (text only) learn to win"
     )
+    tail_adjustment: float = hyper(
+        0.0,
+        "logit adjustment: training adds this times the log of each item's share of the events to its score, "
+        "so rare items are not learnt to be buried (0: off; 1: the balanced softmax)",
+    )
     epochs: int = hyper(200, "maximum epochs (early stopping may end sooner)")
     batch_size: int = hyper(128, "sequences per step")
     learning_rate: float = hyper(1e-3, "Adam learning rate")
@@ -93,6 +98,11 @@ class InterestEncoderConfig:
     valid_users: int = hyper(4096, "validation users scored each epoch (a seeded sample when there are more)")
     refit: bool = hyper(
         False, "after early stopping, train afresh on training + validation targets for the best epoch count"
+    )
+    fusion_guard: float = hyper(
+        0.95,
+        "the fusion with co-occurrence is the best on validation among those keeping this share of co-occurrence "
+        "alone's NDCG@10 for targets of every popularity (0: the best overall)",
     )
     seed: int = hyper(0, "random seed")
 
@@ -118,6 +128,10 @@ class InterestEncoderConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError("learning_rate must be > 0")
+        if not 0.0 <= self.fusion_guard <= 1.0:
+            raise ValueError(f"fusion_guard must be in [0, 1], got {self.fusion_guard}")
+        if not 0.0 <= self.tail_adjustment <= 2.0:
+            raise ValueError(f"tail_adjustment must be in [0, 2], got {self.tail_adjustment}")
 
     @property
     def n_type_ids(self) -> int:

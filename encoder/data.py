@@ -111,10 +111,12 @@ class Dataset:
 
     def trained_items(self, refit: bool = False) -> np.ndarray:
         """Rows that occur in some training sequence; the others are cold for the model."""
-        seen = np.zeros(self.n_items, dtype=bool)
-        for history in self.training_sequences(refit):
-            seen[history.items] = True
-        return seen
+        return self.occurrences(refit) > 0
+
+    def occurrences(self, refit: bool = False) -> np.ndarray:
+        """int64 [n_items]: how often each row occurs in the training sequences."""
+        rows = [history.items for history in self.training_sequences(refit)]
+        return np.bincount(np.concatenate(rows), minlength=self.n_items) if rows else np.zeros(self.n_items, np.int64)
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from encoder.baselines import Popularity, Scorer, baselines
+from encoder.baselines import Scorer, baselines
 from encoder.data import Dataset, Example, History
 from encoder.features import WindowArrays, assemble_inputs
 from encoder.fusion import FusedScorer, fit_cooccurrence
 from encoder.ranking_metrics import (
+    POPULARITY_BUCKETS,
     RankCounts,
     coverage,
     expected_rank,
+    in_bucket,
     intra_list_diversity,
     per_example,
     summarize,
@@ -37,7 +39,6 @@ from streams.errors import ModelError
 K = 10
 BATCH = 512
 LENGTH_BUCKETS = ((1, 4), (5, 9), (10, 19), (20, 49), (50, 199), (200, None))
-POPULARITY_BUCKETS = ((0, 0), (1, 4), (5, 19), (20, 99), (100, 499), (500, None))
 
 
 @dataclass
@@ -101,7 +102,7 @@ def bucketed(result: MethodResult, values: np.ndarray, buckets: Sequence[tuple[i
     ndcg, hits = values_at_k[f"ndcg@{K}"], values_at_k[f"hr@{K}"]
     rows = []
     for low, high in buckets:
-        keep = (values >= low) & (values <= (high if high is not None else np.iinfo(np.int64).max))
+        keep = in_bucket(values, low, high)
         if keep.any():
             rows.append(
                 {
@@ -149,7 +150,7 @@ def evaluate(
         counts = fit_cooccurrence(dataset.training_sequences(refit), dataset.item_ids, fusion.cooccurrence)
         scorers.insert(0, FusedScorer(model, counts, dataset.item_ids, fusion))
     results = [score_method(s, dataset.test, progress) for s in scorers]
-    popularity = Popularity(dataset, refit).counts  # training occurrences of each item
+    popularity = dataset.occurrences(refit)
     targets = np.array([e.target for e in dataset.test])
     lengths = np.array([len(e.history) for e in dataset.test])
     cold = popularity[targets] == 0

@@ -11,14 +11,16 @@ import numpy as np
 
 from encoder.baselines import Scorer
 from encoder.data import Example, History
-from encoder.ranking_metrics import RankCounts, summarize
+from encoder.ranking_metrics import POPULARITY_BUCKETS, RankCounts, in_bucket, per_example, summarize
 from streams.cooccurrence import Cooccurrence, CooccurrenceSpec, liked
 from streams.fusion import Fusion
 from streams.records import REJECTION_TYPES
 
-WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
+# Up to weights at which co-occurrence decides nearly alone and the encoder breaks its ties.
+WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0)
 FLOORS = (0.001, 0.01, 0.1, 1.0)
 CHUNK = 1024
+BUCKET_MIN_USERS = 200  # a popularity bucket with fewer validation targets is too noisy to guard
 
 
 def fit_cooccurrence(histories: Sequence[History], item_ids: Sequence[str], spec: CooccurrenceSpec) -> Cooccurrence:
@@ -65,29 +67,62 @@ def choose_fusion(
     valid: Sequence[Example],
     item_ids: Sequence[str],
     spec: CooccurrenceSpec,
+    guard: float,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> tuple[Fusion, list[dict[str, float]]]:
     """The weight and floor with the best NDCG@10 on ``valid`` (co-occurrence counted on ``training``,
-    which must not hold the validation targets), and every candidate's figures. A weight of 0 (the
-    encoder alone) is a candidate: fusion is used only where it helps."""
+    which must not hold the validation targets) among those that keep ``guard`` of co-occurrence
+    alone's NDCG@10 in every bucket of target popularity; and every candidate's figures.
+
+    The guard is there because the best blend overall can still lose to co-occurrence on rare targets
+    (most of a shop's), which it ranks well and the encoder poorly. Should no candidate keep the guard,
+    the one nearest to it is chosen. A weight of 0 (the encoder alone) is a candidate too."""
     counts = fit_cooccurrence(training, item_ids, spec)
     base = Fusion(cooccurrence=spec)
     grid = [replace(base, weight=w, floor=f) for w in WEIGHTS for f in (FLOORS if w else FLOORS[:1])]
     parts: list[list[RankCounts]] = [[] for _ in grid]
+    alone: list[RankCounts] = []  # co-occurrence's own ranking, the guard's reference
     for start in range(0, len(valid), CHUNK):
         chunk = valid[start : start + CHUNK]
         histories = [e.history for e in chunk]
         encoder, cooccurrence = encoder_scores(histories), cooccurrence_scores(counts, histories, item_ids, base.depth)
         targets, exclude = [e.target for e in chunk], [e.history.items for e in chunk]
+        alone.append(RankCounts.from_scores(cooccurrence, targets, exclude))
         for part, fusion in zip(parts, grid, strict=True):
             part.append(RankCounts.from_scores(fusion.fused(encoder, cooccurrence), targets, exclude))
-    table = [
-        {"weight": fusion.weight, "floor": fusion.floor, **summarize(RankCounts.concatenate(part))}
-        for fusion, part in zip(grid, parts, strict=True)
-    ]
-    best = max(range(len(grid)), key=lambda i: table[i]["ndcg@10"])
+    alone_ranks = RankCounts.concatenate(alone)
+    buckets = [m for m in popularity_buckets(valid, training, len(item_ids)) if bucket_ndcg(alone_ranks, [m])[0] > 0]
+    reference = bucket_ndcg(alone_ranks, buckets)
+    table = []
+    for fusion, part in zip(grid, parts, strict=True):
+        ranks = RankCounts.concatenate(part)
+        shares = bucket_ndcg(ranks, buckets) / reference
+        worst = float(min(shares, default=1.0))
+        table.append({"weight": fusion.weight, "floor": fusion.floor, **summarize(ranks), "worst_bucket_share": worst})
+    kept = [i for i, row in enumerate(table) if row["worst_bucket_share"] >= guard]
+    best = (
+        max(kept, key=lambda i: table[i]["ndcg@10"])
+        if kept
+        else max(range(len(grid)), key=lambda i: table[i]["worst_bucket_share"])
+    )
     progress(
         f"fusion with co-occurrence, chosen on {len(valid):,} validation users: weight {grid[best].weight:g}, "
-        f"floor {grid[best].floor:g}: NDCG@10 {table[best]['ndcg@10']:.4f} (encoder alone {table[0]['ndcg@10']:.4f})"
+        f"floor {grid[best].floor:g}: NDCG@10 {table[best]['ndcg@10']:.4f} (encoder alone {table[0]['ndcg@10']:.4f}); "
+        f"worst popularity bucket {table[best]['worst_bucket_share']:.3f} of co-occurrence alone "
+        f"({'guard ' + format(guard, 'g') + ' kept' if kept else 'no candidate keeps the guard ' + format(guard, 'g')})"
     )
     return grid[best], table
+
+
+def popularity_buckets(valid: Sequence[Example], training: Sequence[History], n_items: int) -> list[np.ndarray]:
+    """Masks over ``valid``: its targets by popularity in ``training``, the buckets with enough users to be
+    judged, targets that never occur in training left out (co-occurrence cannot rank them)."""
+    occurrences = np.bincount(np.concatenate([h.items for h in training]), minlength=n_items)
+    popularity = occurrences[np.array([e.target for e in valid], dtype=np.int64)]
+    masks = [in_bucket(popularity, low, high) for low, high in POPULARITY_BUCKETS if low > 0]
+    return [mask for mask in masks if mask.sum() >= BUCKET_MIN_USERS]
+
+
+def bucket_ndcg(ranks: RankCounts, buckets: Sequence[np.ndarray]) -> np.ndarray:
+    ndcg = per_example(ranks, 10)["ndcg@10"]
+    return np.array([ndcg[mask].mean() for mask in buckets])

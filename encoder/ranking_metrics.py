@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 CUTOFFS = (10, 20)
+# Targets grouped by how often they occur in training: where the encoder and co-occurrence differ most.
+POPULARITY_BUCKETS = ((0, 0), (1, 4), (5, 19), (20, 99), (100, 499), (500, None))
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,11 @@ def per_example(counts: RankCounts, k: int) -> dict[str, np.ndarray]:
         f"hr@{k}": _expected(np.ones(k), counts),
         f"ndcg@{k}": _expected(1.0 / np.log2(ranks + 2.0), counts),
     }
+
+
+def in_bucket(values: np.ndarray, low: int, high: int | None) -> np.ndarray:
+    """Which ``values`` lie in [low, high] (no upper bound when ``high`` is None)."""
+    return (values >= low) & (values <= (high if high is not None else np.iinfo(np.int64).max))
 
 
 def expected_rank(counts: RankCounts) -> np.ndarray:

@@ -8,7 +8,9 @@ batch ("sampled"; uniform sampling needs no logQ correction). Items the training
 data never shows are no negatives: they are placed by their text, as a new item is. Validation is the
 evaluation protocol itself (full ranking, history removed), on a seeded sample
 of validation users; its NDCG@10 drives early stopping and picks the epoch kept.
-Seeded and reproducible on CPU; uses a GPU when one is present.
+Seeded and reproducible on CPU; uses a GPU when one is present. With ``tail_adjustment`` the
+training logits carry each item's log share of the events (logit adjustment), which the
+served scores then lack: rare items are ranked as if every item were equally likely a priori.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from streams.cooccurrence import CooccurrenceSpec
 from streams.fusion import Fusion
 
 Progress = Callable[[str], None]
+FUSION_USERS = 25_000  # validation users the fusion choice scores (a seeded sample when there are more)
 
 
 @dataclass
@@ -91,13 +94,17 @@ class CatalogueTensors:
     def __init__(
         self, dataset: Dataset, text_vectors: np.ndarray | None, device: torch.device, refit: bool = False
     ) -> None:
-        learned = torch.from_numpy(dataset.trained_items(refit)).to(device)
+        occurrences = dataset.occurrences(refit)
+        learned = torch.from_numpy(occurrences > 0).to(device)
         self.index = torch.arange(1, dataset.n_items + 1, device=device) * learned
         # The training softmax ranks only these: an item published after training is not there to
         # be pushed down, and pushing cold items down at every step taught the model to bury them.
         self.candidates = learned.nonzero().squeeze(1)
         self.candidate_of = torch.full_like(self.index, -1)  # catalogue row -> position among the candidates
         self.candidate_of[self.candidates] = torch.arange(len(self.candidates), device=device)
+        # log of each candidate's share of the training events: what logit adjustment adds in training
+        counts = torch.from_numpy(occurrences).to(device)[self.candidates].double()
+        self.log_share = (counts / counts.sum()).log().float()
         # Indexed by model item index: row 0 (padding / unseen) reads a zero text vector.
         self.text_by_index = (
             None
@@ -115,7 +122,8 @@ class CatalogueTensors:
     ) -> torch.Tensor:
         """The next-item loss of the user vectors ``interests`` [B, L, K, d] (each target trains the closest)."""
         users, rows = routed(interests, targets, item_vectors)
-        return next_item_loss(users, self.candidate_of[rows], item_vectors[self.candidates], cfg)
+        offsets = self.log_share * cfg.tail_adjustment if cfg.tail_adjustment else None
+        return next_item_loss(users, self.candidate_of[rows], item_vectors[self.candidates], cfg, offsets)
 
     def inputs(self, model: InterestEncoder, items: torch.Tensor, id_dropout: float) -> torch.Tensor:
         """Item vectors for a batch of indices; with id dropout some items lose their id (as if unseen)."""
@@ -169,14 +177,25 @@ def rank_examples(
 
 
 def next_item_loss(
-    hidden: torch.Tensor, targets: torch.Tensor, item_vectors: torch.Tensor, cfg: InterestEncoderConfig
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    item_vectors: torch.Tensor,
+    cfg: InterestEncoderConfig,
+    offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of each next item; ``hidden`` [N, d] the user vectors, ``targets`` [N] rows of ``item_vectors``."""
+    """Cross-entropy of each next item; ``hidden`` [N, d] the user vectors, ``targets`` [N] rows of ``item_vectors``.
+
+    ``offsets`` [n_items] are added to the logits in training only (logit adjustment: Menon et al., 2021,
+    "Long-tail learning via logit adjustment"): with the log of each item's share added, the scores
+    themselves need not carry popularity, and rare items are no longer learnt to be buried."""
     if cfg.loss == "full":
-        return F.cross_entropy(score_all(hidden, item_vectors), targets)
+        logits = score_all(hidden, item_vectors)
+        return F.cross_entropy(logits if offsets is None else logits + offsets, targets)
     negatives = torch.randint(0, item_vectors.shape[0], (cfg.negatives,), device=hidden.device)
     positive = (hidden * item_vectors[targets]).sum(-1, keepdim=True)
     negative = score_all(hidden, item_vectors[negatives]).masked_fill(negatives[None] == targets[:, None], -math.inf)
+    if offsets is not None:
+        positive, negative = positive + offsets[targets, None], negative + offsets[negatives]
     logits = torch.cat([positive, negative], dim=1)
     return F.cross_entropy(logits, torch.zeros_like(targets))
 
@@ -311,12 +330,15 @@ def train_interest_encoder(
     with torch.no_grad():
         item_vectors = catalogue.all_items(model)
     # Chosen before a refit, which learns the validation targets and so could no longer be judged on them.
+    # On more users than an epoch's check: the guard judges buckets of a few percent of them.
+    fusion_valid = dataset.valid if len(dataset.valid) <= FUSION_USERS else shuffler.sample(dataset.valid, FUSION_USERS)
     fusion, fusion_table = choose_fusion(
         lambda histories: history_scores(model, item_vectors, catalogue, histories, vocabulary, dev),
         dataset.train,
-        valid,
+        fusion_valid,
         dataset.item_ids,
         CooccurrenceSpec(),
+        cfg.fusion_guard,
         progress,
     )
     if cfg.refit:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgpack
 import numpy as np
 import pytest
@@ -107,10 +109,10 @@ def test_validation_chooses_co_occurrence_where_it_knows_the_next_item_and_not_w
     data = leave_one_out("walks", ids, _walks(300, 80, 10, seed=2))
     rng = np.random.default_rng(0)
 
-    def guessing(histories: list[History]) -> np.ndarray:  # an encoder that learned nothing
+    def guessing(histories: Sequence[History]) -> np.ndarray:  # an encoder that learned nothing
         return rng.normal(size=(len(histories), len(ids)))
 
-    fusion, table = choose_fusion(guessing, data.train, data.valid, ids, CooccurrenceSpec())
+    fusion, table = choose_fusion(guessing, data.train, data.valid, ids, CooccurrenceSpec(), guard=0.95)
     assert fusion.weight > 0 and table[0]["weight"] == 0
     assert max(row["ndcg@10"] for row in table) > table[0]["ndcg@10"] + 0.2
 
@@ -118,12 +120,47 @@ def test_validation_chooses_co_occurrence_where_it_knows_the_next_item_and_not_w
         Example(e.user, e.history, int(rng.integers(len(ids)))) for e in data.valid
     ]
 
-    def knowing(histories: list[History]) -> np.ndarray:  # an encoder that knows the shuffled targets
+    def knowing(histories: Sequence[History]) -> np.ndarray:  # an encoder that knows the shuffled targets
         targets = {id(e.history): e.target for e in shuffled}
         scores = rng.normal(size=(len(histories), len(ids))) * 0.01
         for row, history in enumerate(histories):
             scores[row, targets[id(history)]] = 5.0
         return scores
 
-    alone, _ = choose_fusion(knowing, data.train, shuffled, ids, CooccurrenceSpec())
+    alone, _ = choose_fusion(knowing, data.train, shuffled, ids, CooccurrenceSpec(), guard=0.95)
     assert alone.weight == 0 and not alone.active
+
+
+def test_the_guard_gives_up_some_overall_ndcg_to_keep_rare_targets_near_co_occurrence_alone() -> None:
+    """Most users walk 20 popular items and then jump, which the encoder knows and co-occurrence does not;
+    the others walk 180 rare items, which co-occurrence follows and the encoder buries under the popular ones.
+    The best blend overall serves the many; the guard keeps the few near co-occurrence alone."""
+    rng = np.random.default_rng(3)
+    ids = [f"i{n}" for n in range(200)]
+    histories = {}
+    for user in range(2_000):
+        if user < 1_400:  # a walk, then a jump to the far side of the ring: co-occurrence expects the walk
+            items = (rng.integers(20) + np.arange(10)) % 20
+            items[-2] = (items[-3] + 10) % 20
+        else:
+            items = 20 + (rng.integers(180) + np.cumsum(rng.integers(1, 4, size=10))) % 180
+        histories[f"u{user}"] = History(items.astype(np.int64), ["view"] * 10, np.arange(10) * 1000)
+    data = leave_one_out("rings", ids, histories)
+    target_of = {id(e.history): e.target for e in data.valid}
+
+    def popular_minded(batch: Sequence[History]) -> np.ndarray:
+        scores = rng.normal(size=(len(batch), len(ids))) * 0.1
+        scores[:, :20] += 6.0
+        for row, history in enumerate(batch):
+            if target_of[id(history)] < 20:
+                scores[row, target_of[id(history)]] += 4.0
+        return scores
+
+    spec = CooccurrenceSpec()
+    best, table = choose_fusion(popular_minded, data.train, data.valid, ids, spec, guard=0.0)
+    guarded, guarded_table = choose_fusion(popular_minded, data.train, data.valid, ids, spec, guard=0.95)
+    row = {(r["weight"], r["floor"]): r for r in table}[(best.weight, best.floor)]
+    kept = {(r["weight"], r["floor"]): r for r in guarded_table}[(guarded.weight, guarded.floor)]
+    assert row["ndcg@10"] == max(r["ndcg@10"] for r in table) and row["worst_bucket_share"] < 0.95
+    assert kept["worst_bucket_share"] >= 0.95 and kept["ndcg@10"] < row["ndcg@10"]
+    assert kept["ndcg@10"] == max(r["ndcg@10"] for r in guarded_table if r["worst_bucket_share"] >= 0.95)

@@ -27,7 +27,7 @@ from encoder.features import EventTypeVocabulary, WindowArrays, assemble_inputs
 from encoder.model import InterestEncoder
 from encoder.ranking_metrics import summarize
 from encoder.runtime import OnnxInterestEncoder, OnnxItemEncoder, OnnxTextEmbedder
-from encoder.train import CatalogueTensors, TrainingResult, rank_examples, train_interest_encoder
+from encoder.train import CatalogueTensors, TrainingResult, history_scores, rank_examples, train_interest_encoder
 from streams.cli import main
 from streams.errors import ModelError
 from streams.ports import SearchHit
@@ -67,6 +67,10 @@ def test_config_is_validated() -> None:
         InterestEncoderConfig(event_types=EVENT_TYPES)
     with pytest.raises(ValueError, match="loss"):
         InterestEncoderConfig(event_types=EVENT_TYPES, n_items=5, loss="bpr")
+    with pytest.raises(ValueError, match="tail_adjustment"):
+        InterestEncoderConfig(event_types=EVENT_TYPES, n_items=5, tail_adjustment=-0.5)
+    with pytest.raises(ValueError, match="fusion_guard"):
+        InterestEncoderConfig(event_types=EVENT_TYPES, n_items=5, fusion_guard=1.5)
 
 
 def test_model_stays_finite_for_fully_padded_rows() -> None:
@@ -147,6 +151,34 @@ def test_sampled_softmax_trains_too() -> None:
     data, text = _clustered_data()
     result = train_interest_encoder(data, dataclasses.replace(TINY, loss="sampled", negatives=16), text)
     assert result.metrics["val_hr@10"] > 0.8
+
+
+def test_logit_adjustment_takes_popularity_out_of_the_scores() -> None:
+    """Next items drawn from a skewed popularity and nothing else: trained plainly, the scores learn the
+    popularity (rare items buried); with the log shares added in training (1: the balanced softmax),
+    the scores no longer follow it."""
+    rng = np.random.default_rng(0)
+    share = 1.0 / np.arange(1, 41) ** 1.2
+    histories = {
+        str(u): History(rng.choice(40, size=12, p=share / share.sum()), ["view"] * 12, np.arange(12) * 60_000)
+        for u in range(300)
+    }
+    data = leave_one_out("skewed", [f"i{i}" for i in range(40)], histories)
+    cfg = dataclasses.replace(TINY, text_dim=0, id_dropout=0.0, epochs=10, patience=10)
+    popularity = np.log(data.occurrences())
+
+    def popularity_in_scores(tail_adjustment: float) -> float:
+        model = train_interest_encoder(data, dataclasses.replace(cfg, tail_adjustment=tail_adjustment)).model
+        catalogue = CatalogueTensors(data, None, torch.device("cpu"))
+        with torch.no_grad():
+            scores = history_scores(
+                model, catalogue.all_items(model), catalogue, data.train[:100], EventTypeVocabulary(cfg.event_types),
+                torch.device("cpu"),
+            )  # fmt: skip
+        return float(np.corrcoef(scores.mean(axis=0), popularity)[0, 1])
+
+    plain, balanced = popularity_in_scores(0.0), popularity_in_scores(1.0)
+    assert plain > 0.9 and abs(balanced) < 0.5
 
 
 def test_both_towers_onnx_match_torch(tmp_path: Path, trained: tuple[Dataset, np.ndarray, TrainingResult]) -> None:
