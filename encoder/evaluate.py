@@ -15,10 +15,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from encoder.baselines import Scorer, baselines
+from encoder.baselines import ItemCooccurrence, Scorer, baselines
 from encoder.data import Dataset, Example, History
 from encoder.features import WindowArrays, assemble_inputs
 from encoder.fusion import FusedScorer, fit_cooccurrence
@@ -97,22 +98,43 @@ def bucket_label(low: int, high: int | None) -> str:
     return f"{low}+" if high is None else (str(low) if low == high else f"{low}–{high}")
 
 
-def bucketed(result: MethodResult, values: np.ndarray, buckets: Sequence[tuple[int, int | None]]) -> list[dict]:
+def bucketed(
+    result: MethodResult,
+    values: np.ndarray,
+    buckets: Sequence[tuple[int, int | None]],
+    reference: MethodResult | None = None,
+) -> list[dict]:
+    """Each bucket's users and figures; with a ``reference``, also ``result``'s NDCG@10 as a share of
+    the reference's over the same users, with its interval (``paired_ratio``)."""
     values_at_k = per_example(result.counts, K)
     ndcg, hits = values_at_k[f"ndcg@{K}"], values_at_k[f"hr@{K}"]
+    reference_ndcg = None if reference is None else per_example(reference.counts, K)[f"ndcg@{K}"]
     rows = []
     for low, high in buckets:
         keep = in_bucket(values, low, high)
         if keep.any():
-            rows.append(
-                {
-                    "bucket": bucket_label(low, high),
-                    "users": int(keep.sum()),
-                    f"hr@{K}": float(hits[keep].mean()),
-                    f"ndcg@{K}": float(ndcg[keep].mean()),
-                }
-            )
+            row: dict[str, Any] = {
+                "bucket": bucket_label(low, high),
+                "users": int(keep.sum()),
+                f"hr@{K}": float(hits[keep].mean()),
+                f"ndcg@{K}": float(ndcg[keep].mean()),
+            }
+            if reference_ndcg is not None and reference_ndcg[keep].mean() > 0:
+                row["share_of_reference"] = paired_ratio(ndcg[keep], reference_ndcg[keep])
+            rows.append(row)
     return rows
+
+
+def paired_ratio(values: np.ndarray, reference: np.ndarray, draws: int = 1000) -> tuple[float, float, float]:
+    """mean(values) / mean(reference) over the same users, and its 95% interval by a paired bootstrap
+    over users (seeded): how sure a bucket's gap to a baseline is, when buckets hold hundreds of users."""
+    rng = np.random.default_rng(0)
+    ratios = []
+    for start in range(0, draws, 100):  # bounded memory: 100 resamples at a time
+        sample = rng.integers(len(values), size=(min(100, draws - start), len(values)))
+        ratios.append(values[sample].mean(axis=1) / np.maximum(reference[sample].mean(axis=1), 1e-12))
+    low, high = np.percentile(np.concatenate(ratios), [2.5, 97.5])
+    return float(values.mean() / reference.mean()), float(low), float(high)
 
 
 @dataclass
@@ -166,10 +188,15 @@ def evaluate(
         for group, keep in dataset.test_groups.items():
             of_group = summarize(result.counts.subset(keep))
             result.metrics |= {f"{group} {m}": of_group[m] for m in GROUP_METRICS}
+    # What is served (listed first) against item co-occurrence, the strongest simple baseline.
+    knn = next(r for r in results if r.name == ItemCooccurrence.name)
     breakdowns = {
-        "history length": {r.name: bucketed(r, lengths, LENGTH_BUCKETS) for r in results},
+        "history length": {
+            r.name: bucketed(r, lengths, LENGTH_BUCKETS, knn if i == 0 else None) for i, r in enumerate(results)
+        },
         "target popularity (training occurrences)": {
-            r.name: bucketed(r, popularity[targets], POPULARITY_BUCKETS) for r in results
+            r.name: bucketed(r, popularity[targets], POPULARITY_BUCKETS, knn if i == 0 else None)
+            for i, r in enumerate(results)
         },
     }
     return Evaluation(dataset, results, breakdowns, model.users.manifest.training, model.users.manifest.metrics)
@@ -254,11 +281,14 @@ def _notes(evaluation: Evaluation, columns: list[str]) -> list[str]:
 def _breakdown_tables(evaluation: Evaluation) -> list[str]:
     lines = []
     for title, per_method in evaluation.breakdowns.items():
-        lines += ["", f"## NDCG@10 by {title}", "", "| bucket | users | " + " | ".join(per_method) + " |"]
-        lines.append("|---" * (len(per_method) + 2) + "|")
+        names = [*per_method, f"first ÷ {ItemCooccurrence.name} (95% interval)"]
+        lines += ["", f"## NDCG@10 by {title}", "", "| bucket | users | " + " | ".join(names) + " |"]
+        lines.append("|---" * (len(names) + 2) + "|")
         first = next(iter(per_method.values()))
         for i, row in enumerate(first):
             cells = [f"{rows[i]['ndcg@10']:.4f}" for rows in per_method.values()]
+            share = row.get("share_of_reference")
+            cells.append(f"{share[0]:.3f} [{share[1]:.3f}, {share[2]:.3f}]" if share else "")
             lines.append(f"| {row['bucket']} | {row['users']} | " + " | ".join(cells) + " |")
     return lines
 

@@ -15,7 +15,7 @@ import pytest
 from encoder.baselines import ItemCooccurrence, Popularity, RecentPopularity
 from encoder.data import History, leave_one_out
 from encoder.datasets import load_dataset
-from encoder.evaluate import BundleScorer
+from encoder.evaluate import BundleScorer, paired_ratio
 from encoder.ranking_metrics import RankCounts, coverage, intra_list_diversity, summarize, top_k
 from streams.cli import main
 from streams.errors import DataError
@@ -227,6 +227,9 @@ def test_train_export_evaluate_beats_popularity_by_far(tmp_path: Path, capsys: p
     assert {"hr@20", "ndcg@20", "mrr", "coverage@10", "diversity@10"} <= set(model)
     text = (report / "report.md").read_text()
     assert "| popularity |" in text and "item co-occurrence" in text
+    served = next(iter(results["breakdowns"]["target popularity (training occurrences)"].values()))
+    assert all(low <= share <= high for share, low, high in (r["share_of_reference"] for r in served))
+    assert "(95% interval) |" in text
     for plot in ("training.png", "by-length.png", "by-popularity.png"):
         assert (report / plot).stat().st_size > 1000
     assert "report:" in capsys.readouterr().out
@@ -294,3 +297,15 @@ def test_cli_data_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
     _sequential_csv(data, users=10)
     assert main(["train", "--data", str(data), "--dropout", "1.5"]) == 2
     assert "dropout must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_a_share_of_a_baseline_comes_with_a_paired_interval_that_narrows_with_users() -> None:
+    rng = np.random.default_rng(1)
+    baseline = rng.random(400)
+    assert paired_ratio(baseline, baseline) == (1.0, 1.0, 1.0)  # paired: the same users, no spread
+    better = baseline * 1.2 + rng.normal(0, 0.1, 400)
+    share, low, high = paired_ratio(better, baseline)
+    assert 1.0 < low < share < high
+    more = np.tile(better, 16), np.tile(baseline, 16)
+    _, low_more, high_more = paired_ratio(*more)
+    assert high_more - low_more < (high - low) / 2
