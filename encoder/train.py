@@ -16,10 +16,13 @@ served scores then lack: rare items are ranked as if every item were equally lik
 from __future__ import annotations
 
 import copy
+import ctypes
 import math
+import platform
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +40,9 @@ from streams.fusion import Fusion
 
 Progress = Callable[[str], None]
 FUSION_USERS = 25_000  # validation users the fusion choice scores (a seeded sample when there are more)
+# glibc's mallopt parameters (malloc.h) and their defaults
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65_536
 
 
 @dataclass
@@ -274,12 +280,44 @@ def fresh_model(cfg: InterestEncoderConfig, device: torch.device) -> tuple[Inter
     return model, torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
+@contextmanager
+def freed_memory_kept() -> Iterator[None]:
+    """Keep the memory that training frees for its next step, where the C library is glibc.
+
+    A full softmax allocates and frees tensors of hundreds of MB every step (batch × positions ×
+    catalogue logits). glibc serves each from fresh pages of its own mapping and unmaps them on free,
+    so the kernel faults and zeroes them in again at every step: on Amazon Beauty a quarter of the
+    CPU time was the kernel's. Inside this block such blocks come from the heap and stay there."""
+    mallopt = ctypes.CDLL(None).mallopt if platform.libc_ver()[0] == "glibc" else None
+    if mallopt is None:
+        yield
+        return
+    mallopt(M_MMAP_MAX, 0)
+    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+        mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+
+
 def train_interest_encoder(
     dataset: Dataset,
     cfg: InterestEncoderConfig,
     text_vectors: np.ndarray | None = None,
     progress: Progress = lambda _msg: None,
     device: str | None = None,
+) -> TrainingResult:
+    with freed_memory_kept():
+        return _train(dataset, cfg, text_vectors, progress, device)
+
+
+def _train(
+    dataset: Dataset,
+    cfg: InterestEncoderConfig,
+    text_vectors: np.ndarray | None,
+    progress: Progress,
+    device: str | None,
 ) -> TrainingResult:
     if (text_vectors is None) != (cfg.text_dim == 0):
         raise ValueError("text vectors must be given exactly when the config has text_dim > 0")

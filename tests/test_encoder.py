@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import platform
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +29,14 @@ from encoder.features import EventTypeVocabulary, WindowArrays, assemble_inputs
 from encoder.model import InterestEncoder
 from encoder.ranking_metrics import summarize
 from encoder.runtime import OnnxInterestEncoder, OnnxItemEncoder, OnnxTextEmbedder
-from encoder.train import CatalogueTensors, TrainingResult, history_scores, rank_examples, train_interest_encoder
+from encoder.train import (
+    CatalogueTensors,
+    TrainingResult,
+    freed_memory_kept,
+    history_scores,
+    rank_examples,
+    train_interest_encoder,
+)
 from streams.cli import main
 from streams.errors import ModelError
 from streams.ports import SearchHit
@@ -179,6 +188,21 @@ def test_logit_adjustment_takes_popularity_out_of_the_scores() -> None:
 
     plain, balanced = popularity_in_scores(0.0), popularity_in_scores(1.0)
     assert plain > 0.9 and abs(balanced) < 0.5
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the C library is not glibc")
+def test_training_keeps_freed_memory_instead_of_faulting_it_in_again() -> None:
+    def faults_of_a_second_large_array() -> int:
+        np.ones(25_000_000)  # 200 MB, freed at once
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        np.ones(25_000_000)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    outside = faults_of_a_second_large_array()
+    with freed_memory_kept():
+        inside = faults_of_a_second_large_array()
+    assert outside > 50 and inside < outside / 10
+    assert faults_of_a_second_large_array() > 50  # glibc's own policy again afterwards
 
 
 def test_both_towers_onnx_match_torch(tmp_path: Path, trained: tuple[Dataset, np.ndarray, TrainingResult]) -> None:
