@@ -100,9 +100,9 @@ class InterestEncoderConfig:
         False, "after early stopping, train afresh on training + validation targets for the best epoch count"
     )
     fusion_guard: float = hyper(
-        0.95,
+        0.0,
         "the fusion with co-occurrence is the best on validation among those keeping this share of co-occurrence "
-        "alone's NDCG@10 for targets of every popularity (0: the best overall)",
+        "alone's NDCG@10 for targets of every popularity, e.g. 0.95 (0: the best overall)",
     )
     seed: int = hyper(0, "random seed")
 

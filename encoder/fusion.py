@@ -108,8 +108,8 @@ def choose_fusion(
     progress(
         f"fusion with co-occurrence, chosen on {len(valid):,} validation users: weight {grid[best].weight:g}, "
         f"floor {grid[best].floor:g}: NDCG@10 {table[best]['ndcg@10']:.4f} (encoder alone {table[0]['ndcg@10']:.4f}); "
-        f"worst popularity bucket {table[best]['worst_bucket_share']:.3f} of co-occurrence alone "
-        f"({'guard ' + format(guard, 'g') + ' kept' if kept else 'no candidate keeps the guard ' + format(guard, 'g')})"
+        f"worst popularity bucket {table[best]['worst_bucket_share']:.3f} of co-occurrence alone"
+        + ("" if not guard else f" (guard {guard:g} {'kept' if kept else 'kept by no blend: the nearest taken'})")
     )
     return grid[best], table
 
