@@ -115,8 +115,13 @@ class Dataset:
 
     def occurrences(self, refit: bool = False) -> np.ndarray:
         """int64 [n_items]: how often each row occurs in the training sequences."""
-        rows = [history.items for history in self.training_sequences(refit)]
-        return np.bincount(np.concatenate(rows), minlength=self.n_items) if rows else np.zeros(self.n_items, np.int64)
+        return occurrences(self.training_sequences(refit), self.n_items)
+
+
+def occurrences(histories: Sequence[History], n_items: int) -> np.ndarray:
+    """int64 [n_items]: how often each row occurs in ``histories``."""
+    rows = [history.items for history in histories]
+    return np.bincount(np.concatenate(rows), minlength=n_items) if rows else np.zeros(n_items, np.int64)
 
 
 @dataclass(frozen=True)

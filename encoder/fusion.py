@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 
 from encoder.baselines import Scorer
-from encoder.data import Example, History
+from encoder.data import Example, History, occurrences
 from encoder.ranking_metrics import POPULARITY_BUCKETS, RankCounts, in_bucket, per_example, summarize
 from streams.cooccurrence import Cooccurrence, CooccurrenceSpec, liked
 from streams.fusion import Fusion
@@ -91,8 +91,10 @@ def choose_fusion(
         for part, fusion in zip(parts, grid, strict=True):
             part.append(RankCounts.from_scores(fusion.fused(encoder, cooccurrence), targets, exclude))
     alone_ranks = RankCounts.concatenate(alone)
-    buckets = [m for m in popularity_buckets(valid, training, len(item_ids)) if bucket_ndcg(alone_ranks, [m])[0] > 0]
-    reference = bucket_ndcg(alone_ranks, buckets)
+    judged = popularity_buckets(valid, training, len(item_ids))
+    alone_ndcg = bucket_ndcg(alone_ranks, judged)
+    buckets = [mask for mask, ndcg in zip(judged, alone_ndcg, strict=True) if ndcg > 0]
+    reference = alone_ndcg[alone_ndcg > 0]
     table = []
     for fusion, part in zip(grid, parts, strict=True):
         ranks = RankCounts.concatenate(part)
@@ -117,8 +119,7 @@ def choose_fusion(
 def popularity_buckets(valid: Sequence[Example], training: Sequence[History], n_items: int) -> list[np.ndarray]:
     """Masks over ``valid``: its targets by popularity in ``training``, the buckets with enough users to be
     judged, targets that never occur in training left out (co-occurrence cannot rank them)."""
-    occurrences = np.bincount(np.concatenate([h.items for h in training]), minlength=n_items)
-    popularity = occurrences[np.array([e.target for e in valid], dtype=np.int64)]
+    popularity = occurrences(training, n_items)[np.array([e.target for e in valid], dtype=np.int64)]
     masks = [in_bucket(popularity, low, high) for low, high in POPULARITY_BUCKETS if low > 0]
     return [mask for mask in masks if mask.sum() >= BUCKET_MIN_USERS]
 
