@@ -241,6 +241,13 @@ class Settings:
         "HNSW candidates per search (0: Qdrant's default); lower is faster, `rtrec bench` reports the recall it costs",
         at_least=0,
     )
+    native_search_from: int = setting(
+        10_000,
+        "with embedded Qdrant, a searched collection of at least this many points is searched through an "
+        "in-process HNSW index mirroring it (usearch; built in the background when a worker opens it); "
+        "0: Qdrant searches everything",
+        at_least=0,
+    )
     users_collection: str = setting("users", "Qdrant collection of user vectors")
     model_dir: str = setting("", "where the model bundles live", shown="<home>/models")
     model_reload_s: float = setting(

@@ -10,6 +10,8 @@ PYTEST_QDRANT_URL=http://localhost:6333).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -29,11 +31,13 @@ from streams.metrics import WorkerMetrics
 from streams.ports import ItemFilter, SearchHit, SearchQuery, VectorPoint, VectorStore
 from streams.settings import Settings
 from streams.stores.edge import EdgeVectorStore, HitFields
+from streams.stores.native_index import BUILD_CHUNK
 from streams.stores.retry import RetryingVectorStore
 from streams.stores.server import QdrantVectorStore
 from streams.worker.app import open_vector_store
 
 DIM = 8
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -42,9 +46,32 @@ class StoreUnderTest:
     name: str  # a collection of DIM-d vectors, fresh for each test
 
 
-@pytest.fixture(params=["embedded", "retrying-embedded", "server-adapter", "server", "server-grpc"])
+class _NativeSearched(EdgeVectorStore):
+    """Embedded Qdrant searched through its native index from the first point on: each search waits for
+    the index, which a worker builds in the background (and meanwhile searches through Qdrant)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, native_from=1)
+        self.written: set[str] = set()
+
+    def upsert(self, collection: str, points: Sequence[VectorPoint]) -> None:
+        super().upsert(collection, points)
+        self.written.add(collection)
+
+    def search_batch(self, collection: str, queries: Sequence[SearchQuery]) -> list[list[SearchHit]]:
+        assert self.native_ready(collection, timeout_s=30) or collection not in self.written
+        return super().search_batch(collection, queries)
+
+
+@pytest.fixture(params=["embedded", "embedded-native", "retrying-embedded", "server-adapter", "server", "server-grpc"])
 def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
     name = f"items-{uuid.uuid4().hex[:8]}"
+    if request.param == "embedded-native":
+        native = _NativeSearched(tmp_path)
+        native.ensure_collection(name, DIM)
+        yield StoreUnderTest(native, name)
+        native.close()
+        return
     if request.param == "server-adapter":
         # The server adapter's code (filters, ids, payloads) over qdrant-client's in-memory engine.
         adapter = QdrantVectorStore(QdrantClient(location=":memory:"))
@@ -161,12 +188,12 @@ class _ShardWrittenDuringFetch:
 def test_hit_fields_read_during_a_write_serve_their_search_but_are_not_kept() -> None:
     fields = HitFields(capacity=10)
     shard = _ShardWrittenDuringFetch(fields)
-    found = [[SimpleNamespace(id=1, score=0.5), SimpleNamespace(id=2, score=0.4)]]
+    found = [[(1, 0.5), (2, 0.4)]]
     for reads in (1, 2, 2):  # not kept after the overlapping read; kept after the next one
-        hits = fields.hits(cast(Any, shard), cast(Any, found))[0]
+        hits = fields.hits(cast(Any, shard), found)[0]
         assert [h.id for h in hits] == ["item-1", "item-2"] and shard.reads == reads
     fields.written([1])
-    assert [h.id for h in fields.hits(cast(Any, shard), cast(Any, found))[0]] == ["item-1", "item-2"]
+    assert [h.id for h in fields.hits(cast(Any, shard), found)[0]] == ["item-1", "item-2"]
     assert shard.reads == 3  # the written point is read again, the other one is not
 
 
@@ -316,3 +343,51 @@ def test_workers_starting_together_on_one_server_all_open_the_collection(
     for store in stores:
         store.close()
     assert not errors, errors
+
+
+def test_the_native_index_keeps_every_write_made_while_it_is_built(tmp_path: Path) -> None:
+    """Points written and deleted while the index is read from the shard, chunk by chunk, are searched as
+    they stand afterwards: replaced vectors at their new scores, deleted points never."""
+    store = EdgeVectorStore(tmp_path, native_from=1)
+    store.ensure_collection("items", DIM)
+    count = 3 * BUILD_CHUNK
+    store.upsert("items", _points(count))
+    assert store.native_ready("items", timeout_s=0) is False  # started, not built yet
+    moved = [VectorPoint(f"item-{i}", _unit(count + i), {"available": True}) for i in range(0, count, 7)]
+    deleted = [f"item-{i}" for i in range(3, count, 11)]
+    store.upsert("items", moved)
+    store.delete("items", deleted)
+    assert store.native_ready("items", timeout_s=60)
+    vectors = {p.id: p.vector for p in _points(count)} | {p.id: p.vector for p in moved}
+    for gone in deleted:
+        vectors.pop(gone)
+    ids = list(vectors)
+    matrix = np.stack([vectors[i] for i in ids])
+    for seed in range(20):
+        query = _unit(10_000 + seed)
+        hits = store.search_batch("items", [SearchQuery(query, limit=10)])[0]
+        exact = [ids[i] for i in np.argsort(-(matrix @ query))[:10]]
+        assert len(set(h.id for h in hits) & set(exact)) >= 9  # approximate, but over the points as they stand
+        assert all(h.id in vectors and h.score == pytest.approx(float(vectors[h.id] @ query), abs=1e-5) for h in hits)
+    store.close()
+
+
+def test_searches_with_business_rules_stay_with_qdrant_and_keep_them(tmp_path: Path) -> None:
+    store = EdgeVectorStore(tmp_path, native_from=1)
+    store.ensure_collection("items", DIM)
+    store.upsert("items", [VectorPoint(f"item-{i}", _unit(i), {"category": "a" if i % 2 else "b"}) for i in range(50)])
+    assert store.native_ready("items", timeout_s=30)
+    rules = ItemFilter(categories=("a",))
+    both = store.search_batch(
+        "items", [SearchQuery(_unit(4), limit=5, item_filter=rules), SearchQuery(_unit(4), limit=5)]
+    )
+    assert all(int(h.id[5:]) % 2 for h in both[0]) and len(both[0]) == 5
+    assert both[1][0].id == "item-4"
+    store.close()
+
+
+def test_the_embedded_store_loads_with_onnx_runtime_in_either_order() -> None:
+    """usearch's extension loaded before ONNX Runtime's crashed the process; the store's module sees to it."""
+    for first, second in (("streams.stores.edge", "onnxruntime"), ("onnxruntime", "streams.stores.edge")):
+        ran = subprocess.run([sys.executable, "-c", f"import {first}, {second}"], cwd=ROOT, capture_output=True)
+        assert ran.returncode == 0, (first, second, ran.stderr[-2000:])

@@ -25,6 +25,7 @@ with backoff for up to ``lock_wait_s`` before it gives up with an error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
@@ -41,7 +42,8 @@ import qdrant_edge as edge
 
 from streams.errors import VectorStoreError
 from streams.ports import SearchHit, SearchQuery, VectorPoint
-from streams.stores.search import EXTERNAL_ID, RANKING_FIELDS, point_id, rank_without_unavailable
+from streams.stores.native_index import BUILD_CHUNK, IndexMirror
+from streams.stores.search import EXTERNAL_ID, RANKING_FIELDS, point_ids, rank_without_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ LOCK_WAIT_S = 120.0
 MAX_LOCK_BACKOFF_S = 5.0
 EdgePointId = int | UUID | str  # what the binding types a point id as (this adapter writes ints)
 HIT_FIELDS_CAPACITY = 100_000  # points per searched collection; ~400 bytes each
+NATIVE_FROM = 10_000  # points from which a searched collection gets a native index (below, Qdrant is exact anyway)
+SIZE_CHECK_S = 5.0  # how often a searched collection without one is checked against that size
 
 
 class HitFields:
@@ -68,9 +72,10 @@ class HitFields:
         self._writes = 0
         self._lock = threading.Lock()  # searches and catalogue writes run on different threads
 
-    def hits(self, shard: edge.EdgeShard, found: Sequence[Sequence[edge.ScoredPoint]]) -> list[list[SearchHit]]:
-        """Search results (ids and scores) as hits; a point deleted since the search drops out."""
-        scored = [[(point.id, point.score) for point in points] for points in found]  # each read crosses into Rust
+    def hits(
+        self, shard: edge.EdgeShard, scored: Sequence[Sequence[tuple[EdgePointId, float]]]
+    ) -> list[list[SearchHit]]:
+        """Search results (point ids and scores) as hits; a point deleted since the search drops out."""
         ids = {i for points in scored for i, _ in points}
         with self._lock:
             known = {}
@@ -111,16 +116,31 @@ class EdgeVectorStore:
     in a folder of its own. One process holds the folder at a time."""
 
     def __init__(
-        self, path: Path, *, search_threads: int = 1, search_ef: int = 0, lock_wait_s: float = LOCK_WAIT_S
+        self,
+        path: Path,
+        *,
+        search_threads: int = 1,
+        search_ef: int = 0,
+        lock_wait_s: float = LOCK_WAIT_S,
+        native_from: int = NATIVE_FROM,
     ) -> None:
+        """``native_from``: collections searched with at least this many points are searched through a native
+        index mirroring them (``streams.stores.native_index``; 0: never)."""
         self._path = path
         self._lock_wait_s = lock_wait_s
+        self._search_ef = search_ef
         self._search_params = edge.SearchParams(hnsw_ef=search_ef) if search_ef else None
         self._search_threads = search_threads  # one worker process per core: no thread pool per search
         self._shards: dict[str, edge.EdgeShard] = {}
         self._dims: dict[str, int] = {}
         self._hit_fields: dict[str, HitFields] = {}  # of the collections searched so far
         self._lock = threading.Lock()  # guards the shard map, not the shards (they are thread-safe)
+        self._native_from = native_from
+        self._mirrors: dict[str, IndexMirror] = {}
+        self._next_size_check: dict[str, float] = {}
+        # Held by every write from finding the collection's mirror to updating it, and by a mirror's start:
+        # a write either sees the mirror (and updates it under its lock) or lands before its build reads.
+        self._write_lock = threading.Lock()
 
     def _shard(self, collection: str) -> edge.EdgeShard:
         try:
@@ -183,37 +203,52 @@ class EdgeVectorStore:
     def upsert(self, collection: str, points: Sequence[VectorPoint]) -> None:
         if not points:
             return
-        ids = [point_id(p.id) for p in points]
+        ids = point_ids(p.id for p in points)
+        vectors = np.stack([np.asarray(p.vector, dtype=np.float32) for p in points])
         operation = edge.UpdateOperation.upsert_points(
             [
-                edge.Point(i, np.asarray(p.vector, dtype=np.float32).tolist(), {**p.payload, EXTERNAL_ID: p.id})
-                for i, p in zip(ids, points, strict=True)
+                edge.Point(i, vector, {**p.payload, EXTERNAL_ID: p.id})
+                for i, vector, p in zip(ids, vectors.tolist(), points, strict=True)
             ]
         )
-        self._update(collection, operation, ids)
+        self._update(collection, operation, ids, vectors)
 
     def delete(self, collection: str, ids: Sequence[str]) -> None:
         if ids:
-            points: list[EdgePointId] = [point_id(i) for i in ids]
-            self._update(collection, edge.UpdateOperation.delete_points(points), points)
+            points = point_ids(ids)
+            targets: list[EdgePointId] = [*points]  # the binding's parameter type
+            self._update(collection, edge.UpdateOperation.delete_points(targets), points)
 
-    def _update(self, collection: str, operation: edge.UpdateOperation, point_ids: Sequence[EdgePointId]) -> None:
+    def _update(
+        self,
+        collection: str,
+        operation: edge.UpdateOperation,
+        point_ids: list[int],
+        vectors: np.ndarray | None = None,
+    ) -> None:
+        """Apply a write to the shard and to its native index, if it has one (``vectors``: an upsert's)."""
         shard = self._shard(collection)
-        try:
-            shard.update(operation)
-        finally:
-            # After the write: a fetch that read the old fields began before this, so it goes uncached.
-            fields = self._hit_fields.get(collection)
-            if fields is not None:
-                fields.written(point_ids)
+        with self._write_lock:
+            mirror = self._mirrors.get(collection)
+            with mirror.lock if mirror is not None else contextlib.nullcontext():
+                try:
+                    shard.update(operation)
+                finally:
+                    # After the write: a fetch that read the old fields began before this, so it goes uncached.
+                    fields = self._hit_fields.get(collection)
+                    if fields is not None:
+                        fields.written(point_ids)
+                if mirror is not None:
+                    if vectors is None:
+                        mirror.index.remove(point_ids)
+                    else:
+                        mirror.index.put(point_ids, vectors)
 
     def fetch_vectors(self, collection: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
         if not ids:
             return {}
         unique = list(dict.fromkeys(ids))
-        records = self._shard(collection).retrieve(
-            [point_id(i) for i in unique], with_payload=[EXTERNAL_ID], with_vector=True
-        )
+        records = self._shard(collection).retrieve([*point_ids(unique)], with_payload=[EXTERNAL_ID], with_vector=True)
         return {
             str(r.payload[EXTERNAL_ID]): np.asarray(r.vector, dtype=np.float32)
             for r in records
@@ -225,7 +260,7 @@ class EdgeVectorStore:
             return {}
         unique = list(dict.fromkeys(ids))
         records = self._shard(collection).retrieve(
-            [point_id(i) for i in unique], with_payload=[EXTERNAL_ID, *fields], with_vector=False
+            [*point_ids(unique)], with_payload=[EXTERNAL_ID, *fields], with_vector=False
         )
         return {
             str(payload[EXTERNAL_ID]): {f: payload.get(f) for f in fields}
@@ -237,27 +272,64 @@ class EdgeVectorStore:
         shard = self._shard(collection)
         with self._lock:
             fields = self._hit_fields.setdefault(collection, HitFields(HIT_FIELDS_CAPACITY))
+        mirror = self._mirror(collection, shard)
 
         def fetch(batch: Sequence[tuple[SearchQuery, int]]) -> list[list[SearchHit]]:
-            responses = shard.query_batch(
-                edge.QueryBatchRequest(
-                    [
-                        edge.QueryRequest(
-                            limit=limit,
-                            query=edge.Query.Nearest(_floats(q.vector)),
-                            filter=_filter(q),
-                            with_payload=False,
-                            params=self._search_params,
-                        )
-                        for q, limit in batch
-                    ]
-                )
-            )
-            return fields.hits(shard, responses)
+            # Business rules need Qdrant's payload filters; the rest goes to the native index once it is built.
+            native = [i for i, (q, _) in enumerate(batch) if mirror is not None and q.item_filter is None]
+            scored: list[list[tuple[EdgePointId, float]]] = [[] for _ in batch]
+            if mirror is not None and native:
+                for i, found in zip(native, mirror.search([batch[i] for i in native]), strict=True):
+                    scored[i] = list(found)
+            on_qdrant = sorted(set(range(len(batch))) - set(native))
+            if on_qdrant:
+                responses = shard.query_batch(edge.QueryBatchRequest([self._request(*batch[i]) for i in on_qdrant]))
+                for i, points in zip(on_qdrant, responses, strict=True):
+                    scored[i] = [(point.id, point.score) for point in points]  # each read crosses into Rust
+            return fields.hits(shard, scored)
 
         return rank_without_unavailable(queries, fetch)
 
+    def _request(self, query: SearchQuery, limit: int) -> edge.QueryRequest:
+        return edge.QueryRequest(
+            limit=limit,
+            query=edge.Query.Nearest(_floats(query.vector)),
+            filter=_filter(query),
+            with_payload=False,
+            params=self._search_params,
+        )
+
+    def _mirror(self, collection: str, shard: edge.EdgeShard) -> IndexMirror | None:
+        """The collection's native index once built; a collection big enough gets one started (in the background)."""
+        mirror = self._mirrors.get(collection)
+        if mirror is not None:
+            return mirror if mirror.ready else None
+        now = time.monotonic()
+        if not self._native_from or now < self._next_size_check.get(collection, 0.0):
+            return None
+        self._next_size_check[collection] = now + SIZE_CHECK_S
+        if shard.info().points_count < self._native_from:
+            return None
+
+        def read_chunk(offset: EdgePointId | None) -> tuple[list[edge.Record], EdgePointId | None]:
+            return shard.scroll(edge.ScrollRequest(offset=offset, limit=BUILD_CHUNK, with_vector=True))
+
+        with self._write_lock:
+            mirror = IndexMirror(collection, self._dims[collection], self._search_ef, read_chunk)
+            self._mirrors[collection] = mirror
+        mirror.start()
+        return None
+
+    def native_ready(self, collection: str, timeout_s: float) -> bool:
+        """Start the collection's native index if it is big enough and wait up to ``timeout_s`` for its build:
+        whether searches now go through it."""
+        self._next_size_check.pop(collection, None)
+        self._mirror(collection, self._shard(collection))
+        mirror = self._mirrors.get(collection)
+        return mirror is not None and mirror.wait_ready(timeout_s)
+
     def drop_collection(self, name: str) -> None:
+        self._stop_mirror(name)
         with self._lock:
             shard = self._shards.pop(name, None)
             self._dims.pop(name, None)
@@ -266,7 +338,16 @@ class EdgeVectorStore:
                 shard.close()
             shutil.rmtree(self._path / name, ignore_errors=True)
 
+    def _stop_mirror(self, collection: str) -> None:
+        with self._write_lock:
+            mirror = self._mirrors.pop(collection, None)
+            self._next_size_check.pop(collection, None)
+        if mirror is not None:
+            mirror.stop()
+
     def close(self) -> None:
+        for name in list(self._mirrors):
+            self._stop_mirror(name)
         with self._lock:
             for shard in self._shards.values():
                 shard.flush()
@@ -289,9 +370,9 @@ def _filter(query: SearchQuery) -> edge.Filter | None:
     must: list[edge.ConditionType] = []
     must_not: list[edge.ConditionType] = []
     if query.exclude_ids:
-        must_not.append(edge.HasIdCondition({point_id(i) for i in query.exclude_ids}))
+        must_not.append(edge.HasIdCondition(set(point_ids(query.exclude_ids))))
     if query.only_ids is not None:
-        must.append(edge.HasIdCondition({point_id(i) for i in query.only_ids}))
+        must.append(edge.HasIdCondition(set(point_ids(query.only_ids))))
     rules = query.item_filter
     if rules is not None:
         if rules.categories:

@@ -10,9 +10,9 @@ suffices.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 from streams.ports import SearchHit, SearchQuery
 
@@ -21,16 +21,35 @@ RANKING_FIELDS = [EXTERNAL_ID, "available", "ts"]  # all a ranking reads from a 
 OVERFETCH = 8  # extra hits per query, for unavailable items among the nearest
 
 
-@functools.lru_cache(maxsize=1 << 20)
 def point_id(external_id: str) -> int:
     """Qdrant ids are unsigned 64-bit ints or UUIDs: external string ids map to 64 bits of their hash.
 
     Ints, not UUIDs: excluding a window's ~50 items from a search costs ~60 µs with int
     ids against ~180-490 µs with UUID strings (measured at 100k items), and the search
     itself is faster too. Two ids of a catalogue of n items share a point with odds of
-    n²/2⁶⁵ (3e-8 at a million items). Cached: every batch excludes the same popular items.
+    n²/2⁶⁵ (3e-8 at a million items).
     """
     return int.from_bytes(hashlib.blake2b(external_id.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+_KNOWN_POINT_IDS: dict[str, int] = {}
+KNOWN_POINT_IDS_CAPACITY = 1 << 20
+
+
+def point_ids(external_ids: Iterable[str]) -> list[int]:
+    """``point_id`` of each, remembered: every search excludes its window's ~50 items, mostly the same ones
+    batch after batch (a dict read is a third of an ``lru_cache`` call's cost, measured: 15 against 50 µs
+    for a window)."""
+    ids = list(external_ids)
+    found = list(map(_KNOWN_POINT_IDS.get, ids))
+    if None not in found:
+        return cast(list[int], found)
+    if len(_KNOWN_POINT_IDS) > KNOWN_POINT_IDS_CAPACITY:
+        _KNOWN_POINT_IDS.clear()
+    for i, (external_id, known) in enumerate(zip(ids, found, strict=True)):
+        if known is None:
+            found[i] = _KNOWN_POINT_IDS[external_id] = point_id(external_id)
+    return cast(list[int], found)
 
 
 def unavailable(hit: SearchHit) -> bool:

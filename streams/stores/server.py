@@ -20,7 +20,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 
 from streams.errors import VectorStoreError
 from streams.ports import SearchHit, SearchQuery, VectorPoint
-from streams.stores.search import EXTERNAL_ID, RANKING_FIELDS, point_id, rank_without_unavailable
+from streams.stores.search import EXTERNAL_ID, RANKING_FIELDS, point_id, point_ids, rank_without_unavailable
 
 # The interest encoder scores items by dot product (it is trained that way): the store ranks alike.
 DISTANCE = models.Distance.DOT
@@ -175,14 +175,14 @@ class QdrantVectorStore:
 
     def delete(self, collection: str, ids: Sequence[str]) -> None:
         if ids:
-            self._client.delete(self._name(collection), points_selector=[point_id(i) for i in ids], wait=True)
+            self._client.delete(self._name(collection), points_selector=[*point_ids(ids)], wait=True)
 
     def fetch_vectors(self, collection: str, ids: Sequence[str]) -> dict[str, np.ndarray]:
         if not ids:
             return {}
         unique = list(dict.fromkeys(ids))
         records = self._client.retrieve(
-            self._name(collection), ids=[point_id(i) for i in unique], with_vectors=True, with_payload=[EXTERNAL_ID]
+            self._name(collection), ids=[*point_ids(unique)], with_vectors=True, with_payload=[EXTERNAL_ID]
         )
         return {
             str((r.payload or {})[EXTERNAL_ID]): np.asarray(r.vector, dtype=np.float32)
@@ -196,7 +196,7 @@ class QdrantVectorStore:
         unique = list(dict.fromkeys(ids))
         records = self._client.retrieve(
             self._name(collection),
-            ids=[point_id(i) for i in unique],
+            ids=[*point_ids(unique)],
             with_vectors=False,
             with_payload=[EXTERNAL_ID, *fields],
         )
@@ -240,9 +240,9 @@ def _filter(query: SearchQuery) -> models.Filter | None:
     must: list[models.Condition] = []
     must_not: list[models.Condition] = []
     if query.exclude_ids:
-        must_not.append(models.HasIdCondition(has_id=[point_id(i) for i in query.exclude_ids]))
+        must_not.append(models.HasIdCondition(has_id=[*point_ids(query.exclude_ids)]))
     if query.only_ids is not None:
-        must.append(models.HasIdCondition(has_id=[point_id(i) for i in query.only_ids]))
+        must.append(models.HasIdCondition(has_id=[*point_ids(query.only_ids)]))
     rules = query.item_filter
     if rules is not None:
         if rules.categories:

@@ -94,7 +94,9 @@ def open_vector_store(settings: Settings) -> VectorStore:
             grpc_port=settings.qdrant_grpc_port,
             ca_pem=ca_pem,
         )
-    return EdgeVectorStore(settings.qdrant_local_path, search_ef=settings.search_ef)
+    return EdgeVectorStore(
+        settings.qdrant_local_path, search_ef=settings.search_ef, native_from=settings.native_search_from
+    )
 
 
 def model_info(settings: Settings, components: Components) -> dict[str, Any]:
