@@ -21,6 +21,7 @@ from streams.clients.kafka_io import TopicRecord, read_uncommitted
 from streams.errors import BrokerError
 from streams.pipeline import EventBatchProcessor, IncomingMessage
 from streams.settings import Settings
+from streams.worker.collector import CollectorSchedule
 from streams.worker.faust_compat import committed_offset, mark_processed, take_batches
 from streams.worker.offset_holes import OffsetHoles
 from streams.worker.output import Output
@@ -71,6 +72,7 @@ class EventsAgent:
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="rtrec-events")
         self.holes: OffsetHoles[TP] = OffsetHoles()
         self.activity = Activity()
+        self.collector = CollectorSchedule()
 
     async def run(self, stream: faust.StreamT) -> None:
         async for batch in take_batches(stream, self.settings.batch_max, self.settings.batch_within_s):
@@ -82,6 +84,7 @@ class EventsAgent:
             finally:
                 self.activity.running = False
                 self.activity.batches += 1
+            self.collector.after_batch()
 
     def key(self, user_id: str) -> bytes:
         return self.state_key(user_id).encode("utf-8")
