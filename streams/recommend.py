@@ -265,14 +265,21 @@ class Recommender:
         together: Sequence[Mapping[str, tuple[float, str]]],
     ) -> list[Recommendation]:
         candidate_vectors = self.item_vectors(list({hit.id for candidates in hits for hit in candidates}))
-        lists = []
-        for (request, entries), window, candidates, signals, with_items in zip(
-            usable, windows, hits, feedback, together, strict=True
-        ):
-            # Catalogue age at the time of the user's event, not of processing: a replay ranks as the first pass did.
-            shown = rerank(candidates, candidate_vectors, k, policy, request.trigger.ts, signals)
-            named = explaining_entries([candidate_vectors.get(hit.id) for hit in shown], window.item_vectors, entries)
-            lists.append((shown, _named_by_cooccurrence(shown, named, with_items, entries)))
+        # Catalogue age at the time of the user's event, not of processing: a replay ranks as the first pass did.
+        shown_lists = [
+            rerank(candidates, candidate_vectors, k, policy, request.trigger.ts, signals)
+            for (request, _), candidates, signals in zip(usable, hits, feedback, strict=True)
+        ]
+        explanations = explained_lists(
+            [
+                ([candidate_vectors.get(hit.id) for hit in shown], window.item_vectors, entries)
+                for shown, window, (_, entries) in zip(shown_lists, windows, usable, strict=True)
+            ]
+        )
+        lists = [
+            (shown, _named_by_cooccurrence(shown, named, with_items, entries))
+            for shown, named, with_items, (_, entries) in zip(shown_lists, explanations, together, usable, strict=True)
+        ]
         titles = self.titles.of(e.item_id for _, explained in lists for named in explained for e in named)
         recommendations = []
         for (request, _), (shown, explained) in zip(usable, lists, strict=True):
@@ -357,22 +364,49 @@ def explaining_entries(
     candidates: Sequence[np.ndarray | None], window_vectors: np.ndarray, entries: Sequence[WindowEntry]
 ) -> list[list[WindowEntry]]:
     """For each candidate, the window events whose items are most similar to it (one, or two close ones);
-    a candidate without a vector gets the newest event. One product for all of a list's candidates:
-    reasons computed one by one took as long as the search.
+    a candidate without a vector gets the newest event.
 
     A rejection (a dislike, skip or return) is named only when the window holds nothing else.
     """
-    welcome = [i for i, e in enumerate(entries) if e.type not in REJECTION_TYPES] or list(range(len(entries)))
-    named_entries = [entries[i] for i in welcome]
-    known = [i for i, c in enumerate(candidates) if c is not None]
-    similarity = np.zeros((len(candidates), len(welcome)), dtype=np.result_type(window_vectors, np.float32))
-    if known:
-        similarity[known] = np.stack([c for c in candidates if c is not None]) @ window_vectors[welcome].T
-    orders = np.argsort(-similarity, axis=1, kind="stable").tolist()  # one sort for the list, read as ints
-    return [
-        [named_entries[-1]] if candidate is None else _most_similar(row, order, named_entries)
-        for row, order, candidate in zip(similarity.tolist(), orders, candidates, strict=True)
+    return explained_lists([(candidates, window_vectors, entries)])[0]
+
+
+ListToExplain = tuple[Sequence[np.ndarray | None], np.ndarray, Sequence[WindowEntry]]  # candidates, window, entries
+
+
+def explained_lists(lists: Sequence[ListToExplain]) -> list[list[list[WindowEntry]]]:
+    """``explaining_entries`` of many lists: one product and one sort for all lists of a shape (a micro-batch's
+    are nearly all one shape), as per-list products took as long as the search."""
+    welcome = [
+        [i for i, e in enumerate(entries) if e.type not in REJECTION_TYPES] or list(range(len(entries)))
+        for _, _, entries in lists
     ]
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for n, ((candidates, _, _), kept) in enumerate(zip(lists, welcome, strict=True)):
+        by_shape.setdefault((len(candidates), len(kept)), []).append(n)
+    explained: list[list[list[WindowEntry]]] = [[] for _ in lists]
+    for (rows, _), members in by_shape.items():
+        if rows == 0:
+            continue
+        dim = lists[members[0]][1].shape[1]
+        dtype = np.result_type(*(lists[n][1] for n in members), np.float32)
+        # A candidate without a vector keeps a zero row: it is explained by the newest event instead.
+        wanted = np.zeros((len(members), rows, dim), dtype=dtype)
+        for slot, n in enumerate(members):
+            for row, vector in enumerate(lists[n][0]):
+                if vector is not None:
+                    wanted[slot, row] = vector
+        window = np.stack([lists[n][1][welcome[n]] for n in members])
+        similarity = np.einsum("bkd,bwd->bkw", wanted, window)
+        orders = np.argsort(-similarity, axis=2, kind="stable").tolist()  # one sort, read as ints
+        for n, rows_similarity, rows_order in zip(members, similarity.tolist(), orders, strict=True):
+            candidates, _, entries = lists[n]
+            named_entries = [entries[i] for i in welcome[n]]
+            explained[n] = [
+                [named_entries[-1]] if candidate is None else _most_similar(row, order, named_entries)
+                for row, order, candidate in zip(rows_similarity, rows_order, candidates, strict=True)
+            ]
+    return explained
 
 
 def reason_text(named: Sequence[WindowEntry], titles: Mapping[str, str]) -> str:

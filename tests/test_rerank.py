@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from streams.ports import ItemFilter, SearchHit
-from streams.recommend import explaining_entries, reason_text
+from streams.recommend import explained_lists, explaining_entries, reason_text
 from streams.rerank import Feedback, RerankPolicy, merge_interests, rerank
 from streams.state import WindowEntry
 
@@ -145,3 +145,22 @@ def test_interests_merge_by_each_candidates_closest_interest_without_repeats() -
     assert merged[2].score == 0.8
     assert [h.id for h in merge_interests([music], 2)] == ["m1", "m2"]
     assert [h.id for h in merge_interests([music, []], 9)] == ["m1", "m2", "shared", "m3"]
+
+
+def test_lists_explained_together_name_what_each_explained_alone_names() -> None:
+    """A micro-batch's lists are explained in one product per shape; mixed shapes, rejections, candidates
+    without vectors and empty lists come out as each list alone."""
+    rng = np.random.default_rng(5)
+    types = ["view", "click", "purchase", "skip", "dislike"]
+    lists = []
+    for n in range(40):
+        length = int(rng.integers(1, 7))
+        entries = [
+            WindowEntry(t, f"e{n}-{t}", f"i{rng.integers(0, 5)}", types[rng.integers(0, 5)]) for t in range(length)
+        ]
+        window = rng.normal(size=(length, 4)).astype(np.float32)
+        candidates = [None if rng.random() < 0.1 else rng.normal(size=4).astype(np.float32) for _ in range(n % 4)]
+        lists.append((candidates, window, entries))
+    together = explained_lists(lists)
+    assert together == [explaining_entries(*one) for one in lists]
+    assert sum(1 for named in together if named) > 20 and any(len(n) == 2 for named in together for n in named)
