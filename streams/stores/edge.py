@@ -275,8 +275,8 @@ class EdgeVectorStore:
         mirror = self._mirror(collection, shard)
 
         def fetch(batch: Sequence[tuple[SearchQuery, int]]) -> list[list[SearchHit]]:
-            # Business rules need Qdrant's payload filters; the rest goes to the native index once it is built.
-            native = [i for i, (q, _) in enumerate(batch) if mirror is not None and q.item_filter is None]
+            # Business rules and searches among given ids stay with Qdrant; the rest goes to the native index.
+            native = [i for i, (q, _) in enumerate(batch) if mirror is not None and _native_kind(q)]
             scored: list[list[tuple[EdgePointId, float]]] = [[] for _ in batch]
             if mirror is not None and native:
                 for i, found in zip(native, mirror.search([batch[i] for i in native]), strict=True):
@@ -353,6 +353,10 @@ class EdgeVectorStore:
                 shard.flush()
                 shard.close()
             self._shards.clear()
+
+
+def _native_kind(query: SearchQuery) -> bool:
+    return query.item_filter is None and query.only_ids is None
 
 
 def _floats(vector: np.ndarray) -> list[float]:

@@ -13,7 +13,10 @@ from a scroll of the shard, a chunk at a time under that lock, so a write lands 
 chunk is read (the chunk carries it) or after the chunk went in (and replaces it). Until the build
 is done, Qdrant answers.
 
-Searches with business rules (``ItemFilter``) stay with Qdrant's payload filters.
+Searches with business rules (``ItemFilter``) stay with Qdrant's payload filters, and searches among given
+ids (``only_ids``: co-occurrence's candidates) with its ``has_id`` condition: one Qdrant call for those was
+faster than scoring them here (in-process, with a fusing model: 942 µs an event with them in Qdrant, 1,176
+with them here, 990 with every search in Qdrant).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -86,18 +89,6 @@ class NativeIndex:
             for k, d, n, wanted in zip(keys, distances, counted, counts, strict=True)
         ]
 
-    def score(self, vector: np.ndarray, keys: Sequence[int]) -> Scored:
-        """The dot products of the held ``keys`` with ``vector``, best first (exact; unknown keys are left out)."""
-        if not keys:
-            return []
-        stored = cast(tuple[np.ndarray | None, ...], self._index.get(np.asarray(keys, dtype=np.uint64)))
-        held = [(key, v) for key, v in zip(keys, stored, strict=True) if v is not None]
-        if not held:
-            return []
-        dots = np.stack([v for _, v in held]) @ np.asarray(vector, dtype=np.float32)
-        order = np.argsort(-dots, kind="stable").tolist()
-        return [(held[i][0], float(dots[i])) for i in order]
-
 
 class IndexMirror:
     """One collection's ``NativeIndex``, kept exactly in step with the shard it mirrors (see the module)."""
@@ -129,27 +120,18 @@ class IndexMirror:
         return self._ready.wait(timeout_s)
 
     def search(self, batch: Sequence[tuple[SearchQuery, int]]) -> list[Scored]:
-        """Each (query, limit): at most ``limit`` points, best first, none of its ``exclude_ids``, and only of its
-        ``only_ids`` when given (those scored exactly). Its ``item_filter`` is not applied (see the module)."""
+        """Each (query, limit): at most ``limit`` points, best first, none of its ``exclude_ids``. Its
+        ``item_filter`` and ``only_ids`` are not applied: such queries stay with Qdrant (see the module)."""
         excluded = [set(point_ids(query.exclude_ids)) for query, _ in batch]
-        nearest = [i for i, (query, _) in enumerate(batch) if query.only_ids is None]
         with self.lock:
-            found = (
-                self.index.search(
-                    np.stack([batch[i][0].vector for i in nearest]),
-                    # Enough to fill the list when every excluded item is among the nearest.
-                    [batch[i][1] + len(excluded[i]) for i in nearest],
-                )
-                if nearest
-                else []
+            found = self.index.search(
+                np.stack([query.vector for query, _ in batch]),
+                # Enough to fill the list when every excluded item is among the nearest.
+                [limit + len(skip) for (_, limit), skip in zip(batch, excluded, strict=True)],
             )
-            scored = dict(zip(nearest, found, strict=True))
-            for i, (query, _) in enumerate(batch):
-                if query.only_ids is not None:
-                    scored[i] = self.index.score(query.vector, point_ids(query.only_ids))
         return [
-            [(key, score) for key, score in scored[i] if key not in excluded[i]][:limit]
-            for i, (_, limit) in enumerate(batch)
+            [(key, score) for key, score in hits if key not in skip][:limit]
+            for hits, skip, (_, limit) in zip(found, excluded, batch, strict=True)
         ]
 
     def _build(self) -> None:
