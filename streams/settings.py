@@ -242,10 +242,10 @@ class Settings:
         at_least=0,
     )
     native_search_from: int = setting(
-        10_000,
-        "with embedded Qdrant, a searched collection of at least this many points is searched through an "
-        "in-process HNSW index mirroring it (usearch; built in the background when a worker opens it); "
-        "0: Qdrant searches everything",
+        0,
+        "with embedded Qdrant, a searched collection of at least this many points (e.g. 10000) is searched "
+        "through an in-process HNSW index mirroring it (usearch; built in the background when a worker opens "
+        "it; BENCHMARKS.md has what it changes); 0: Qdrant searches everything",
         at_least=0,
     )
     users_collection: str = setting("users", "Qdrant collection of user vectors")

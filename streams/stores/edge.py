@@ -53,7 +53,6 @@ LOCK_WAIT_S = 120.0
 MAX_LOCK_BACKOFF_S = 5.0
 EdgePointId = int | UUID | str  # what the binding types a point id as (this adapter writes ints)
 HIT_FIELDS_CAPACITY = 100_000  # points per searched collection; ~400 bytes each
-NATIVE_FROM = 10_000  # points from which a searched collection gets a native index (below, Qdrant is exact anyway)
 SIZE_CHECK_S = 5.0  # how often a searched collection without one is checked against that size
 
 
@@ -122,7 +121,7 @@ class EdgeVectorStore:
         search_threads: int = 1,
         search_ef: int = 0,
         lock_wait_s: float = LOCK_WAIT_S,
-        native_from: int = NATIVE_FROM,
+        native_from: int = 0,
     ) -> None:
         """``native_from``: collections searched with at least this many points are searched through a native
         index mirroring them (``streams.stores.native_index``; 0: never)."""
