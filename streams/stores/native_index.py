@@ -3,9 +3,10 @@
 Why: a search through Qdrant Edge's binding holds the interpreter lock for the whole call and costs
 ~250-320 µs a query at 100k × 64-d items, filtering the window's ~50 items with a ``has_id``
 condition; usearch's HNSW over the same vectors answers an over-fetched query (limit + the window)
-in ~85 µs with the same recall, and releases the lock while it searches, so the worker's Kafka I/O
-runs meanwhile (measured side by side: ``BENCHMARKS.md``). Qdrant stays where vectors are written
-and kept; this index is rebuilt from it whenever a worker opens the collection.
+in ~85 µs with the same recall, and releases the lock while it searches. Qdrant stays where vectors
+are written and kept; this index is rebuilt from it whenever a worker opens the collection. Opt-in
+(``RTREC_NATIVE_SEARCH_FROM``): in-process the worker's search stage went from 427 to 244 µs an event,
+but ``rtrec bench``'s end-to-end figures did not move beyond their run-to-run noise (``BENCHMARKS.md``).
 
 Exact mirror: the embedded store is written by this process only (Qdrant Edge locks its shard), and
 every write goes to the shard and to the index under one lock. The index is built in the background
