@@ -360,23 +360,16 @@ def _usable(
 SECOND_REASON_SHARE = 0.8  # a second window event is named when it is at least this similar as the first
 
 
-def explaining_entries(
-    candidates: Sequence[np.ndarray | None], window_vectors: np.ndarray, entries: Sequence[WindowEntry]
-) -> list[list[WindowEntry]]:
-    """For each candidate, the window events whose items are most similar to it (one, or two close ones);
-    a candidate without a vector gets the newest event.
-
-    A rejection (a dislike, skip or return) is named only when the window holds nothing else.
-    """
-    return explained_lists([(candidates, window_vectors, entries)])[0]
-
-
 ListToExplain = tuple[Sequence[np.ndarray | None], np.ndarray, Sequence[WindowEntry]]  # candidates, window, entries
 
 
 def explained_lists(lists: Sequence[ListToExplain]) -> list[list[list[WindowEntry]]]:
-    """``explaining_entries`` of many lists: one product and one sort for all lists of a shape (a micro-batch's
-    are nearly all one shape), as per-list products took as long as the search."""
+    """For each candidate of each list, the window events whose items are most similar to it (one, or two
+    close ones); a candidate without a vector gets the newest event. A rejection (a dislike, skip or return)
+    is named only when the window holds nothing else.
+
+    One product and one sort for all lists of a shape (a micro-batch's are nearly all one shape): per-list
+    products took as long as the search."""
     welcome = [
         [i for i, e in enumerate(entries) if e.type not in REJECTION_TYPES] or list(range(len(entries)))
         for _, _, entries in lists

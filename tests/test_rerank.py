@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from streams.ports import ItemFilter, SearchHit
-from streams.recommend import explained_lists, explaining_entries, reason_text
+from streams.recommend import explained_lists, reason_text
 from streams.rerank import Feedback, RerankPolicy, merge_interests, rerank
 from streams.state import WindowEntry
 
@@ -117,7 +117,7 @@ def test_a_reason_names_the_window_events_most_like_the_item() -> None:
 
 
 def reasons_for(candidates: list[np.ndarray | None], window: np.ndarray, entries: list[WindowEntry]) -> list[str]:
-    return [reason_text(named, {}) for named in explaining_entries(candidates, window, entries)]
+    return [reason_text(named, {}) for named in explained_lists([(candidates, window, entries)])[0]]
 
 
 def test_a_reason_names_items_by_their_titles_and_ids_where_there_is_none() -> None:
@@ -162,5 +162,5 @@ def test_lists_explained_together_name_what_each_explained_alone_names() -> None
         candidates = [None if rng.random() < 0.1 else rng.normal(size=4).astype(np.float32) for _ in range(n % 4)]
         lists.append((candidates, window, entries))
     together = explained_lists(lists)
-    assert together == [explaining_entries(*one) for one in lists]
+    assert together == [explained_lists([one])[0] for one in lists]
     assert sum(1 for named in together if named) > 20 and any(len(n) == 2 for named in together for n in named)

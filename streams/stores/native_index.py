@@ -52,7 +52,6 @@ class NativeIndex:
     """Dot-product HNSW over point ids (unsigned 64-bit ints). Not thread-safe: ``IndexMirror`` locks it."""
 
     def __init__(self, dim: int, ef: int) -> None:
-        self.dim = dim
         self.ef = ef or DEFAULT_EF
         self._index = Index(ndim=dim, metric="ip", dtype="f32", connectivity=CONNECTIVITY, expansion_add=EXPANSION_ADD)
 
