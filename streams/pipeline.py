@@ -32,7 +32,7 @@ from streams.records import (
     decode_item,
 )
 from streams.settings import Settings
-from streams.state import AddOutcome, UserWindow
+from streams.state import AddOutcome, Together, UserWindow
 from streams.trending import PartitionedTrending
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,16 @@ def _reject(
 ) -> None:
     letters.append(dead_letter(message, error, clock, limits.max_message_bytes))
     metrics.dead_letters.labels(kind, error.field or "record").inc()
+
+
+def _kept_together(user_id: str, window: UserWindow, trigger: Event) -> Together | None:
+    """The co-occurrence candidates a replayed trigger's list was first ranked with, if the window kept them."""
+    try:
+        return window.together_for(trigger.event_id)
+    except InvalidRecord as exc:
+        # The list is ranked with the counts as they are now, as for a trigger whose candidates were not kept.
+        log.error("stored co-occurrence candidates of user %r are unreadable (%s)", user_id, exc.reason)
+        return None
 
 
 @dataclass
@@ -299,7 +309,7 @@ class EventBatchProcessor:
             ids = tuple(e.event_id for e, _ in kept)
             trigger = new[-1] if new else kept[-1][0]
             served = window if then is None else then
-            together = window.together_for(trigger.event_id) if then is not None else None
+            together = _kept_together(user_id, window, trigger) if then is not None else None
             requests.append(RefreshRequest(user_id, served, trigger, ids, replayed=then is not None, together=together))
         return requests, fresh
 

@@ -27,9 +27,11 @@ from streams.records import Event
 # (``as_of``). v4 remembers up to when a forget-user command erased the user's events, so that
 # a replayed event or command cannot undo or overreach it. v5 carries the user's part in a running
 # experiment (``streams.experiments.attribution``). v6 keeps the co-occurrence candidates of the
-# user's last lists (``together_for``). v1 to v5 are still read.
-WINDOW_FORMAT_VERSION = 6
-_READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
+# user's last lists (``together_for``). v7 keeps each of those lists as the bytes it was packed to when it
+# was ranked: only a replay reads one, and repacking 8 lists of 50 candidates at every store was most of the
+# cost of storing a window. v1 to v6 are still read.
+WINDOW_FORMAT_VERSION = 7
+_READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 TOGETHER_KEPT = 8  # lists whose co-occurrence candidates a window keeps for a replay
 
 Together = tuple[tuple[str, float, str], ...]  # co-occurrence's candidates: (item, score, the window item it follows)
@@ -95,7 +97,8 @@ class UserWindow:
         self.forgotten_until = 0  # event time (ms) up to which the user's events are erased; 0: never
         # The co-occurrence candidates each of the last lists was ranked with, by its trigger's digest: the
         # counts move on with every user's events, and a redelivered event's list must be the one first sent.
-        self.together: dict[int, Together] = {}
+        # Packed (``pack_together``): read back only for a replay.
+        self.together: dict[int, bytes] = {}
         # The user's part in a running experiment, opaque here: kept with the window so that it is stored,
         # recovered, moved and forgotten with it. Empty outside experiments.
         self.experiment = b""
@@ -142,13 +145,15 @@ class UserWindow:
         return self._entries[: bisect.bisect_left(self._entries, entry)]
 
     def remember_together(self, trigger_id: str, candidates: Together) -> None:
-        self.together[event_digest(trigger_id)] = candidates
+        self.together[event_digest(trigger_id)] = pack_together(candidates)
         while len(self.together) > TOGETHER_KEPT:
             del self.together[next(iter(self.together))]
 
     def together_for(self, trigger_id: str) -> Together | None:
-        """The co-occurrence candidates the list of ``trigger_id`` was ranked with, if still kept."""
-        return self.together.get(event_digest(trigger_id))
+        """The co-occurrence candidates the list of ``trigger_id`` was ranked with, if still kept;
+        ``InvalidRecord`` if what was stored for it does not unpack."""
+        packed = self.together.get(event_digest(trigger_id))
+        return None if packed is None else unpack_together(packed)
 
     def forget(self, until_ts: int) -> int:
         """Erase every event at or before ``until_ts`` (also those evicted, and their ids) and the user's
@@ -243,10 +248,12 @@ class UserWindow:
             window._evicted = sorted(WindowEntry(*row) for row in obj.get("evicted", ()))[-window.max_events :]
             window.forgotten_until = int(obj.get("forgotten", 0))
             window.experiment = bytes(obj.get("experiment", b""))
-            window.together = {
-                int(digest): tuple((str(i), float(score), str(anchor)) for i, score, anchor in candidates)
-                for digest, candidates in obj.get("together", ())
-            }
+            together = obj.get("together", ())
+            window.together = (
+                {int(digest): bytes(packed) for digest, packed in together}
+                if obj["v"] >= 7
+                else {int(digest): pack_together(_candidates(listed)) for digest, listed in together}
+            )
         except (ValueError, KeyError, TypeError, msgpack.ExtraData, msgpack.FormatError) as exc:
             raise InvalidRecord(f"corrupt stored window ({type(exc).__name__}: {exc})") from None
         if window._entries:
@@ -258,3 +265,19 @@ class UserWindow:
 
     def __repr__(self) -> str:
         return f"UserWindow({len(self._entries)} events, newest_ts={self.newest_ts})"
+
+
+def pack_together(candidates: Together) -> bytes:
+    return msgpack.packb(candidates)
+
+
+def unpack_together(packed: bytes) -> Together:
+    try:
+        return _candidates(msgpack.unpackb(packed))
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError) as exc:
+        reason = f"corrupt co-occurrence candidates in a stored window ({type(exc).__name__}: {exc})"
+        raise InvalidRecord(reason) from None
+
+
+def _candidates(listed: Any) -> Together:
+    return tuple((str(item_id), float(score), str(anchor)) for item_id, score, anchor in listed)

@@ -15,6 +15,7 @@ from streams.fusion import Fusion
 from streams.pipeline import IncomingMessage, WindowLimits
 from streams.ports import ItemFilter
 from streams.records import Event, Recommendation, encode_event, encode_item
+from streams.state import event_digest
 from tests.harness import Processors, processors
 
 START = 1_700_000_000_000
@@ -106,6 +107,22 @@ def test_a_redelivered_event_gets_the_list_it_got_first_though_the_counts_moved_
     assert again.items == original.items and again.trigger_event_id == "r1"
     (fresh,) = _send(parts, [Event("f1", "fresh", first.item_id, "view", START + 10_000)], stored)
     assert fresh.items[0].item_id == other  # while a new event's list follows the counts as they are
+
+
+def test_a_replay_whose_stored_candidates_are_unreadable_is_ranked_with_the_counts_now(
+    parts: Processors, caplog: pytest.LogCaptureFixture
+) -> None:
+    stored, first, then = _crowded(parts)
+    batch = [Event("r1", "replayer", first.item_id, "view", START + 10_000)]
+    _send(parts, batch, stored)
+    other = next(i.item_id for i in parts.items[1:] if i.item_id != then)
+    _crowd(parts, first.item_id, other, stored, n=200, name="later")
+    window = parts.events.window_limits.load(stored["replayer"])
+    window.together[event_digest("r1")] = b"\x93\x01"  # a stored list cut short
+    stored["replayer"] = window.to_bytes()
+    (again,) = _send(parts, batch, stored)
+    assert again.trigger_event_id == "r1" and again.items[0].item_id == other
+    assert "stored co-occurrence candidates of user 'replayer' are unreadable" in caplog.text
 
 
 def test_a_rejection_leads_nothing_and_the_rules_still_hold(parts: Processors) -> None:

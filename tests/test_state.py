@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from streams.errors import InvalidRecord
 from streams.records import Event
-from streams.state import WINDOW_FORMAT_VERSION, AddOutcome, UserWindow
+from streams.state import WINDOW_FORMAT_VERSION, AddOutcome, UserWindow, event_digest
 
 HOUR = 3_600_000
 
@@ -64,6 +64,21 @@ def test_the_last_lists_co_occurrence_candidates_are_kept_stored_and_forgotten()
     assert [restored.together_for(f"e{n}") is not None for n in range(4, 12)] == [True] * 8
     restored.forget(1005)
     assert restored.together_for("e11") is None  # they name the user's items: erased with them
+
+
+def test_candidates_stored_in_format_6_are_still_read_and_unreadable_ones_are_said() -> None:
+    """Format 6 kept each list's candidates as arrays; format 7 keeps them packed, read back for a replay."""
+    entries = [[1000, "e0", "i0", "view", None]]
+    seen = (0).to_bytes(8, "little")
+    listed = [[event_digest("e0"), [["next", 0.25, "i0"], ["after", 0.125, "i0"]]]]
+    stored_v6 = msgpack.packb({"v": 6, "entries": entries, "seen": seen, "together": listed}, use_bin_type=True)
+    restored = UserWindow.from_bytes(stored_v6, 3, HOUR, 10)
+    assert restored.together_for("e0") == (("next", 0.25, "i0"), ("after", 0.125, "i0"))
+    again = UserWindow.from_bytes(restored.to_bytes(), 3, HOUR, 10)
+    assert again.together_for("e0") == restored.together_for("e0")
+    again.together[event_digest("e0")] = b"\x93\x01"
+    with pytest.raises(InvalidRecord, match="corrupt co-occurrence candidates"):
+        again.together_for("e0")
 
 
 def test_out_of_order_events_are_placed_by_event_time() -> None:
