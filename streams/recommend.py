@@ -281,10 +281,11 @@ class Recommender:
             for shown, named, with_items, (_, entries) in zip(shown_lists, explanations, together, usable, strict=True)
         ]
         titles = self.titles.of(e.item_id for _, explained in lists for named in explained for e in named)
+        reasons: dict[tuple[WindowEntry, ...], tuple[str, tuple[str, ...]]] = {}  # a window's few, each said once
         recommendations = []
         for (request, _), (shown, explained) in zip(usable, lists, strict=True):
             items = [
-                RecommendedItem(hit.id, round(hit.score, 6), reason_text(by, titles), tuple(e.item_id for e in by))
+                RecommendedItem(hit.id, round(hit.score, 6), *_reason(reasons, tuple(by), titles))
                 for hit, by in zip(shown, explained, strict=True)
             ]
             recommendations.append(
@@ -368,8 +369,8 @@ def explained_lists(lists: Sequence[ListToExplain]) -> list[list[list[WindowEntr
     close ones); a candidate without a vector gets the newest event. A rejection (a dislike, skip or return)
     is named only when the window holds nothing else.
 
-    One product and one sort for all lists of a shape (a micro-batch's are nearly all one shape): per-list
-    products took as long as the search."""
+    One product for all lists of a shape (a micro-batch's are nearly all one shape): per-list products took
+    as long as the search."""
     welcome = [
         [i for i, e in enumerate(entries) if e.type not in REJECTION_TYPES] or list(range(len(entries)))
         for _, _, entries in lists
@@ -391,15 +392,52 @@ def explained_lists(lists: Sequence[ListToExplain]) -> list[list[list[WindowEntr
                     wanted[slot, row] = vector
         window = np.stack([lists[n][1][welcome[n]] for n in members])
         similarity = np.einsum("bkd,bwd->bkw", wanted, window)
-        orders = np.argsort(-similarity, axis=2, kind="stable").tolist()  # one sort, read as ints
-        for n, rows_similarity, rows_order in zip(members, similarity.tolist(), orders, strict=True):
+        items = np.array([_item_codes(lists[n][2], welcome[n]) for n in members]).reshape(len(members), -1)
+        best, second, close = _two_most_similar(similarity, items)
+        for n, firsts, seconds, closes in zip(members, best.tolist(), second.tolist(), close.tolist(), strict=True):
             candidates, _, entries = lists[n]
             named_entries = [entries[i] for i in welcome[n]]
             explained[n] = [
-                [named_entries[-1]] if candidate is None else _most_similar(row, order, named_entries)
-                for row, order, candidate in zip(rows_similarity, rows_order, candidates, strict=True)
+                [named_entries[-1]]
+                if candidate is None
+                else [named_entries[first], named_entries[other]]
+                if near
+                else [named_entries[first]]
+                for first, other, near, candidate in zip(firsts, seconds, closes, candidates, strict=True)
             ]
     return explained
+
+
+def _item_codes(entries: Sequence[WindowEntry], positions: Sequence[int]) -> list[int]:
+    """A small int per distinct item among the entries at ``positions``."""
+    codes: dict[str, int] = {}
+    return [codes.setdefault(entries[i].item_id, len(codes)) for i in positions]
+
+
+def _two_most_similar(similarity: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For ``similarity`` [lists, candidates, window] and the window entries' item codes [lists, window]: each
+    candidate's most similar entry, the most similar entry of another item (the same item seen twice is one
+    reason), and whether that one is close enough to be named too. Ties go to the older entry."""
+    best = similarity.argmax(axis=2)
+    best_item = np.take_along_axis(items, best, axis=1)
+    others = np.where(items[:, None, :] == best_item[:, :, None], -np.inf, similarity)
+    second = others.argmax(axis=2)
+    best_score = np.take_along_axis(similarity, best[..., None], axis=2)[..., 0].astype(np.float64)
+    second_score = np.take_along_axis(others, second[..., None], axis=2)[..., 0].astype(np.float64)
+    close = (best_score > 0) & (second_score >= SECOND_REASON_SHARE * best_score)
+    return best, second, close
+
+
+def _reason(
+    said: dict[tuple[WindowEntry, ...], tuple[str, tuple[str, ...]]],
+    named: tuple[WindowEntry, ...],
+    titles: Mapping[str, str],
+) -> tuple[str, tuple[str, ...]]:
+    """A reason's text and the items it names, from ``said`` when it was said before."""
+    reason = said.get(named)
+    if reason is None:
+        reason = said[named] = (reason_text(named, titles), tuple(e.item_id for e in named))
+    return reason
 
 
 def reason_text(named: Sequence[WindowEntry], titles: Mapping[str, str]) -> str:
@@ -407,16 +445,3 @@ def reason_text(named: Sequence[WindowEntry], titles: Mapping[str, str]) -> str:
     return "because you " + " and ".join(
         f"{REASON_VERBS.get(e.type, e.type)} {titles.get(e.item_id, e.item_id)}" for e in named
     )
-
-
-def _most_similar(similarity: list[float], order: list[int], entries: Sequence[WindowEntry]) -> list[WindowEntry]:
-    """The most similar entry, and the next one of another item if it is nearly as similar."""
-    named = [entries[order[0]]]
-    best = similarity[order[0]]
-    for i in order[1:]:
-        if entries[i].item_id == named[0].item_id:
-            continue  # the same item seen twice is one reason
-        if best > 0 and similarity[i] >= SECOND_REASON_SHARE * best:
-            named.append(entries[i])
-        break
-    return named
