@@ -97,7 +97,7 @@ class UserWindow:
         self.forgotten_until = 0  # event time (ms) up to which the user's events are erased; 0: never
         # The co-occurrence candidates each of the last lists was ranked with, by its trigger's digest: the
         # counts move on with every user's events, and a redelivered event's list must be the one first sent.
-        # Packed (``pack_together``): read back only for a replay.
+        # Packed (``_pack_together``): read back only for a replay.
         self.together: dict[int, bytes] = {}
         # The user's part in a running experiment, opaque here: kept with the window so that it is stored,
         # recovered, moved and forgotten with it. Empty outside experiments.
@@ -145,7 +145,7 @@ class UserWindow:
         return self._entries[: bisect.bisect_left(self._entries, entry)]
 
     def remember_together(self, trigger_id: str, candidates: Together) -> None:
-        self.together[event_digest(trigger_id)] = pack_together(candidates)
+        self.together[event_digest(trigger_id)] = _pack_together(candidates)
         while len(self.together) > TOGETHER_KEPT:
             del self.together[next(iter(self.together))]
 
@@ -153,7 +153,7 @@ class UserWindow:
         """The co-occurrence candidates the list of ``trigger_id`` was ranked with, if still kept;
         ``InvalidRecord`` if what was stored for it does not unpack."""
         packed = self.together.get(event_digest(trigger_id))
-        return None if packed is None else unpack_together(packed)
+        return None if packed is None else _unpack_together(packed)
 
     def forget(self, until_ts: int) -> int:
         """Erase every event at or before ``until_ts`` (also those evicted, and their ids) and the user's
@@ -250,9 +250,9 @@ class UserWindow:
             window.experiment = bytes(obj.get("experiment", b""))
             together = obj.get("together", ())
             window.together = (
-                {int(digest): bytes(packed) for digest, packed in together}
+                {int(digest): _packed(packed) for digest, packed in together}
                 if obj["v"] >= 7
-                else {int(digest): pack_together(_candidates(listed)) for digest, listed in together}
+                else {int(digest): _pack_together(_candidates(listed)) for digest, listed in together}
             )
         except (ValueError, KeyError, TypeError, msgpack.ExtraData, msgpack.FormatError) as exc:
             raise InvalidRecord(f"corrupt stored window ({type(exc).__name__}: {exc})") from None
@@ -267,11 +267,11 @@ class UserWindow:
         return f"UserWindow({len(self._entries)} events, newest_ts={self.newest_ts})"
 
 
-def pack_together(candidates: Together) -> bytes:
+def _pack_together(candidates: Together) -> bytes:
     return msgpack.packb(candidates)
 
 
-def unpack_together(packed: bytes) -> Together:
+def _unpack_together(packed: bytes) -> Together:
     try:
         return _candidates(msgpack.unpackb(packed))
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError) as exc:
@@ -281,3 +281,9 @@ def unpack_together(packed: bytes) -> Together:
 
 def _candidates(listed: Any) -> Together:
     return tuple((str(item_id), float(score), str(anchor)) for item_id, score, anchor in listed)
+
+
+def _packed(raw: Any) -> bytes:
+    if not isinstance(raw, bytes):
+        raise TypeError(f"packed co-occurrence candidates are {type(raw).__name__}, not bytes")
+    return raw

@@ -79,6 +79,10 @@ def test_candidates_stored_in_format_6_are_still_read_and_unreadable_ones_are_sa
     again.together[event_digest("e0")] = b"\x93\x01"
     with pytest.raises(InvalidRecord, match="corrupt co-occurrence candidates"):
         again.together_for("e0")
+    stored_v7 = msgpack.unpackb(restored.to_bytes())
+    stored_v7["together"] = [[event_digest("e0"), "not bytes"]]
+    with pytest.raises(InvalidRecord, match="corrupt stored window"):
+        UserWindow.from_bytes(msgpack.packb(stored_v7, use_bin_type=True), 3, HOUR, 10)
 
 
 def test_out_of_order_events_are_placed_by_event_time() -> None:
