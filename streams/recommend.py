@@ -209,15 +209,16 @@ class Recommender:
         limits = [policy.fetch_limit(k, f) for f in feedback]
         fusion = self._fusion()
         with self.metrics.stage("search"):
+            steered = [[policy.query(v, f) for v in vs] for vs, f in zip(interests, feedback, strict=True)]
             queries = [
-                SearchQuery(vector=policy.query(v, f), limit=limit, exclude_ids=r.window.item_ids, item_filter=rules)
-                for (r, _), vs, f, limit in zip(usable, interests, feedback, limits, strict=True)
+                SearchQuery(vector=v, limit=limit, exclude_ids=r.window.item_ids, item_filter=rules)
+                for (r, _), vs, limit in zip(usable, steered, limits, strict=True)
                 for v in vs
             ]
             # Co-occurrence's candidates, scored by the encoder and filtered by the store like any other.
             queries += [
-                SearchQuery(vector=policy.query(v, f), limit=len(c), only_ids=list(c), item_filter=rules)
-                for vs, f, c in zip(interests, feedback, together, strict=True)
+                SearchQuery(vector=v, limit=len(c), only_ids=list(c), item_filter=rules)
+                for vs, c in zip(steered, together, strict=True)
                 if c
                 for v in vs
             ]
