@@ -103,8 +103,8 @@ def test_s3rec_loader_and_leave_one_out(tmp_path: Path) -> None:
 
 def test_sasrec_loader_uses_the_validation_users_full_history(tmp_path: Path) -> None:
     for name, text in {
-        "train/input.txt": "1 2 3\n4 5\n",
-        "test/output.txt": "9\n8\n",
+        "train/input.txt": "1 2 3\n4 5 6\n6\n",
+        "test/output.txt": "9\n8\n7\n",
         "val/input.txt": "1 2 3 6\n",
         "val/output.txt": "7\n",
     }.items():
@@ -114,11 +114,23 @@ def test_sasrec_loader_uses_the_validation_users_full_history(tmp_path: Path) ->
     ids = data.item_ids
     assert [ids[i] for i in data.test[0].history.items] == ["1", "2", "3", "6", "7"]
     assert ids[data.test[0].target] == "9" and ids[data.valid[0].target] == "7"
-    assert [ids[i] for i in data.test[1].history.items] == ["4", "5"]
-    assert data.test_groups["complete"].tolist() == [True, False]  # only user 1's history is complete
+    assert [ids[i] for i in data.test[1].history.items] == ["4", "5", "6"]
+    assert data.test_groups["complete"].tolist() == [True, False, False]  # only user 1's history is complete
+    # The other users' last training item is held out for validation, its history lacking the item
+    # before it as their test history lacks the one before the test target; a refit trains on it again.
+    assert [(e.user, [ids[i] for i in e.history.items], ids[e.target]) for e in data.valid] == [
+        ("1", ["1", "2", "3", "6"], "7"),
+        ("2", ["4"], "6"),
+    ]
+    assert [[ids[i] for i in h.items] for h in data.training_sequences(refit=False)] == [
+        ["1", "2", "3", "6"],
+        ["4", "5"],
+        ["6"],
+    ]
     assert [[ids[i] for i in h.items] for h in data.training_sequences(refit=True)] == [
         ["1", "2", "3", "6", "7"],
-        ["4", "5"],
+        ["4", "5", "6"],
+        ["6"],
     ]
     (tmp_path / "val/input.txt").write_text("1 2 9 9\n")
     with pytest.raises(DataError, match="matches no single training line"):
