@@ -132,9 +132,8 @@ def load_sasrec(path: Path) -> Dataset:
     Line i of ``train/input.txt`` and ``test/output.txt`` is user i. The 512 users in
     ``val/`` have their full history there (the training line plus its last item), and
     their validation target; the other users' lines lack the item before the test target.
-    Those users' last training item is held out as their validation target (trained on only by
-    a refit), its history lacking the item before it as their test history does: so that choices
-    made on validation see every user, not 512, on the task their test sets.
+    Those users' last training item is held out as their validation target (trained on only
+    by a refit), so that choices made on validation see every user, not 512.
     """
     files = {name: path / name for name in ("train/input.txt", "test/output.txt", "val/input.txt", "val/output.txt")}
     for file in files.values():
@@ -170,11 +169,9 @@ def load_sasrec(path: Path) -> Dataset:
         if user in valid_target:
             valid_row = catalogue.row(valid_target[user])
             history = order_only([*history.items.tolist(), valid_row])
-        complete = user in valid_target
-        if len(history) >= (2 if complete else 3):
+        if len(history) >= 2:
             train.append(history.head(len(history) - 1))
-            shown = train[-1] if complete else history.head(len(history) - 2)
-            valid.append(Example(str(user + 1), shown, int(history.items[-1])))
+            valid.append(Example(str(user + 1), train[-1], int(history.items[-1])))
         else:
             train.append(history)
         test.append(Example(str(user + 1), history, catalogue.row(test_targets[user][0])))
@@ -185,8 +182,7 @@ def load_sasrec(path: Path) -> Dataset:
         "ML-1M (gSASRec preparation): apart from the 512 validation users, each user's history lacks the "
         "item just before the test target, so the task is harder than full leave-one-out. The 'complete' "
         "columns score only those 512 users, whose test histories are complete: the published protocol. "
-        "The other users' validation target is their last training item, held out (a refit learns it), "
-        "with the item before it left out of its history as on their test."
+        "The other users' validation target is their last training item, held out (a refit learns it)."
     )
     return dataset
 

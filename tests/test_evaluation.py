@@ -116,11 +116,11 @@ def test_sasrec_loader_uses_the_validation_users_full_history(tmp_path: Path) ->
     assert ids[data.test[0].target] == "9" and ids[data.valid[0].target] == "7"
     assert [ids[i] for i in data.test[1].history.items] == ["4", "5", "6"]
     assert data.test_groups["complete"].tolist() == [True, False, False]  # only user 1's history is complete
-    # The other users' last training item is held out for validation, its history lacking the item
-    # before it as their test history lacks the one before the test target; a refit trains on it again.
+    # The other users' last training item is held out for validation (a user of one item has none to
+    # spare); a refit trains on it again.
     assert [(e.user, [ids[i] for i in e.history.items], ids[e.target]) for e in data.valid] == [
         ("1", ["1", "2", "3", "6"], "7"),
-        ("2", ["4"], "6"),
+        ("2", ["4", "5"], "6"),
     ]
     assert [[ids[i] for i in h.items] for h in data.training_sequences(refit=False)] == [
         ["1", "2", "3", "6"],
