@@ -19,8 +19,10 @@ from streams.records import REJECTION_TYPES
 # Up to weights at which co-occurrence decides nearly alone and the encoder breaks its ties.
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0)
 FLOORS = (0.001, 0.01, 0.1, 1.0)
+DAMPINGS = (0.0, 0.1, 0.2, 0.3, 0.5)
 CHUNK = 1024
 BUCKET_MIN_USERS = 200  # a popularity bucket with fewer validation targets is too noisy to guard
+GUARD_Z = 1.645  # the guard holds for a bucket when it holds at the lower end of a one-sided 95 % interval
 
 
 def fit_cooccurrence(histories: Sequence[History], item_ids: Sequence[str], spec: CooccurrenceSpec) -> Cooccurrence:
@@ -36,15 +38,15 @@ def fit_cooccurrence(histories: Sequence[History], item_ids: Sequence[str], spec
 
 
 def cooccurrence_scores(
-    counts: Cooccurrence, histories: Sequence[History], item_ids: Sequence[str], depth: int
+    counts: Cooccurrence, histories: Sequence[History], item_ids: Sequence[str], fusion: Fusion
 ) -> np.ndarray:
-    """[len(histories), n_items]: each history's ``depth`` best co-occurrence scores (its own items left out),
-    zero elsewhere: the candidates the stream would take from co-occurrence."""
+    """[len(histories), n_items]: each history's ``fusion.depth`` best co-occurrence scores with its damping
+    (its own items left out), zero elsewhere: the candidates the stream would take from co-occurrence."""
     row_of = {item_id: row for row, item_id in enumerate(item_ids)}
     out = np.zeros((len(histories), len(item_ids)), dtype=np.float32)
     for n, history in enumerate(histories):
         names = [item_ids[row] for row in history.items]
-        for item_id, score, _ in counts.scores(liked(names, history.types), depth, exclude=names):
+        for item_id, score, _ in counts.scores(liked(names, history.types), fusion.depth, names, fusion.damping):
             out[n, row_of[item_id]] = score
     return out
 
@@ -54,10 +56,10 @@ class FusedScorer:
 
     def __init__(self, model: Scorer, counts: Cooccurrence, item_ids: Sequence[str], fusion: Fusion) -> None:
         self.model, self.counts, self.item_ids, self.fusion = model, counts, item_ids, fusion
-        self.name = f"fused: {model.name} + co-occurrence (weight {fusion.weight:g}, floor {fusion.floor:g})"
+        self.name = f"fused: {model.name} + co-occurrence ({describe(fusion)})"
 
     def scores(self, histories: Sequence[History]) -> np.ndarray:
-        cooccurrence = cooccurrence_scores(self.counts, histories, self.item_ids, self.fusion.depth)
+        cooccurrence = cooccurrence_scores(self.counts, histories, self.item_ids, self.fusion)
         return self.fusion.fused(self.model.scores(histories), cooccurrence)
 
 
@@ -70,50 +72,66 @@ def choose_fusion(
     guard: float,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> tuple[Fusion, list[dict[str, float]]]:
-    """The weight and floor with the best NDCG@10 on ``valid`` (co-occurrence counted on ``training``,
-    which must not hold the validation targets) among those that keep ``guard`` of co-occurrence
-    alone's NDCG@10 in every bucket of target popularity; and every candidate's figures.
+    """The weight, floor and damping with the best NDCG@10 on ``valid`` (co-occurrence counted on
+    ``training``, which must not hold the validation targets) among those that keep ``guard`` of
+    co-occurrence alone's NDCG@10 in every bucket of target popularity; and every candidate's figures.
 
     The guard is there because the best blend overall can still lose to co-occurrence on rare targets
-    (most of a shop's), which it ranks well and the encoder poorly. Should no candidate keep the guard,
-    the one nearest to it is chosen. A weight of 0 (the encoder alone) is a candidate too."""
+    (most of a shop's), which it ranks well and the encoder poorly. A bucket keeps it when the lower
+    end of a one-sided 95 % interval of its share does: a bucket of a few hundred validation targets
+    can put a blend several per cent above its true share. Should no candidate keep the guard, the
+    one nearest to it is chosen. A weight of 0 (the encoder alone) is a candidate too."""
     counts = fit_cooccurrence(training, item_ids, spec)
     base = Fusion(cooccurrence=spec)
-    grid = [replace(base, weight=w, floor=f) for w in WEIGHTS for f in (FLOORS if w else FLOORS[:1])]
+    grid = [
+        replace(base, weight=w, floor=f, damping=d)
+        for w in WEIGHTS
+        for f in (FLOORS if w else FLOORS[:1])
+        for d in (DAMPINGS if w else DAMPINGS[:1])
+    ]
     parts: list[list[RankCounts]] = [[] for _ in grid]
-    alone: list[RankCounts] = []  # co-occurrence's own ranking, the guard's reference
+    alone: list[RankCounts] = []  # co-occurrence's own ranking (undamped), the guard's reference
     for start in range(0, len(valid), CHUNK):
         chunk = valid[start : start + CHUNK]
         histories = [e.history for e in chunk]
-        encoder, cooccurrence = encoder_scores(histories), cooccurrence_scores(counts, histories, item_ids, base.depth)
+        encoder = encoder_scores(histories)
+        cooccurrence = {d: cooccurrence_scores(counts, histories, item_ids, replace(base, damping=d)) for d in DAMPINGS}
         targets, exclude = [e.target for e in chunk], [e.history.items for e in chunk]
-        alone.append(RankCounts.from_scores(cooccurrence, targets, exclude))
+        alone.append(RankCounts.from_scores(cooccurrence[0.0], targets, exclude))
         for part, fusion in zip(parts, grid, strict=True):
-            part.append(RankCounts.from_scores(fusion.fused(encoder, cooccurrence), targets, exclude))
-    alone_ranks = RankCounts.concatenate(alone)
-    judged = popularity_buckets(valid, training, len(item_ids))
-    alone_ndcg = bucket_ndcg(alone_ranks, judged)
-    buckets = [mask for mask, ndcg in zip(judged, alone_ndcg, strict=True) if ndcg > 0]
-    reference = alone_ndcg[alone_ndcg > 0]
+            fused = fusion.fused(encoder, cooccurrence[fusion.damping])
+            part.append(RankCounts.from_scores(fused, targets, exclude))
+    buckets = popularity_buckets(valid, training, len(item_ids))
+    alone_ndcg = per_example(RankCounts.concatenate(alone), 10)["ndcg@10"]
+    buckets = [mask for mask in buckets if alone_ndcg[mask].mean() > 0]
     table = []
     for fusion, part in zip(grid, parts, strict=True):
         ranks = RankCounts.concatenate(part)
-        shares = bucket_ndcg(ranks, buckets) / reference
-        worst = float(min(shares, default=1.0))
-        table.append({"weight": fusion.weight, "floor": fusion.floor, **summarize(ranks), "worst_bucket_share": worst})
-    kept = [i for i, row in enumerate(table) if row["worst_bucket_share"] >= guard]
+        shares = [bucket_share(per_example(ranks, 10)["ndcg@10"], alone_ndcg, mask) for mask in buckets]
+        worst = min((share for share, _ in shares), default=1.0)
+        lowest = min((lower for _, lower in shares), default=1.0)
+        table.append(
+            {"weight": fusion.weight, "floor": fusion.floor, "damping": fusion.damping, **summarize(ranks)}
+            | {"worst_bucket_share": worst, "worst_bucket_lower": lowest}
+        )
+    kept = [i for i, row in enumerate(table) if row["worst_bucket_lower"] >= guard]
     best = (
         max(kept, key=lambda i: table[i]["ndcg@10"])
         if kept
-        else max(range(len(grid)), key=lambda i: table[i]["worst_bucket_share"])
+        else max(range(len(grid)), key=lambda i: table[i]["worst_bucket_lower"])
     )
+    chosen = table[best]
     progress(
-        f"fusion with co-occurrence, chosen on {len(valid):,} validation users: weight {grid[best].weight:g}, "
-        f"floor {grid[best].floor:g}: NDCG@10 {table[best]['ndcg@10']:.4f} (encoder alone {table[0]['ndcg@10']:.4f}); "
-        f"worst popularity bucket {table[best]['worst_bucket_share']:.3f} of co-occurrence alone"
+        f"fusion with co-occurrence, chosen on {len(valid):,} validation users: {describe(grid[best])}: "
+        f"NDCG@10 {chosen['ndcg@10']:.4f} (encoder alone {table[0]['ndcg@10']:.4f}); worst popularity bucket "
+        f"{chosen['worst_bucket_share']:.3f} of co-occurrence alone (95 % above {chosen['worst_bucket_lower']:.3f})"
         + ("" if not guard else f" (guard {guard:g} {'kept' if kept else 'kept by no blend: the nearest taken'})")
     )
     return grid[best], table
+
+
+def describe(fusion: Fusion) -> str:
+    return f"weight {fusion.weight:g}, floor {fusion.floor:g}, damping {fusion.damping:g}"
 
 
 def popularity_buckets(valid: Sequence[Example], training: Sequence[History], n_items: int) -> list[np.ndarray]:
@@ -124,6 +142,10 @@ def popularity_buckets(valid: Sequence[Example], training: Sequence[History], n_
     return [mask for mask in masks if mask.sum() >= BUCKET_MIN_USERS]
 
 
-def bucket_ndcg(ranks: RankCounts, buckets: Sequence[np.ndarray]) -> np.ndarray:
-    ndcg = per_example(ranks, 10)["ndcg@10"]
-    return np.array([ndcg[mask].mean() for mask in buckets])
+def bucket_share(ndcg: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """A bucket's NDCG@10 as a share of the reference's, and the lower end of its one-sided 95 % interval
+    (the delta method's variance of a ratio of means over the bucket's users)."""
+    ours, theirs = ndcg[mask], reference[mask]
+    share = float(ours.mean() / theirs.mean())
+    spread = float(np.std(ours - share * theirs) / (theirs.mean() * np.sqrt(mask.sum())))
+    return share, share - GUARD_Z * spread

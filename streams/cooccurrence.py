@@ -5,7 +5,9 @@ counted as that item's neighbour, with weight ``1 / step``; the earlier item cou
 one's neighbour with half that (what follows says more than what precedes). Weights halve every
 ``half_life_s`` of event time (0: never), so pairs people stopped making fade. Neighbours are
 cosine-normalised by how much each item co-occurs at all, and a user's score for an item sums
-the neighbour rows of their ``newest`` items, each half as much as the one after it.
+the neighbour rows of their ``newest`` items, each half as much as the one after it. A scoring
+``damping`` above 0 divides each neighbour's weight by a further power of its total, which lifts
+rarely seen items over popular ones (the fusion chooses it on validation targets, ``streams.fusion``).
 
 That is item co-occurrence (item-kNN) as the offline baseline fits it (``encoder.baselines``),
 kept live and bounded: each item keeps its ``neighbours`` heaviest neighbours, and at most
@@ -85,9 +87,13 @@ class Cooccurrence:
             if len(self._totals) > self.spec.capacity * 1.2:  # trim in bulk, not on every event
                 self._drop_least_connected()
 
-    def scores(self, recent: Sequence[str], depth: int, exclude: Iterable[str] = ()) -> list[tuple[str, float, str]]:
+    def scores(
+        self, recent: Sequence[str], depth: int, exclude: Iterable[str] = (), damping: float = 0.0
+    ) -> list[tuple[str, float, str]]:
         """The ``depth`` best items for a user whose newest items are ``recent`` (newest last):
-        (item, score, the recent item that contributed most), best first; only items with a score."""
+        (item, score, the recent item that contributed most), best first; only items with a score.
+        A neighbour's weight is divided by its total to the power ``0.5 + damping``."""
+        exponent = 0.5 + damping
         skip = set(exclude)
         total: dict[str, float] = {}
         because: dict[str, tuple[float, str]] = {}
@@ -102,7 +108,7 @@ class Cooccurrence:
                 for neighbour, weight in row.items():
                     if neighbour in skip:
                         continue
-                    part = share * weight / math.sqrt(self._totals.get(neighbour, 0.0) + smoothing)
+                    part = share * weight / (self._totals.get(neighbour, 0.0) + smoothing) ** exponent
                     total[neighbour] = total.get(neighbour, 0.0) + part
                     if part > because.get(neighbour, (0.0, ""))[0]:
                         because[neighbour] = (part, anchor)
@@ -249,5 +255,7 @@ class PartitionedCooccurrence:
             total.restore(counts.rows())
         self._all = total
 
-    def scores(self, recent: Sequence[str], depth: int, exclude: Iterable[str] = ()) -> list[tuple[str, float, str]]:
-        return self._all.scores(recent, depth, exclude)
+    def scores(
+        self, recent: Sequence[str], depth: int, exclude: Iterable[str] = (), damping: float = 0.0
+    ) -> list[tuple[str, float, str]]:
+        return self._all.scores(recent, depth, exclude, damping)

@@ -6,11 +6,13 @@ a few times in training (``streams.cooccurrence``). A candidate's fused score is
 
     encoder score + weight * log(1 + co-occurrence score / floor)
 
-over the union of the encoder's ``depth`` best items and co-occurrence's ``depth`` best. The
-weight and floor are chosen on validation targets when the model is trained (``encoder.fusion``)
-and travel in its bundle, so offline evaluation and the stream apply the same fusion. An item
-outside both candidate lists cannot enter the top ``depth`` (the encoder's own ``depth`` best
-outrank it), so the union gives the same list as ranking the whole catalogue.
+over the union of the encoder's ``depth`` best items and co-occurrence's ``depth`` best, the
+co-occurrence scores taken with the fusion's ``damping`` (``streams.cooccurrence``: how far rare
+neighbours are lifted over popular ones). The weight, floor and damping are chosen on validation
+targets when the model is trained (``encoder.fusion``) and travel in its bundle, so offline
+evaluation and the stream apply the same fusion. An item outside both candidate lists cannot
+enter the top ``depth`` (the encoder's own ``depth`` best outrank it), so the union gives the
+same list as ranking the whole catalogue.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import numpy as np
 
 from streams.cooccurrence import CooccurrenceSpec
 
+MAX_DAMPING = 2.0  # beyond it the rarest neighbour of a list decides it alone
+
 
 @dataclass(frozen=True)
 class Fusion:
@@ -31,9 +35,10 @@ class Fusion:
     floor: float = 0.01  # the co-occurrence score at which an item gains log(2) * weight
     depth: int = 50  # candidates taken from each signal
     cooccurrence: CooccurrenceSpec = field(default_factory=CooccurrenceSpec)
+    damping: float = 0.0  # co-occurrence's scoring (``Cooccurrence.scores``); 0: cosine as counted
 
     def __post_init__(self) -> None:
-        if self.weight < 0 or self.floor <= 0 or self.depth < 1:
+        if self.weight < 0 or self.floor <= 0 or self.depth < 1 or not 0 <= self.damping <= MAX_DAMPING:
             raise ValueError(f"invalid fusion {self}")
 
     @property
@@ -49,15 +54,18 @@ class Fusion:
         return encoder_scores + self.weight * np.log1p(cooccurrence_scores / self.floor)
 
     def to_dict(self) -> dict[str, object]:
-        return {"weight": self.weight, "floor": self.floor, "depth": self.depth, **self.cooccurrence.to_dict()}
+        own = {"weight": self.weight, "floor": self.floor, "depth": self.depth, "damping": self.damping}
+        return own | self.cooccurrence.to_dict()
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Fusion:
-        """A fusion as ``to_dict`` wrote it (a bundle's manifest); ``ValueError`` for anything else."""
-        own = {"weight", "floor", "depth"}
+        """A fusion as ``to_dict`` wrote it (a bundle's manifest; one written before damping has none);
+        ``ValueError`` for anything else."""
+        own = {"weight", "floor", "depth", "damping"}
         try:
             spec = CooccurrenceSpec.from_dict({k: v for k, v in raw.items() if k not in own})
-            return cls(float(raw["weight"]), float(raw["floor"]), int(raw["depth"]), spec)
+            damping = float(raw.get("damping", 0.0))
+            return cls(float(raw["weight"]), float(raw["floor"]), int(raw["depth"]), spec, damping)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"unreadable fusion {dict(raw)} ({exc!r})") from None
 

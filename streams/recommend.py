@@ -242,7 +242,7 @@ class Recommender:
             return ()
         entries = window.entries
         leading = liked([e.item_id for e in entries], [e.type for e in entries])
-        return tuple(self.cooccurrence.scores(leading, fusion.depth, exclude=window.item_ids))
+        return tuple(self.cooccurrence.scores(leading, fusion.depth, window.item_ids, fusion.damping))
 
     def _together(self, request: RefreshRequest, fusion: Fusion) -> dict[str, tuple[float, str]]:
         """A refresh's co-occurrence candidates: a replay's as first ranked, else the counts' now (kept in the

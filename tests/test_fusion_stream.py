@@ -96,6 +96,22 @@ def test_what_people_reach_next_rises_named_by_the_item_it_follows(parts: Proces
     assert then not in {i.item_id for i in after.items} and first.item_id not in {i.item_id for i in after.items}
 
 
+def test_the_stream_scores_co_occurrence_with_the_bundles_damping(parts: Processors) -> None:
+    """What follows an item for 40 users but follows others as often ranks above what follows it for 8
+    users and nothing else; damped, the rarely seen one goes first (``streams.cooccurrence``)."""
+    stored: dict[str, bytes] = {}
+    first, other, popular, rare = (item.item_id for item in parts.items[:4])
+    _crowd(parts, first, popular, stored, n=40, name="a")
+    _crowd(parts, other, popular, stored, n=40, name="b")
+    _crowd(parts, first, rare, stored, n=8, name="c")
+    tops = {}
+    for damping in (0.0, 0.5):
+        parts.events.recommender.encoder.fusion = Fusion(weight=30.0, floor=0.01, damping=damping)
+        (listed,) = _send(parts, [Event(f"p{damping}", f"probe{damping}", first, "view", START + 10_000)], stored)
+        tops[damping] = [item.item_id for item in listed.items[:2]]
+    assert tops == {0.0: [popular, rare], 0.5: [rare, popular]}
+
+
 def test_a_redelivered_event_gets_the_list_it_got_first_though_the_counts_moved_on(parts: Processors) -> None:
     stored, first, then = _crowded(parts)
     batch = [Event("r1", "replayer", first.item_id, "view", START + 10_000)]

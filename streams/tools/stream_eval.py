@@ -217,7 +217,7 @@ def offline_lists(
             )
             pending.append((position, history))
             if together is not None:
-                pending_together.append(cooccurrence_scores(together, [history], log.item_ids, fusion.depth)[0])
+                pending_together.append(cooccurrence_scores(together, [history], log.item_ids, fusion)[0])
             lists["popularity stream"][position] = top_k(counts[None, :], [history.items], K)[0]
             if len(pending) == OFFLINE_BATCH:
                 rank_pending()
