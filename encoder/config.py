@@ -102,7 +102,8 @@ class InterestEncoderConfig:
     fusion_guard: float = hyper(
         0.0,
         "the fusion with co-occurrence is the best on validation among those keeping this share of co-occurrence "
-        "alone's NDCG@10 for targets of every popularity, e.g. 0.9 (0: the best overall)",
+        "alone's NDCG@10 for targets of every popularity (at the lower end of a one-sided 95 % interval), "
+        "e.g. 0.9 (0: the best overall)",
     )
     seed: int = hyper(0, "random seed")
 
