@@ -452,7 +452,8 @@ def _add_new_items_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    for name, kind, text in InterestEncoderConfig.hyper_parameters():
+    for name, kind, described in InterestEncoderConfig.hyper_parameters():
+        text = described.replace("%", "%%")  # argparse formats help with %, and a help may say "95 %"
         if kind is bool:
             parser.add_argument(_flag(name), action="store_const", const=True, default=None, help=text)
         else:
