@@ -107,7 +107,8 @@ def choose_fusion(
     table = []
     for fusion, part in zip(grid, parts, strict=True):
         ranks = RankCounts.concatenate(part)
-        shares = [bucket_share(per_example(ranks, 10)["ndcg@10"], alone_ndcg, mask) for mask in buckets]
+        ndcg = per_example(ranks, 10)["ndcg@10"]
+        shares = [bucket_share(ndcg, alone_ndcg, mask) for mask in buckets]
         worst = min((share for share, _ in shares), default=1.0)
         lowest = min((lower for _, lower in shares), default=1.0)
         table.append(

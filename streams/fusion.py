@@ -26,7 +26,7 @@ import numpy as np
 
 from streams.cooccurrence import CooccurrenceSpec
 
-MAX_DAMPING = 2.0  # beyond it the rarest neighbour of a list decides it alone
+MAX_DAMPING = 2.0  # a manifest's bound; training tries up to 0.5 (``encoder.fusion.DAMPINGS``)
 
 
 @dataclass(frozen=True)
