@@ -62,6 +62,7 @@ class RefreshRequest:
     # newer vector for this user, which the answer must not overwrite.
     replayed: bool = False
     together: Together | None = None  # a replay's co-occurrence candidates, as its list was first ranked with
+    trigger_offset: int | None = None  # the trigger's offset in its partition (its candidates are kept until then)
 
 
 class Recommender:
@@ -252,7 +253,7 @@ class Recommender:
         if request.together is not None:
             return _by_item(request.together)
         candidates = self._cooccurring(request.window, fusion)
-        request.window.remember_together(request.trigger.event_id, candidates)
+        request.window.remember_together(request.trigger.event_id, candidates, request.trigger_offset)
         return _by_item(candidates)
 
     def _recommendations(

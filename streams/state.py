@@ -29,10 +29,12 @@ from streams.records import Event
 # experiment (``streams.experiments.attribution``). v6 keeps the co-occurrence candidates of the
 # user's last lists (``together_for``). v7 keeps each of those lists as the bytes it was packed to when it
 # was ranked: only a replay reads one, and repacking 8 lists of 50 candidates at every store was most of the
-# cost of storing a window. v1 to v6 are still read.
-WINDOW_FORMAT_VERSION = 7
-_READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
-TOGETHER_KEPT = 8  # lists whose co-occurrence candidates a window keeps for a replay
+# cost of storing a window. v8 keeps with each list its trigger's offset, and lets a list go once that offset
+# is committed (never to be delivered again) rather than after the last 8: a worker killed 2.8 s after its
+# last commit replays every list of those seconds, more than 8 for a busy user. v1 to v7 are still read.
+WINDOW_FORMAT_VERSION = 8
+_READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
+TOGETHER_KEPT = 128  # lists awaiting their commit a window keeps at most (a user's 2.8 s at 45 lists a second)
 
 Together = tuple[tuple[str, float, str], ...]  # co-occurrence's candidates: (item, score, the window item it follows)
 
@@ -84,6 +86,7 @@ class UserWindow:
         "horizon_ms",
         "max_events",
         "together",
+        "together_offsets",
     )
 
     def __init__(self, max_events: int, horizon_ms: int, dedup_capacity: int) -> None:
@@ -99,6 +102,7 @@ class UserWindow:
         # counts move on with every user's events, and a redelivered event's list must be the one first sent.
         # Packed (``_pack_together``): read back only for a replay.
         self.together: dict[int, bytes] = {}
+        self.together_offsets: dict[int, int] = {}  # a kept list's trigger offset, where it is known
         # The user's part in a running experiment, opaque here: kept with the window so that it is stored,
         # recovered, moved and forgotten with it. Empty outside experiments.
         self.experiment = b""
@@ -144,10 +148,24 @@ class UserWindow:
         entry = WindowEntry(event.ts, event.event_id, event.item_id, event.type, event.value)
         return self._entries[: bisect.bisect_left(self._entries, entry)]
 
-    def remember_together(self, trigger_id: str, candidates: Together) -> None:
-        self.together[event_digest(trigger_id)] = _pack_together(candidates)
+    def remember_together(self, trigger_id: str, candidates: Together, offset: int | None = None) -> None:
+        """Keep the co-occurrence candidates of ``trigger_id``'s list, for a replay, until ``offset`` (the
+        trigger's in its partition) is committed (``release_together``)."""
+        digest = event_digest(trigger_id)
+        self.together[digest] = _pack_together(candidates)
+        if offset is not None:
+            self.together_offsets[digest] = offset
         while len(self.together) > TOGETHER_KEPT:
-            del self.together[next(iter(self.together))]
+            oldest = next(iter(self.together))
+            del self.together[oldest]
+            self.together_offsets.pop(oldest, None)
+
+    def release_together(self, committed: int | None) -> None:
+        """Let go of the lists whose triggers lie before the partition's ``committed`` offset (None: unknown)."""
+        if committed is None:
+            return
+        for digest in [d for d, offset in self.together_offsets.items() if offset < committed]:
+            del self.together[digest], self.together_offsets[digest]
 
     def together_for(self, trigger_id: str) -> Together | None:
         """The co-occurrence candidates the list of ``trigger_id`` was ranked with, if still kept;
@@ -160,7 +178,7 @@ class UserWindow:
         experiment state, and refuse such events from now on. Returns how many entries were erased."""
         self.forgotten_until = max(self.forgotten_until, until_ts)
         self.experiment = b""
-        self.together = {}
+        self.together, self.together_offsets = {}, {}
         held = len(self._entries) + len(self._evicted)
         self._entries = [e for e in self._entries if e.ts > self.forgotten_until]
         self._evicted = [e for e in self._evicted if e.ts > self.forgotten_until]
@@ -226,7 +244,10 @@ class UserWindow:
                 "seen": np.fromiter(self._seen_order, dtype="<u8", count=len(self._seen_order)).tobytes(),
                 "forgotten": self.forgotten_until,
                 "experiment": self.experiment,
-                "together": [[digest, candidates] for digest, candidates in self.together.items()],
+                "together": [
+                    [digest, candidates, self.together_offsets.get(digest)]
+                    for digest, candidates in self.together.items()
+                ],
             },
             use_bin_type=True,
         )
@@ -250,10 +271,13 @@ class UserWindow:
             window.experiment = bytes(obj.get("experiment", b""))
             together = obj.get("together", ())
             window.together = (
-                {int(digest): _packed(packed) for digest, packed in together}
+                {int(kept[0]): _packed(kept[1]) for kept in together}
                 if obj["v"] >= 7
                 else {int(digest): _pack_together(_candidates(listed)) for digest, listed in together}
             )
+            window.together_offsets = {
+                int(kept[0]): int(kept[2]) for kept in together if obj["v"] >= 8 and kept[2] is not None
+            }
         except (ValueError, KeyError, TypeError, msgpack.ExtraData, msgpack.FormatError) as exc:
             raise InvalidRecord(f"corrupt stored window ({type(exc).__name__}: {exc})") from None
         if window._entries:

@@ -125,6 +125,21 @@ def test_a_redelivered_event_gets_the_list_it_got_first_though_the_counts_moved_
     assert fresh.items[0].item_id == other  # while a new event's list follows the counts as they are
 
 
+def test_a_replay_of_a_list_before_the_last_eight_gets_the_list_it_got_first(parts: Processors) -> None:
+    """A worker killed seconds after its last commit replays every list of those seconds; windows keep
+    their candidates until the commit (eight lists used to be kept, fewer than a busy user gets)."""
+    stored, first, then = _crowded(parts)
+    lists = [
+        _send(parts, [Event(f"b{n}", "busy", item.item_id, "view", START + 10_000 + n)], stored)[0]
+        for n, item in enumerate([first, *parts.items[5:17]])
+    ]
+    other = next(i.item_id for i in parts.items[1:] if i.item_id != then)
+    _crowd(parts, first.item_id, other, stored, n=200, name="later")  # the counts move on
+    (again,) = _send(parts, [Event("b0", "busy", first.item_id, "view", START + 10_000)], stored)
+    assert again.trigger_event_id == "b0" and again.items == lists[0].items
+    assert lists[0].items[0].item_id == then
+
+
 def test_a_replay_whose_stored_candidates_are_unreadable_is_ranked_with_the_counts_now(
     parts: Processors, caplog: pytest.LogCaptureFixture
 ) -> None:

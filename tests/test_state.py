@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from streams.errors import InvalidRecord
 from streams.records import Event
-from streams.state import WINDOW_FORMAT_VERSION, AddOutcome, UserWindow, event_digest
+from streams.state import TOGETHER_KEPT, WINDOW_FORMAT_VERSION, AddOutcome, UserWindow, event_digest
 
 HOUR = 3_600_000
 
@@ -55,15 +55,17 @@ def test_forget_erases_up_to_its_time_evicted_entries_and_ids_included_and_survi
 
 def test_the_last_lists_co_occurrence_candidates_are_kept_stored_and_forgotten() -> None:
     window = UserWindow(max_events=3, horizon_ms=100 * HOUR, dedup_capacity=10)
-    for n in range(12):
+    lists = TOGETHER_KEPT + 4
+    for n in range(lists):
         window.add(ev(n, 1000 + n))
         window.remember_together(f"e{n}", ((f"next-{n}", 0.5 + n, f"i{n}"),))
     restored = UserWindow.from_bytes(window.to_bytes(), 3, 100 * HOUR, 10)
-    assert restored.together_for("e11") == (("next-11", 11.5, "i11"),)
-    assert restored.together_for("e3") is None  # only the last eight lists' are kept
-    assert [restored.together_for(f"e{n}") is not None for n in range(4, 12)] == [True] * 8
+    last = lists - 1
+    assert restored.together_for(f"e{last}") == ((f"next-{last}", 0.5 + last, f"i{last}"),)
+    assert restored.together_for("e3") is None  # at most TOGETHER_KEPT lists' are kept
+    assert all(restored.together_for(f"e{n}") is not None for n in range(4, lists))
     restored.forget(1005)
-    assert restored.together_for("e11") is None  # they name the user's items: erased with them
+    assert restored.together_for(f"e{last}") is None  # they name the user's items: erased with them
 
 
 def test_candidates_stored_in_format_6_are_still_read_and_unreadable_ones_are_said() -> None:
@@ -183,3 +185,17 @@ def test_as_of_covers_as_many_later_events_as_the_window_holds() -> None:
         prefixes.append(window.entries)
     assert all(window.as_of(f"e{n}").entries == prefixes[n] for n in range(14, 20))  # type: ignore[union-attr]
     assert window.as_of("e2") is None  # its window's oldest entries were evicted past those kept
+
+
+def test_kept_co_occurrence_candidates_wait_for_their_triggers_commit() -> None:
+    window = UserWindow(max_events=50, horizon_ms=100 * HOUR, dedup_capacity=100)
+    for n in range(20):  # more lists than a commit interval used to keep
+        window.remember_together(f"e{n}", ((f"i{n}", 1.0, "a"),), offset=100 + n)
+    window.remember_together("unknown-offset", (("x", 0.5, "a"),))
+    restored = UserWindow.from_bytes(window.to_bytes(), 50, 100 * HOUR, 100)
+    assert all(restored.together_for(f"e{n}") == ((f"i{n}", 1.0, "a"),) for n in range(20))
+    restored.release_together(None)  # the commit is not known: nothing goes
+    assert restored.together_for("e0") is not None
+    restored.release_together(115)  # offsets up to 114 will never be delivered again
+    assert [restored.together_for(f"e{n}") is not None for n in (14, 15, 19)] == [False, True, True]
+    assert restored.together_for("unknown-offset") is not None  # kept until the bound evicts it

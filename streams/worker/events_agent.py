@@ -95,7 +95,14 @@ class EventsAgent:
         with stage("state"):
             stored = {user: self.windows.get(self.key(user)) for user in self.events.users_in(messages)}
         loop = asyncio.get_running_loop()
-        outcome = await loop.run_in_executor(self.worker, self.events.process, messages, stored)
+        # Read on the loop, where Faust's consumer keeps them.
+        events_topic = self.settings.events_topic
+        committed = {
+            m.partition: offset
+            for m in messages
+            if m.topic == events_topic and (offset := committed_offset(self.app, TP(m.topic, m.partition))) is not None
+        }
+        outcome = await loop.run_in_executor(self.worker, self.events.process, messages, stored, committed)
         with stage("state"):
             for user_id, stored_window in outcome.windows.items():
                 self.windows.put(self.key(user_id), stored_window, partition_of[user_id.encode("utf-8")])
@@ -105,6 +112,11 @@ class EventsAgent:
                     held = self.experiment_counts.get(update.key)
                     self.experiment_counts.put(update.key, update.applied_to(held), update.partition)
         with stage("produce"):
+            if self.events.cooccurrence is not None and outcome.recommendations:
+                # A list fused with co-occurrence is replayed exactly only from the candidates its window
+                # keeps (the counts move on, and a restart restores them behind), so the windows reach the
+                # changelog before the lists reach their readers.
+                await self.app.producer.flush()
             await self.output.recommendations(outcome.recommendations)
             await self.output.dead_letters(outcome.dead_letters)
         # A user's list answers their last message of the batch (their trigger, barring an out-of-order event).
