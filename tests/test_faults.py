@@ -27,11 +27,13 @@ import pytest
 from kafka.admin import ConfigResource, ConfigResourceType
 from qdrant_client import QdrantClient
 
+from encoder.config import INTEREST_BUNDLE, BundleManifest
 from infra.kafka_local import LocalKafka, LocalKafkaConfig, local_cluster
 from infra.processes import free_port
 from infra.qdrant_local import LocalQdrant, local_qdrant_cluster
 from infra.topics import admin_client
 from streams.clients.helpers import Publisher
+from streams.fusion import Fusion
 from streams.recommend import now_ms
 from streams.records import Event, Recommendation, encode_event, encode_item
 from streams.settings import Settings
@@ -193,6 +195,13 @@ def pipeline(kafka: LocalKafka, models_dir: Path, tmp_path: Path) -> Iterator[Pi
         yield running
     finally:
         running.stop()
+
+
+def test_the_suite_runs_a_model_fused_with_co_occurrence(models_dir: Path) -> None:
+    """Replays are hardest to keep exact where lists depend on counts that move on (``streams.fusion``):
+    should the suite's model stop fusing them, the faults below would no longer test that path."""
+    manifest = BundleManifest.read(models_dir / INTEREST_BUNDLE, INTEREST_BUNDLE)
+    assert Fusion.from_dict(manifest.fusion).active, manifest.fusion
 
 
 def test_a_worker_killed_mid_stream_loses_nothing(pipeline: Pipeline) -> None:
