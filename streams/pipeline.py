@@ -221,7 +221,7 @@ class EventBatchProcessor:
             vectors = self.recommender.item_vectors(list(needed))
         by_user = self._by_known_user(valid, vectors, outcome)
         with stage("state"):
-            offsets = {event.event_id: (message.partition, message.offset) for message, event in valid}
+            offsets = {event.event_id: message.offset for message, event in valid}
             requests, fresh = self._add_to_windows(by_user, windows, tally, partition_of, offsets)
         with stage("lookup"):
             # A replay's window may hold entries evicted since, whose vectors the fetch above left out.
@@ -240,10 +240,8 @@ class EventBatchProcessor:
         with stage("state"):
             # Stored once the batch is done with them (an experiment keeps its part inside them); a forgotten
             # user's window keeps the marker, also where no event of theirs was kept.
-            for request in requests:
-                partition = offsets[request.trigger.event_id][0]
-                windows[request.user_id].release_together((committed or {}).get(partition))
             for user_id in {r.user_id for r in requests} | forgotten.keys():
+                windows[user_id].release_together((committed or {}).get(partition_of[user_id]))
                 stored_now = windows[user_id].to_bytes()
                 outcome.windows[user_id] = stored_now
                 self._keep(user_id, stored_now, windows[user_id])
@@ -299,7 +297,7 @@ class EventBatchProcessor:
         windows: Mapping[str, UserWindow],
         tally: Counter[AddOutcome],
         partition_of: Mapping[str, int],
-        offsets: Mapping[str, tuple[int, int]],
+        offsets: Mapping[str, int],
     ) -> tuple[list[RefreshRequest], list[Event]]:
         """Each user's events into their window: one refresh per user with a kept event (their window is
         stored), and the events new to their windows (what trending and co-occurrence count)."""
@@ -322,8 +320,9 @@ class EventBatchProcessor:
             trigger = new[-1] if new else kept[-1][0]
             served = window if then is None else then
             together = _kept_together(user_id, window, trigger) if then is not None else None
-            offset = offsets[trigger.event_id][1]
-            requests.append(RefreshRequest(user_id, served, trigger, ids, then is not None, together, offset))
+            requests.append(
+                RefreshRequest(user_id, served, trigger, ids, then is not None, together, offsets[trigger.event_id])
+            )
         return requests, fresh
 
     def _add(self, window: UserWindow, event: Event, partition: int) -> AddOutcome:

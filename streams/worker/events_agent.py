@@ -97,10 +97,11 @@ class EventsAgent:
         loop = asyncio.get_running_loop()
         # Read on the loop, where Faust's consumer keeps them.
         events_topic = self.settings.events_topic
+        partitions = {m.partition for m in messages if m.topic == events_topic}
         committed = {
-            m.partition: offset
-            for m in messages
-            if m.topic == events_topic and (offset := committed_offset(self.app, TP(m.topic, m.partition))) is not None
+            partition: offset
+            for partition in partitions
+            if (offset := committed_offset(self.app, TP(events_topic, partition))) is not None
         }
         outcome = await loop.run_in_executor(self.worker, self.events.process, messages, stored, committed)
         with stage("state"):
