@@ -68,6 +68,7 @@ class EventsAgent:
         self.windows = windows
         self.state_key = state_key
         self.output = output
+        self.windows_changelog = windows.changelog_topic.get_topic_name()
         self.experiment_counts = experiment_counts  # a running experiment's counts (when experiments are on)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="rtrec-events")
         self.holes: OffsetHoles[TP] = OffsetHoles()
@@ -105,19 +106,23 @@ class EventsAgent:
         }
         outcome = await loop.run_in_executor(self.worker, self.events.process, messages, stored, committed)
         with stage("state"):
-            for user_id, stored_window in outcome.windows.items():
-                self.windows.put(self.key(user_id), stored_window, partition_of[user_id.encode("utf-8")])
+            written = await self.windows.write_through(
+                (self.key(user_id), stored_window, partition_of[user_id.encode("utf-8")])
+                for user_id, stored_window in outcome.windows.items()
+            )
+            for delivery in written:
+                self.output.watch(self.windows_changelog, delivery)
             if outcome.experiment_counts:
                 assert self.experiment_counts is not None, "an experiment runs only where its counts table exists"
                 for update in outcome.experiment_counts:
                     held = self.experiment_counts.get(update.key)
                     self.experiment_counts.put(update.key, update.applied_to(held), update.partition)
         with stage("produce"):
-            if self.events.cooccurrence is not None and outcome.recommendations:
+            if self.events.cooccurrence is not None and outcome.recommendations and written:
                 # A list fused with co-occurrence is replayed exactly only from the candidates its window
                 # keeps (the counts move on, and a restart restores them behind), so the windows reach the
                 # changelog before the lists reach their readers.
-                await self.app.producer.flush()
+                await asyncio.wait(written)
             await self.output.recommendations(outcome.recommendations)
             await self.output.dead_letters(outcome.dead_letters)
         # A user's list answers their last message of the batch (their trigger, barring an out-of-order event).

@@ -33,7 +33,11 @@ class Output:
 
     async def send(self, topic: str, key: bytes | None, value: bytes) -> None:
         delivery = await self.app.producer.send(topic, key, value, partition=None, timestamp=None, headers=None)
-        cast(asyncio.Future, delivery).add_done_callback(functools.partial(self._report_undelivered, topic))
+        self.watch(topic, cast(asyncio.Future, delivery))
+
+    def watch(self, topic: str, delivery: asyncio.Future[Any]) -> None:
+        """Log and count ``delivery`` should the broker refuse it (see the class)."""
+        delivery.add_done_callback(functools.partial(self._report_undelivered, topic))
 
     async def recommendations(self, recs: Sequence[Recommendation]) -> None:
         for rec in recs:

@@ -5,11 +5,13 @@ partition and report bucket)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import faust
+from faust.types import TP
 
 from streams.settings import Settings
 from streams.worker.faust_compat import current_event_on
@@ -38,6 +40,31 @@ class PartitionedTable(faust.Table):
     def put(self, key: bytes, value: bytes, partition: int) -> None:
         with self._writing_to(key, partition), current_event_on(partition):
             self[key] = value
+
+    async def write_through(self, records: Iterable[tuple[bytes, bytes, int]]) -> list[asyncio.Future[Any]]:
+        """Store each (key, value, partition) and send it to its changelog partition straight to the producer.
+
+        The changelog record is the one ``put`` has Faust send (raw key and value, same topic and partition) and
+        the local store gets the same value, so recovery reads it back alike; what is skipped is Faust's
+        buffer of table writes, which publishes one record at a time from a task on the loop (a pending
+        message, a future and sensors each). Returns the deliveries: a write is durable once its delivery is
+        done. The same offset bookkeeping as Faust's follows each delivery (RocksDB keeps where it stands).
+        """
+        producer = self.app.producer
+        topic = self.changelog_topic.get_topic_name()
+        deliveries = []
+        for key, value, partition in records:
+            with current_event_on(partition):
+                self.data[key] = value
+            delivery = cast(asyncio.Future, await producer.send(topic, key, value, partition, None, None))
+            delivery.add_done_callback(self._on_written)
+            deliveries.append(delivery)
+        return deliveries
+
+    def _on_written(self, delivery: asyncio.Future[Any]) -> None:
+        if not delivery.cancelled() and delivery.exception() is None:
+            written = delivery.result()
+            self.data.set_persisted_offset(TP(written.topic, written.partition), written.offset)
 
     def partition_for_key(self, key: Any) -> int | None:
         return self._writing.get(key)
