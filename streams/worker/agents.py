@@ -17,7 +17,7 @@ from streams.pipeline import CatalogBatchProcessor, EventBatchProcessor
 from streams.pseudonym import Pseudonyms
 from streams.settings import Settings
 from streams.worker.events_agent import EventsAgent, incoming
-from streams.worker.faust_compat import acknowledge, take_batches
+from streams.worker.faust_compat import take_batches
 from streams.worker.output import Output
 from streams.worker.partition_keeper import (
     COOCCURRENCE_WRITE_S,
@@ -92,7 +92,6 @@ def register_catalog_agent(
         async for batch in take_batches(stream, settings.batch_max, settings.batch_within_s):
             outcome = await loop.run_in_executor(worker, catalog.process, incoming(batch))
             await output.dead_letters(outcome.dead_letters)
-            await acknowledge(stream, batch)
             log.info(
                 "catalog: %d upserted, %d deleted, %d dead-lettered",
                 len(outcome.upserted),

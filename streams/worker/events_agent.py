@@ -2,8 +2,7 @@
 
 Offsets are acknowledged only after a micro-batch's windows are written and its outputs handed
 to the producer; Faust flushes the producer before it commits, so delivery is at-least-once and a
-crash replays, never loses, a batch. A batch's outputs are sent by a task of their own, in batch order,
-so that the next batch runs while its windows travel to the changelog.
+crash replays, never loses, a batch.
 """
 
 from __future__ import annotations
@@ -14,17 +13,16 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import faust
 from faust.types import TP
 
 from streams.clients.kafka_io import TopicRecord, read_uncommitted
 from streams.errors import BrokerError
-from streams.pipeline import EventBatchOutcome, EventBatchProcessor, IncomingMessage
+from streams.pipeline import EventBatchProcessor, IncomingMessage
 from streams.settings import Settings
 from streams.worker.collector import CollectorSchedule
-from streams.worker.faust_compat import acknowledge, committed_offset, mark_processed, take_batches
+from streams.worker.faust_compat import committed_offset, mark_processed, take_batches
 from streams.worker.offset_holes import OffsetHoles
 from streams.worker.output import Output
 from streams.worker.tables import PartitionedTable
@@ -39,15 +37,6 @@ def incoming(events: Sequence[faust.EventT]) -> list[IncomingMessage]:
         )
         for e in events
     ]
-
-
-@dataclass
-class Processed:
-    """A micro-batch run and its windows stored, its lists not yet sent."""
-
-    messages: Sequence[IncomingMessage]
-    outcome: EventBatchOutcome
-    written: list[asyncio.Future[Any]]  # the deliveries of its windows to the changelog
 
 
 @dataclass
@@ -87,32 +76,21 @@ class EventsAgent:
         self.collector = CollectorSchedule()
 
     async def run(self, stream: faust.StreamT) -> None:
-        delivering: asyncio.Future[None] | None = None
-        try:
-            async for batch in take_batches(stream, self.settings.batch_max, self.settings.batch_within_s):
-                if delivering is not None and delivering.done():
-                    delivering.result()  # a batch whose delivery failed stops the agent, as one that failed to run
-                self.activity.running = True
-                try:
-                    messages = incoming(batch)
-                    await self.recover_skipped(messages)
-                    processed = await self.process(messages)
-                finally:
-                    self.activity.running = False
-                    self.activity.batches += 1
-                # The next batch runs while this one's windows travel to the changelog; its lists follow them,
-                # after the lists of the batch before, and only then are its events acknowledged.
-                delivering = asyncio.ensure_future(self.deliver(processed, delivering, stream, batch))
-                self.collector.after_batch()
-        finally:
-            if delivering is not None:
-                await delivering
+        async for batch in take_batches(stream, self.settings.batch_max, self.settings.batch_within_s):
+            self.activity.running = True
+            try:
+                messages = incoming(batch)
+                await self.recover_skipped(messages)
+                await self.process(messages)
+            finally:
+                self.activity.running = False
+                self.activity.batches += 1
+            self.collector.after_batch()
 
     def key(self, user_id: str) -> bytes:
         return self.state_key(user_id).encode("utf-8")
 
-    async def process(self, messages: Sequence[IncomingMessage]) -> Processed:
-        """Runs a batch and stores its windows; what it sends is left to ``send``."""
+    async def process(self, messages: Sequence[IncomingMessage]) -> None:
         stage = self.events.metrics.stage
         partition_of = {m.key: m.partition for m in messages if m.key is not None}
         with stage("state"):
@@ -139,32 +117,19 @@ class EventsAgent:
                 for update in outcome.experiment_counts:
                     held = self.experiment_counts.get(update.key)
                     self.experiment_counts.put(update.key, update.applied_to(held), update.partition)
-        log.debug("events batch: %s", outcome.counts)
-        return Processed(messages, outcome, written)
-
-    async def deliver(
-        self, processed: Processed, before: asyncio.Future[None] | None, stream: faust.StreamT, batch: Sequence[Any]
-    ) -> None:
-        """Sends a batch's lists once the batch ``before`` is delivered, then acknowledges its events."""
-        if before is not None:
-            await before
-        await self.send(processed)
-        await acknowledge(stream, batch)
-
-    async def send(self, processed: Processed) -> None:
-        outcome = processed.outcome
-        if self.events.cooccurrence is not None and outcome.recommendations and processed.written:
-            # A list fused with co-occurrence is replayed exactly only from the candidates its window
-            # keeps (the counts move on, and a restart restores them behind), so the windows reach the
-            # changelog before the lists reach their readers.
-            await asyncio.wait(processed.written)
-        with self.events.metrics.stage("produce"):
+        with stage("produce"):
+            if self.events.cooccurrence is not None and outcome.recommendations and written:
+                # A list fused with co-occurrence is replayed exactly only from the candidates its window
+                # keeps (the counts move on, and a restart restores them behind), so the windows reach the
+                # changelog before the lists reach their readers.
+                await asyncio.wait(written)
             await self.output.recommendations(outcome.recommendations)
             await self.output.dead_letters(outcome.dead_letters)
         # A user's list answers their last message of the batch (their trigger, barring an out-of-order event).
-        stamped = {m.key: m.timestamp_s for m in processed.messages}
+        stamped = {m.key: m.timestamp_s for m in messages}
         sent = [stamped.get(rec.user_id.encode("utf-8")) for rec in outcome.recommendations]
         self.events.metrics.lists_sent([s for s in sent if s is not None], time.time())
+        log.debug("events batch: %s", outcome.counts)
 
     async def recover_skipped(self, messages: Sequence[IncomingMessage]) -> None:
         """Process the messages the stream jumped over before this batch (see ``streams.worker.offset_holes``)."""
@@ -181,7 +146,7 @@ class EventsAgent:
             )  # fmt: skip
             self.events.metrics.skipped_messages.labels(tp.topic).inc(len(lost))
             if lost:
-                await self.send(await self.process(lost))
+                await self.process(lost)
             await mark_processed(self.app, tp, start, stop - 1)
 
 

@@ -21,10 +21,9 @@ from streams.settings import BATCH_QUIET_S
 
 
 async def take_batches(stream: faust.StreamT, max_events: int, within_s: float) -> AsyncIterator[Sequence[Any]]:
-    """Micro-batches of events, each taken as soon as the one before is done: with whatever arrived
-    meanwhile, once ``max_events`` are buffered or no event has joined for ``BATCH_QUIET_S`` (at most
-    ``within_s`` after its first event). The caller acknowledges each batch's events (``acknowledge``) once
-    what they lead to is handed on; until then no commit passes them.
+    """Micro-batches of events, acknowledged after the batch is processed, each taken as soon as the one
+    before is done: with whatever arrived meanwhile, once ``max_events`` are buffered or no event has
+    joined for ``BATCH_QUIET_S`` (at most ``within_s`` after its first event).
 
     Faust's ``take_events`` waits ``within`` after every batch, even with events waiting, which adds that
     wait to every event's latency at any load below the worker's capacity. This is its buffering (a
@@ -49,7 +48,7 @@ async def take_batches(stream: faust.StreamT, max_events: int, within_s: float) 
         return value
 
     acks = faust_stream.enable_acks
-    faust_stream.enable_acks = False  # acked by the caller (``acknowledge``)
+    faust_stream.enable_acks = False  # acked below, once the batch is processed
     faust_stream.add_processor(add_to_buffer)
     faust_stream._enable_passive(cast(Any, aiter(faust_stream.channel)))  # no public way to drain passively
     try:
@@ -63,17 +62,12 @@ async def take_batches(stream: faust.StreamT, max_events: int, within_s: float) 
                 yield batch
             finally:
                 buffer.clear()
+                for event in batch:
+                    await faust_stream.ack(event)
                 room.set()
     finally:
         faust_stream.enable_acks = acks
         faust_stream._processors.remove(add_to_buffer)  # no public way to remove a processor
-
-
-async def acknowledge(stream: faust.StreamT, events: Sequence[Any]) -> None:
-    """Acknowledge a batch from ``take_batches``: the next commit may pass its events' offsets."""
-    faust_stream = cast(faust.Stream, stream)
-    for event in events:
-        await faust_stream.ack(event)
 
 
 async def _filled(
