@@ -13,13 +13,14 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import faust
 from faust.types import TP
 
 from streams.clients.kafka_io import TopicRecord, read_uncommitted
 from streams.errors import BrokerError
-from streams.pipeline import EventBatchProcessor, IncomingMessage
+from streams.pipeline import EventBatchOutcome, EventBatchProcessor, IncomingMessage
 from streams.settings import Settings
 from streams.worker.collector import CollectorSchedule
 from streams.worker.faust_compat import committed_offset, mark_processed, take_batches
@@ -117,7 +118,14 @@ class EventsAgent:
                 for update in outcome.experiment_counts:
                     held = self.experiment_counts.get(update.key)
                     self.experiment_counts.put(update.key, update.applied_to(held), update.partition)
-        with stage("produce"):
+        await self.send(messages, outcome, written)
+        log.debug("events batch: %s", outcome.counts)
+
+    async def send(
+        self, messages: Sequence[IncomingMessage], outcome: EventBatchOutcome, written: Sequence[asyncio.Future[Any]]
+    ) -> None:
+        """Sends a batch's lists and dead letters; ``written``: the deliveries of its windows to the changelog."""
+        with self.events.metrics.stage("produce"):
             if self.events.cooccurrence is not None and outcome.recommendations and written:
                 # A list fused with co-occurrence is replayed exactly only from the candidates its window
                 # keeps (the counts move on, and a restart restores them behind), so the windows reach the
@@ -129,7 +137,6 @@ class EventsAgent:
         stamped = {m.key: m.timestamp_s for m in messages}
         sent = [stamped.get(rec.user_id.encode("utf-8")) for rec in outcome.recommendations]
         self.events.metrics.lists_sent([s for s in sent if s is not None], time.time())
-        log.debug("events batch: %s", outcome.counts)
 
     async def recover_skipped(self, messages: Sequence[IncomingMessage]) -> None:
         """Process the messages the stream jumped over before this batch (see ``streams.worker.offset_holes``)."""
