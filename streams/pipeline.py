@@ -240,8 +240,9 @@ class EventBatchProcessor:
         with stage("state"):
             # Stored once the batch is done with them (an experiment keeps its part inside them); a forgotten
             # user's window keeps the marker, also where no event of theirs was kept.
+            committed_of = committed or {}
             for user_id in {r.user_id for r in requests} | forgotten.keys():
-                windows[user_id].release_together((committed or {}).get(partition_of[user_id]))
+                windows[user_id].release_together(committed_of.get(partition_of[user_id]))
                 stored_now = windows[user_id].to_bytes()
                 outcome.windows[user_id] = stored_now
                 self._keep(user_id, stored_now, windows[user_id])
