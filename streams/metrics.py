@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from streams.records import DeadLetter
 
 # The pipeline's steps in data order; every second the event path spends is in one of them.
-STAGES = ("decode", "state", "lookup", "encode", "upsert", "search", "rerank", "produce")
+STAGES = ("decode", "state", "lookup", "encode", "upsert", "cooccurrence", "search", "rerank", "produce")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _FRESHNESS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RECENT_LATENCIES = 100_000  # what the console's percentiles are computed from (a few minutes at full speed)

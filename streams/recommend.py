@@ -132,7 +132,8 @@ class Recommender:
         with self.metrics.stage("upsert"):
             self.store.upsert(self.users_collection, points)
         fusion = self._fusion()
-        together = [self._together(request, fusion) for request, _ in usable]
+        with self.metrics.stage("cooccurrence"):
+            together = [self._together(request, fusion) for request, _ in usable]
         return self._search_and_rank(usable, windows, user_vectors, self.top_k, None, policy or self.policy, together)
 
     def rules_for(self, request: ItemFilter | None) -> ItemFilter | None:
@@ -173,7 +174,8 @@ class Recommender:
         if not usable:
             return None
         windows, user_vectors = self._encode(usable, vectors)
-        together = [_by_item(self._cooccurring(window, self._fusion()))]
+        with self.metrics.stage("cooccurrence"):
+            together = [_by_item(self._cooccurring(window, self._fusion()))]
         rec = self._search_and_rank(usable, windows, user_vectors, k, item_filter, policy or self.policy, together)[0]
         return rec, (user_vectors[0] if user_vectors.ndim == 3 else user_vectors)
 
