@@ -44,9 +44,12 @@ def cooccurrence_scores(
     (its own items left out), zero elsewhere: the candidates the stream would take from co-occurrence."""
     row_of = {item_id: row for row, item_id in enumerate(item_ids)}
     out = np.zeros((len(histories), len(item_ids)), dtype=np.float32)
-    for n, history in enumerate(histories):
+    users = []
+    for history in histories:
         names = [item_ids[row] for row in history.items]
-        for item_id, score, _ in counts.scores(liked(names, history.types), fusion.depth, names, fusion.damping):
+        users.append((liked(names, history.types), names))
+    for n, best in enumerate(counts.scores_many(users, fusion.depth, fusion.damping)):
+        for item_id, score, _ in best:
             out[n, row_of[item_id]] = score
     return out
 

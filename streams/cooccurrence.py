@@ -22,7 +22,7 @@ import itertools
 import math
 import threading
 from array import array
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ from streams.state import UserWindow
 SNAPSHOT_VERSION = 1
 REBASE_EXPONENT = 40.0  # weights are kept relative to a time origin, moved before they overflow
 TRIM_SLACK = 1.5  # a row is cut back to ``neighbours`` once it holds this many times as many
+SCORED_TOGETHER = 32  # users whose neighbours are scored in one pass (more cost more per user: larger sorts)
 VOCABULARY_GROWTH = 2  # items no longer referenced are forgotten once the vocabulary has grown this many times over
 
 
@@ -65,39 +66,15 @@ class CooccurrenceSpec:
         return cls(int(spec.span), int(spec.newest), int(spec.neighbours), float(spec.half_life_s), int(spec.capacity))
 
 
-class _Row:
-    """One item's neighbours (vocabulary positions) and their weights, in two flat arrays that scoring reads in
-    bulk, and where each neighbour sits in them (for the updates)."""
-
-    __slots__ = ("neighbours", "slots", "weights")
-
-    def __init__(self, pairs: Iterable[tuple[int, float]] = ()) -> None:
-        self.slots: dict[int, int] = {}
-        self.neighbours = array("q")
-        self.weights = array("d")
-        for neighbour, weight in pairs:
-            self.add(neighbour, weight)
-
-    def __len__(self) -> int:
-        return len(self.neighbours)
-
-    def add(self, neighbour: int, weight: float) -> None:
-        slot = self.slots.get(neighbour)
-        if slot is None:
-            self.slots[neighbour] = len(self.neighbours)
-            self.neighbours.append(neighbour)
-            self.weights.append(weight)
-        else:
-            self.weights[slot] += weight
-
-    def pairs(self) -> Iterator[tuple[int, float]]:
-        return zip(self.neighbours, self.weights, strict=True)
+Anchor = tuple[str, dict[int, float], float]  # one of a user's newest items: its id, its row, its share of a score
 
 
 class Cooccurrence:
-    """Items are kept by their position in a vocabulary, and each row's neighbours in flat arrays: scoring a user
-    reads contiguous memory instead of a dictionary entry and a string per neighbour, whose cache misses were most
-    of its cost (with the bench's traffic, 53,000 items tracked: 122-135 µs a user that way, 73-76 this way)."""
+    """Items are kept by their position in a vocabulary: a row maps neighbours' positions to weights, and
+    scoring reads them into arrays, instead of a dictionary entry and a string per neighbour whose cache
+    misses were most of its cost (with the bench's traffic, 53,000 items tracked: 122-135 µs a user that way,
+    ~70 in batches this way). Rows stay dictionaries of numbers, which the garbage collector does not look
+    into: rows as objects of their own (or arrays) made every full collection scan 100,000s more objects."""
 
     def __init__(self, spec: CooccurrenceSpec | None = None, track_changes: bool = True) -> None:
         self.spec = spec or CooccurrenceSpec()
@@ -108,7 +85,7 @@ class Cooccurrence:
         self._names: list[str] = []  # vocabulary position → item id
         self._positions: dict[str, int] = {}  # item id → vocabulary position
         self._totals = array("d")  # position → every weight its item took part in, trimmed neighbours included
-        self._rows: dict[int, _Row] = {}  # the tracked items' neighbours
+        self._rows: dict[int, dict[int, float]] = {}  # tracked item → neighbour → weight
         self._compacted_size = 0  # the vocabulary's size after it was last compacted
         self._lock = threading.Lock()  # the events thread writes while HTTP requests read
         self.changed: dict[str, None] = {}  # items whose row changed since ``take_changed``, in that order
@@ -134,59 +111,95 @@ class Cooccurrence:
         """The ``depth`` best items for a user whose newest items are ``recent`` (newest last):
         (item, score, the recent item that contributed most), best first; only items with a score.
         A neighbour's weight is divided by its total to the power ``0.5 + damping``."""
+        return self.scores_many([(recent, exclude)], depth, damping)[0]
+
+    def scores_many(
+        self, users: Sequence[tuple[Sequence[str], Iterable[str]]], depth: int, damping: float = 0.0
+    ) -> list[list[tuple[str, float, str]]]:
+        """``scores`` of each user's (recent, exclude), a few users' neighbours in one pass."""
         with self._lock:
             smoothing = self._unit(self._newest_ms)
-            newest: list[str] = []  # newest first, each item once
-            for item_id in reversed(recent):
-                if item_id not in newest:
-                    newest.append(item_id)
-                    if len(newest) == self.spec.newest:
-                        break
-            anchors = [
-                (anchor, row, 0.5**age / math.sqrt(self._totals[position] + smoothing))
-                for age, anchor in enumerate(newest)
-                if (position := self._positions.get(anchor)) is not None and (row := self._rows.get(position))
+            return [
+                best
+                for first in range(0, len(users), SCORED_TOGETHER)
+                for best in self._scores_of(users[first : first + SCORED_TOGETHER], depth, damping, smoothing)
             ]
-            if not anchors or depth < 1:
-                return []
-            # Every anchor's part of a neighbour is divided by the same total: summed first, divided once.
-            from_anchor = np.repeat(np.arange(len(anchors)), [len(row) for _, row, _ in anchors])
-            parts = np.concatenate([np.frombuffer(row.weights) for _, row, _ in anchors])
-            parts *= np.array([share for _, _, share in anchors])[from_anchor]
-            neighbours, column = np.unique(
-                np.concatenate([np.frombuffer(row.neighbours, dtype=np.int64) for _, row, _ in anchors]),
-                return_inverse=True,
-            )
-            totals = np.frombuffer(self._totals)[neighbours]
-            scores = np.bincount(column, weights=parts, minlength=len(neighbours)) / (totals + smoothing) ** (
-                0.5 + damping
-            )
-            candidates = self._best(scores, neighbours, depth, set(exclude))
-            contributions = np.zeros((len(anchors), len(neighbours)))
-            contributions[from_anchor, column] = parts
-            leading = contributions[:, [c for _, _, c in candidates]].argmax(axis=0).tolist()  # the newest of equals
-            return [(name, -negated, anchors[a][0]) for (negated, name, _), a in zip(candidates, leading, strict=True)]
+
+    def _scores_of(
+        self, users: Sequence[tuple[Sequence[str], Iterable[str]]], depth: int, damping: float, smoothing: float
+    ) -> list[list[tuple[str, float, str]]]:
+        anchored = [self._anchors(recent, smoothing) for recent, _ in users]
+        anchors = [anchor for of_user in anchored for anchor in of_user]
+        if not anchors or depth < 1:
+            return [[] for _ in users]
+        user_of_pair, neighbour_of_pair, scores, leading = self._pairs(anchored, anchors, damping, smoothing)
+        ranked = np.lexsort((-scores, user_of_pair))
+        starts = np.searchsorted(user_of_pair, np.arange(len(users) + 1)).tolist()
+        spans = [(start, end, exclude) for start, end, (_, exclude) in zip(starts[:-1], starts[1:], users, strict=True)]
+        lists = self._best(
+            scores[ranked].tolist(), neighbour_of_pair[ranked].tolist(), leading[ranked].tolist(), spans, depth
+        )
+        return [[(item_id, -negated, anchors[a][0]) for negated, item_id, a in best] for best in lists]
+
+    def _pairs(
+        self, anchored: Sequence[Sequence[Anchor]], anchors: Sequence[Anchor], damping: float, smoothing: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Each (user, neighbour) pair's user, neighbour, score and leading anchor (its index in ``anchors``),
+        in the order of (user, neighbour)."""
+        # By entry (an anchor's neighbour) first; a pair sums its entries.
+        from_anchor = np.repeat(np.arange(len(anchors)), [len(row) for _, row, _ in anchors])
+        parts = np.concatenate([np.fromiter(row.values(), np.float64, len(row)) for _, row, _ in anchors])
+        parts *= np.array([share for _, _, share in anchors])[from_anchor]
+        neighbours = np.concatenate([np.fromiter(row, np.int64, len(row)) for _, row, _ in anchors])
+        of_user = np.repeat(np.arange(len(anchored)), [len(a) for a in anchored])[from_anchor]
+        pairs, pair_of_entry = np.unique(of_user * len(self._names) + neighbours, return_inverse=True)
+        user_of_pair, neighbour_of_pair = np.divmod(pairs, len(self._names))
+        # Every anchor's part of a neighbour is divided by the same total: summed first, divided once.
+        totals = np.frombuffer(self._totals)[neighbour_of_pair]
+        scores = np.bincount(pair_of_entry, weights=parts, minlength=len(pairs)) / (totals + smoothing) ** (
+            0.5 + damping
+        )
+        by_part = np.lexsort((-parts, pair_of_entry))  # stable: of equal parts, the newest anchor's first
+        leading = from_anchor[by_part[np.flatnonzero(np.diff(pair_of_entry[by_part], prepend=-1))]]
+        return user_of_pair, neighbour_of_pair, scores, leading
+
+    def _anchors(self, recent: Sequence[str], smoothing: float) -> list[Anchor]:
+        """A user's newest items that have neighbours, newest first: (item, its row, its share of the score)."""
+        newest: list[str] = []  # each item once
+        for item_id in reversed(recent):
+            if item_id not in newest:
+                newest.append(item_id)
+                if len(newest) == self.spec.newest:
+                    break
+        return [
+            (anchor, row, 0.5**age / math.sqrt(self._totals[position] + smoothing))
+            for age, anchor in enumerate(newest)
+            if (position := self._positions.get(anchor)) is not None and (row := self._rows.get(position))
+        ]
 
     def _best(
-        self, scores: np.ndarray, neighbours: np.ndarray, depth: int, exclude: set[str]
-    ) -> list[tuple[float, str, int]]:
-        """The ``depth`` best columns of ``scores`` whose item is not excluded, as (negated score, item, column),
-        best first (ties by item)."""
+        self,
+        scores: list[float],
+        neighbours: list[int],
+        leading: list[int],
+        users: Sequence[tuple[int, int, Iterable[str]]],
+        depth: int,
+    ) -> list[list[tuple[float, str, int]]]:
+        """Each user's ``depth`` best (negated score, item, leading anchor), ties by item, from their span
+        (start, end, excluded items) of pairs ranked by score."""
         names = self._names
-        wanted = depth
-        while True:  # a threshold from the bare scores, raised past the excluded items found above it
-            columns = np.arange(len(scores))
-            if len(scores) > wanted:
-                floor = np.partition(scores, len(scores) - wanted)[len(scores) - wanted]
-                columns = np.flatnonzero(scores >= floor)
-            named = [names[p] for p in neighbours[columns].tolist()]
-            kept = [i for i, item_id in enumerate(named) if item_id not in exclude]
-            if len(kept) >= depth or len(columns) == len(scores):
-                break
-            wanted = depth + len(columns) - len(kept)
-        negated = (-scores[columns]).tolist()
-        at = columns.tolist()
-        return sorted((negated[i], named[i], at[i]) for i in kept)[:depth]
+        lists = []
+        for start, end, exclude in users:
+            skip = set(exclude)
+            best: list[tuple[float, str, int]] = []
+            for i in range(start, end):
+                if len(best) >= depth and -scores[i] > best[-1][0]:  # past the last that ties the depth-th
+                    break
+                if (item_id := names[neighbours[i]]) not in skip:
+                    best.append((-scores[i], item_id, leading[i]))
+            best.sort()
+            lists.append(best[:depth])
+        return lists
 
     def take_changed(self, limit: int | None = None) -> list[tuple[str, bytes]]:
         """The rows changed since they were last taken (at most ``limit``, those changed first first), each
@@ -213,9 +226,10 @@ class Cooccurrence:
                 self._newest_ms = max(self._newest_ms, newest_ms)
                 position = self._position(item_id)
                 self._totals[position] += total * scale
-                row = self._rows.setdefault(position, _Row())
+                row = self._rows.setdefault(position, {})
                 for neighbour, weight in neighbours:
-                    row.add(self._position(neighbour), weight * scale)
+                    at = self._position(neighbour)
+                    row[at] = row.get(at, 0.0) + weight * scale
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -240,22 +254,21 @@ class Cooccurrence:
     def _rebase(self, origin_ms: int) -> None:
         factor = math.exp(-self._rate * (origin_ms - self._origin_ms))
         np.frombuffer(self._totals)[:] *= factor
-        for row in self._rows.values():
-            np.frombuffer(row.weights)[:] *= factor
+        self._rows = {position: {n: w * factor for n, w in row.items()} for position, row in self._rows.items()}
         self._origin_ms = origin_ms
 
     def _add(self, position: int, neighbour: int, weight: float) -> None:
         row = self._rows.get(position)
         if row is None:
-            row = self._rows[position] = _Row()
-        row.add(neighbour, weight)
+            row = self._rows[position] = {}
+        row[neighbour] = row.get(neighbour, 0.0) + weight
         self._totals[position] += weight
         if self.track_changes:
             self.changed[self._names[position]] = None
-        if len(row.neighbours) > self.spec.neighbours * TRIM_SLACK:
+        if len(row) > self.spec.neighbours * TRIM_SLACK:
             names = self._names
-            kept = sorted(row.pairs(), key=lambda pair: (-pair[1], names[pair[0]]))[: self.spec.neighbours]
-            self._rows[position] = _Row(kept)
+            kept = sorted(row.items(), key=lambda pair: (-pair[1], names[pair[0]]))[: self.spec.neighbours]
+            self._rows[position] = dict(kept)
 
     def _drop_least_connected(self) -> None:
         names, totals = self._names, self._totals
@@ -271,7 +284,7 @@ class Cooccurrence:
         """Forget the items that neither are tracked nor are a tracked item's neighbour (positions renumbered)."""
         used = set(self._rows)
         for row in self._rows.values():
-            used.update(row.neighbours)
+            used.update(row)
         kept = sorted(used)
         renumbered = np.zeros(len(self._names), dtype=np.int64)
         renumbered[kept] = np.arange(len(kept))
@@ -280,8 +293,8 @@ class Cooccurrence:
         self._positions = {item_id: position for position, item_id in enumerate(self._names)}
         self._totals = array("d", np.frombuffer(self._totals)[kept].tobytes())
         self._rows = {
-            int(renumbered[position]): _Row(
-                zip(renumbered[np.frombuffer(row.neighbours, dtype=np.int64)].tolist(), row.weights, strict=True)
+            int(renumbered[position]): dict(
+                zip(renumbered[np.fromiter(row, np.int64, len(row))].tolist(), row.values(), strict=True)
             )
             for position, row in self._rows.items()
         }
@@ -294,7 +307,7 @@ class Cooccurrence:
                 "origin_ms": self._origin_ms,
                 "newest_ms": self._newest_ms,  # the smoothing is one event at this time
                 "total": self._totals[position],
-                "neighbours": [[names[n], w] for n, w in self._rows[position].pairs()],
+                "neighbours": [[names[n], w] for n, w in self._rows[position].items()],
             }
         )
 
@@ -368,3 +381,8 @@ class PartitionedCooccurrence:
         self, recent: Sequence[str], depth: int, exclude: Iterable[str] = (), damping: float = 0.0
     ) -> list[tuple[str, float, str]]:
         return self._all.scores(recent, depth, exclude, damping)
+
+    def scores_many(
+        self, users: Sequence[tuple[Sequence[str], Iterable[str]]], depth: int, damping: float = 0.0
+    ) -> list[list[tuple[str, float, str]]]:
+        return self._all.scores_many(users, depth, damping)

@@ -80,6 +80,20 @@ def test_items_no_longer_tracked_are_forgotten_whenever_and_the_scores_do_not_de
         assert counts.scores(window, 10, window[-2:]) == later.scores(window, 10, window[-2:])
 
 
+def test_users_scored_together_get_the_lists_each_would_get_alone() -> None:
+    counts = Cooccurrence(CooccurrenceSpec(neighbours=8))
+    walks = _walks(users=70, items=60, length=15, seed=4)  # more users than one pass scores
+    for history in walks.values():
+        names = [f"i{n}" for n in history.items.tolist()]
+        for step, item in enumerate(names):
+            counts.observe(names[:step], item, 0)
+    users = [([f"i{n}" for n in h.items.tolist()], [f"i{n}" for n in h.items[-4:].tolist()]) for h in walks.values()]
+    users.insert(3, ([], []))  # nothing to lead from
+    together = counts.scores_many(users, depth=6, damping=0.2)
+    assert together == [counts.scores(recent, 6, exclude, 0.2) for recent, exclude in users]
+    assert together[3] == [] and all(together[:3] + together[4:])
+
+
 def test_old_pairs_fade_with_event_time() -> None:
     counts = Cooccurrence(CooccurrenceSpec(half_life_s=3600))
     start = 1_700_000_000_000
