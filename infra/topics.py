@@ -3,6 +3,7 @@
 Used by `rtrec topics`, the demo, the tests and the docker-compose bootstrap
 service alike. Running it twice changes nothing; a topic that exists with
 fewer partitions than asked is grown, and its configs are brought in line.
+A run with topics of its own (`rtrec bench`) deletes them when it is done.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
@@ -79,6 +81,20 @@ def _tls_failure(settings: Settings) -> str:
         )
     except (OSError, ValueError) as exc:
         return f"; the TLS handshake failed: {exc}"
+
+
+def delete_topics_named(settings: Settings, prefixes: Sequence[str]) -> list[str]:
+    """Delete every topic whose name starts with one of ``prefixes`` (a finished run's own); returns their names."""
+    admin = admin_client(settings)
+    try:
+        doomed = sorted(t for t in admin.list_topics() if t.startswith(tuple(prefixes)))
+        if doomed:
+            admin.delete_topics(doomed)
+        return doomed
+    except KafkaError as exc:
+        raise BrokerError(f"deleting topics on {settings.bootstrap_servers} failed: {exc}") from exc
+    finally:
+        admin.close()
 
 
 def ensure_topics(settings: Settings, specs: list[TopicSpec]) -> dict[str, str]:

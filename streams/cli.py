@@ -425,6 +425,7 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         seed=args.seed,
         seed_state=args.seed_state,
         experiment=str(args.experiment or ""),
+        keep_run_data=args.keep_run_data,
     )
     run_bench(settings, options, _say)
     return 0
@@ -635,6 +636,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="also run the throughput phase's users again with this experiment file (docs/experiments.md), "
         "next to the run without",
+    )
+    bench.add_argument(
+        "--keep-run-data",
+        action="store_true",
+        help="keep the run's topics and stores for inspection (by default only its logs and results stay: "
+        "a default run's topics take ~2 GB)",
     )
     bench.set_defaults(run=cmd_bench)
 

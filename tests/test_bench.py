@@ -19,6 +19,7 @@ import pytest
 from encoder.config import TEXT_BUNDLE
 from infra.kafka_local import LocalKafka
 from infra.qdrant_local import LocalQdrant
+from infra.topics import admin_client
 from streams.clients.kafka_io import end_offsets, read_until
 from streams.settings import Settings
 from streams.state import UserWindow
@@ -91,6 +92,16 @@ def test_bench_measures_every_phase_with_each_store_through_the_real_pipeline(
                 continue
             assert stages["encode"] > 0 and stages["search"] > 0 and stages["produce"] > 0  # scraped from /metrics
 
+    # Each run left its logs and results, and neither topics nor stores: a default run's are ~2 GB.
+    for run_dir in (tmp_path / "bench").iterdir():
+        assert (run_dir / "worker-0.log").exists() and not list(run_dir.glob("qdrant-*"))
+        assert not (run_dir / "worker-0").exists() and not (run_dir / "worker-1").exists()
+    admin = admin_client(Settings(kafka_bootstrap=kafka.config.bootstrap))
+    try:
+        assert not [topic for topic in admin.list_topics() if "bench-" in topic]
+    finally:
+        admin.close()
+
 
 def test_bench_seeds_state_on_the_changelog_and_the_worker_extends_it(
     kafka: LocalKafka, models_dir: Path, tmp_path: Path
@@ -105,7 +116,7 @@ def test_bench_seeds_state_on_the_changelog_and_the_worker_extends_it(
          "--topic-partitions=4", f"--window-size={window}", "--encoder-threads=1", "--table-store=rocksdb://",
          "--pseudonymize-key=bench-secret",
          "bench", f"--items={items}", "--users=2000", "--events=300", "--baseline-events=20", "--rate=0",
-         "--rate-seconds=1", "--seed-state"],
+         "--rate-seconds=1", "--seed-state", "--keep-run-data"],
         capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     out = result.stdout

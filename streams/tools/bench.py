@@ -21,10 +21,12 @@ from the workers' Prometheus metrics, as seconds of worker time per event.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing
 import os
+import shutil
 import threading
 import time
 import urllib.request
@@ -38,7 +40,7 @@ import numpy as np
 
 from infra.kafka_local import local_broker_for
 from infra.processes import free_port
-from infra.topics import ensure_pipeline_topics
+from infra.topics import delete_topics_named, ensure_pipeline_topics
 from streams.clients.kafka_io import make_consumer, make_producer
 from streams.errors import RtrecError
 from streams.metrics import STAGES
@@ -81,6 +83,7 @@ class BenchOptions:
     seed: int = 0
     seed_state: bool = False
     experiment: str = ""  # an experiment file: one more phase, the throughput phase's users with it running
+    keep_run_data: bool = False  # the run's topics and stores stay (else only its logs and results)
     timeout_s: float = 900.0
 
     def __post_init__(self) -> None:
@@ -573,6 +576,25 @@ class Bench:
         self.recall = recall
         return results
 
+    def drop_run_data(self) -> None:
+        """What only this run reads: its topics (~2 GB a default run, the windows' changelog mostly) and its
+        stores (~200 MB embedded); its logs and results stay."""
+        run = self.settings.events_topic.removesuffix(".events")
+        dropped = delete_topics_named(self.settings, [f"{run}.", f"{self.settings.app_id}-"])
+        self.say(f"  {len(dropped)} topics of this run deleted")
+        workers = self.worker_settings(1)
+        if self.settings.qdrant_url:  # a shared server: the run's collections, dropped there
+            from streams.worker.app import load_components
+
+            components = load_components(workers[0])
+            with contextlib.closing(components.store) as store:
+                store.drop_collection(items_collection_name(self.settings.items_collection, components.item_encoder))
+                store.drop_collection(self.settings.users_collection)
+        for settings in workers:
+            shutil.rmtree(settings.home, ignore_errors=True)
+            if not settings.qdrant_url:
+                shutil.rmtree(settings.qdrant_local_path, ignore_errors=True)
+
 
 def search_recall(settings: Settings, user_ids: Sequence[str], n_items: int, k: int = 10) -> tuple[float, str]:
     """How many of the exact top-k items (by dot product over the whole catalogue) the store's search finds,
@@ -711,7 +733,11 @@ def run_bench(settings: Settings, options: BenchOptions, say: Callable[[str], No
             if len(stores) > 1:
                 say(f"\n=== {label} store ===")
             bench = Bench(store_settings, options, say)
-            runs[label] = (bench, bench.run())
+            try:
+                runs[label] = (bench, bench.run())
+            finally:
+                if not options.keep_run_data:
+                    bench.drop_run_data()
     for label, (bench, results) in runs.items():
         say(f"\n--- {label} store ---" if len(runs) > 1 else "")
         if bench.state is not None:
