@@ -22,7 +22,7 @@ import itertools
 import math
 import threading
 from array import array
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ from streams.state import UserWindow
 
 SNAPSHOT_VERSION = 1
 REBASE_EXPONENT = 40.0  # weights are kept relative to a time origin, moved before they overflow
+FIRST_SLOTS = 8  # a new row's arrays hold this many neighbours, then double
 TRIM_SLACK = 1.5  # a row is cut back to ``neighbours`` once it holds this many times as many
 SCORED_TOGETHER = 32  # users whose neighbours are scored in one pass (more cost more per user: larger sorts)
 VOCABULARY_GROWTH = 2  # items no longer referenced are forgotten once the vocabulary has grown this many times over
@@ -66,15 +67,105 @@ class CooccurrenceSpec:
         return cls(int(spec.span), int(spec.newest), int(spec.neighbours), float(spec.half_life_s), int(spec.capacity))
 
 
-Anchor = tuple[str, dict[int, float], float]  # one of a user's newest items: its id, its row, its share of a score
+class _Rows:
+    """Each tracked item's neighbours (vocabulary positions) and their weights, in two numpy arrays per item that
+    scoring reads in bulk, with where each neighbour sits in them. Why arrays: a neighbour read from a dictionary
+    is an int and a float object somewhere in memory, two cache misses each, which were most of scoring's cost in
+    a worker. Why not an object per row: the garbage collector scans such objects, and the bench's 53,000 rows
+    of a class of ours made a full collection 130 ms instead of 20 (tuples of arrays and dictionaries of numbers
+    are left out of its scans)."""
+
+    def __init__(self) -> None:
+        self._slots: dict[int, dict[int, int]] = {}  # item → neighbour → its index in the item's arrays
+        self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # item → (neighbours, weights), room to grow
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._slots)
+
+    def __contains__(self, position: object) -> bool:
+        return position in self._slots
+
+    def add(self, position: int, neighbour: int, weight: float) -> int:
+        """Add ``weight`` to a neighbour of ``position``; returns how many neighbours it has."""
+        slots = self._slots.get(position)
+        if slots is None:
+            slots = self.track(position)
+        slot = slots.get(neighbour)
+        if slot is not None:
+            self._arrays[position][1][slot] += weight
+            return len(slots)
+        neighbours, weights = self._arrays[position]
+        slot = slots[neighbour] = len(slots)
+        if slot == len(neighbours):
+            neighbours, weights = _grown(neighbours), _grown(weights)
+            self._arrays[position] = (neighbours, weights)
+        neighbours[slot] = neighbour
+        weights[slot] = weight
+        return slot + 1
+
+    def track(self, position: int) -> dict[int, int]:
+        """``position``'s row (an empty one for an item not tracked yet): neighbour → index in its arrays."""
+        slots = self._slots.get(position)
+        if slots is None:
+            slots = self._slots[position] = {}
+            self._arrays[position] = (np.empty(FIRST_SLOTS, dtype=np.int64), np.empty(FIRST_SLOTS))
+        return slots
+
+    def arrays(self, position: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The neighbours and weights of ``position`` (views, valid until the next change), None if untracked."""
+        return self._used(position) if position in self._slots else None
+
+    def pairs(self, position: int) -> list[tuple[int, float]]:
+        neighbours, weights = self._used(position)
+        return list(zip(neighbours.tolist(), weights.tolist(), strict=True))
+
+    def replace(self, position: int, pairs: Sequence[tuple[int, float]]) -> None:
+        self.drop(position)
+        self.track(position)
+        for neighbour, weight in pairs:
+            self.add(position, neighbour, weight)
+
+    def drop(self, position: int) -> None:
+        self._slots.pop(position, None)
+        self._arrays.pop(position, None)
+
+    def scale(self, factor: float) -> None:
+        for _, weights in self._arrays.values():
+            weights *= factor
+
+    def renumbered(self, new_position: np.ndarray) -> _Rows:
+        """The same rows, every position ``p`` (item or neighbour) become ``new_position[p]``."""
+        rows = _Rows()
+        for position in self._slots:
+            neighbours, weights = self._used(position)
+            pairs = list(zip(new_position[neighbours].tolist(), weights.tolist(), strict=True))
+            rows.replace(int(new_position[position]), pairs)
+        return rows
+
+    def neighbours_of_all(self) -> set[int]:
+        return {n for position in self._slots for n in self._used(position)[0].tolist()}
+
+    def _used(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+        neighbours, weights = self._arrays[position]
+        size = len(self._slots[position])
+        return neighbours[:size], weights[:size]
+
+
+def _grown(values: np.ndarray) -> np.ndarray:
+    grown = np.empty(2 * len(values), dtype=values.dtype)
+    grown[: len(values)] = values
+    return grown
+
+
+Anchor = tuple[str, tuple[np.ndarray, np.ndarray], float]  # a user's newest item: id, (neighbours, weights), share
 
 
 class Cooccurrence:
-    """Items are kept by their position in a vocabulary: a row maps neighbours' positions to weights, and
-    scoring reads them into arrays, instead of a dictionary entry and a string per neighbour whose cache
-    misses were most of its cost (with the bench's traffic, 53,000 items tracked: 122-135 µs a user that way,
-    ~70 in batches this way). Rows stay dictionaries of numbers, which the garbage collector does not look
-    into: rows as objects of their own (or arrays) made every full collection scan 100,000s more objects."""
+    """Items are kept by their position in a vocabulary, and each row's neighbours in arrays (``_Rows``): scoring a
+    user reads contiguous memory instead of dictionary entries and strings scattered over the heap."""
 
     def __init__(self, spec: CooccurrenceSpec | None = None, track_changes: bool = True) -> None:
         self.spec = spec or CooccurrenceSpec()
@@ -85,7 +176,7 @@ class Cooccurrence:
         self._names: list[str] = []  # vocabulary position → item id
         self._positions: dict[str, int] = {}  # item id → vocabulary position
         self._totals = array("d")  # position → every weight its item took part in, trimmed neighbours included
-        self._rows: dict[int, dict[int, float]] = {}  # tracked item → neighbour → weight
+        self._rows = _Rows()  # of the tracked items
         self._compacted_size = 0  # the vocabulary's size after it was last compacted
         self._lock = threading.Lock()  # the events thread writes while HTTP requests read
         self.changed: dict[str, None] = {}  # items whose row changed since ``take_changed``, in that order
@@ -147,10 +238,10 @@ class Cooccurrence:
         """Each (user, neighbour) pair's user, neighbour, score and leading anchor (its index in ``anchors``),
         in the order of (user, neighbour)."""
         # By entry (an anchor's neighbour) first; a pair sums its entries.
-        from_anchor = np.repeat(np.arange(len(anchors)), [len(row) for _, row, _ in anchors])
-        parts = np.concatenate([np.fromiter(row.values(), np.float64, len(row)) for _, row, _ in anchors])
+        from_anchor = np.repeat(np.arange(len(anchors)), [len(neighbours) for _, (neighbours, _), _ in anchors])
+        parts = np.concatenate([weights for _, (_, weights), _ in anchors])
         parts *= np.array([share for _, _, share in anchors])[from_anchor]
-        neighbours = np.concatenate([np.fromiter(row, np.int64, len(row)) for _, row, _ in anchors])
+        neighbours = np.concatenate([neighbours for _, (neighbours, _), _ in anchors])
         of_user = np.repeat(np.arange(len(anchored)), [len(a) for a in anchored])[from_anchor]
         pairs, pair_of_entry = np.unique(of_user * len(self._names) + neighbours, return_inverse=True)
         user_of_pair, neighbour_of_pair = np.divmod(pairs, len(self._names))
@@ -174,7 +265,9 @@ class Cooccurrence:
         return [
             (anchor, row, 0.5**age / math.sqrt(self._totals[position] + smoothing))
             for age, anchor in enumerate(newest)
-            if (position := self._positions.get(anchor)) is not None and (row := self._rows.get(position))
+            if (position := self._positions.get(anchor)) is not None
+            and (row := self._rows.arrays(position)) is not None
+            and len(row[0])
         ]
 
     def _best(
@@ -226,10 +319,9 @@ class Cooccurrence:
                 self._newest_ms = max(self._newest_ms, newest_ms)
                 position = self._position(item_id)
                 self._totals[position] += total * scale
-                row = self._rows.setdefault(position, {})
+                self._rows.track(position)
                 for neighbour, weight in neighbours:
-                    at = self._position(neighbour)
-                    row[at] = row.get(at, 0.0) + weight * scale
+                    self._rows.add(position, self._position(neighbour), weight * scale)
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -254,27 +346,24 @@ class Cooccurrence:
     def _rebase(self, origin_ms: int) -> None:
         factor = math.exp(-self._rate * (origin_ms - self._origin_ms))
         np.frombuffer(self._totals)[:] *= factor
-        self._rows = {position: {n: w * factor for n, w in row.items()} for position, row in self._rows.items()}
+        self._rows.scale(factor)
         self._origin_ms = origin_ms
 
     def _add(self, position: int, neighbour: int, weight: float) -> None:
-        row = self._rows.get(position)
-        if row is None:
-            row = self._rows[position] = {}
-        row[neighbour] = row.get(neighbour, 0.0) + weight
+        size = self._rows.add(position, neighbour, weight)
         self._totals[position] += weight
         if self.track_changes:
             self.changed[self._names[position]] = None
-        if len(row) > self.spec.neighbours * TRIM_SLACK:
+        if size > self.spec.neighbours * TRIM_SLACK:
             names = self._names
-            kept = sorted(row.items(), key=lambda pair: (-pair[1], names[pair[0]]))[: self.spec.neighbours]
-            self._rows[position] = dict(kept)
+            kept = sorted(self._rows.pairs(position), key=lambda pair: (-pair[1], names[pair[0]]))
+            self._rows.replace(position, kept[: self.spec.neighbours])
 
     def _drop_least_connected(self) -> None:
         names, totals = self._names, self._totals
         ranked = sorted(self._rows, key=lambda position: (-totals[position], names[position]))
         for position in ranked[self.spec.capacity :]:
-            del self._rows[position]
+            self._rows.drop(position)
             totals[position] = 0.0
         self.changed = {item_id: None for item_id in self.changed if self._positions[item_id] in self._rows}
         if len(names) > VOCABULARY_GROWTH * max(self._compacted_size, self.spec.capacity):
@@ -282,9 +371,7 @@ class Cooccurrence:
 
     def _compact(self) -> None:
         """Forget the items that neither are tracked nor are a tracked item's neighbour (positions renumbered)."""
-        used = set(self._rows)
-        for row in self._rows.values():
-            used.update(row)
+        used = set(self._rows) | self._rows.neighbours_of_all()
         kept = sorted(used)
         renumbered = np.zeros(len(self._names), dtype=np.int64)
         renumbered[kept] = np.arange(len(kept))
@@ -292,12 +379,7 @@ class Cooccurrence:
         self._compacted_size = len(kept)
         self._positions = {item_id: position for position, item_id in enumerate(self._names)}
         self._totals = array("d", np.frombuffer(self._totals)[kept].tobytes())
-        self._rows = {
-            int(renumbered[position]): dict(
-                zip(renumbered[np.fromiter(row, np.int64, len(row))].tolist(), row.values(), strict=True)
-            )
-            for position, row in self._rows.items()
-        }
+        self._rows = self._rows.renumbered(renumbered)
 
     def _row_bytes(self, position: int) -> bytes:
         names = self._names
@@ -307,7 +389,7 @@ class Cooccurrence:
                 "origin_ms": self._origin_ms,
                 "newest_ms": self._newest_ms,  # the smoothing is one event at this time
                 "total": self._totals[position],
-                "neighbours": [[names[n], w] for n, w in self._rows[position].items()],
+                "neighbours": [[names[n], w] for n, w in self._rows.pairs(position)],
             }
         )
 
