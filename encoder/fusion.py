@@ -44,12 +44,9 @@ def cooccurrence_scores(
     (its own items left out), zero elsewhere: the candidates the stream would take from co-occurrence."""
     row_of = {item_id: row for row, item_id in enumerate(item_ids)}
     out = np.zeros((len(histories), len(item_ids)), dtype=np.float32)
-    users = []
-    for history in histories:
+    for n, history in enumerate(histories):
         names = [item_ids[row] for row in history.items]
-        users.append((liked(names, history.types), names))
-    for n, best in enumerate(counts.scores_many(users, fusion.depth, fusion.damping)):
-        for item_id, score, _ in best:
+        for item_id, score, _ in counts.scores(liked(names, history.types), fusion.depth, names, fusion.damping):
             out[n, row_of[item_id]] = score
     return out
 

@@ -60,12 +60,11 @@ class InterestEncoderRuntime(Protocol):
 class CooccurrenceScores(Protocol):
     """Which items go with a user's newest ones, counted from the stream (``streams.cooccurrence``)."""
 
-    def scores_many(
-        self, users: Sequence[tuple[Sequence[str], Iterable[str]]], depth: int, damping: float = 0.0
-    ) -> list[list[tuple[str, float, str]]]:
-        """For each user's (recent, exclude), the ``depth`` best items for a user whose items are ``recent``
-        (newest last), not in ``exclude``: (item, score, the recent item it goes with most), best first;
-        ``damping`` lifts rarely seen items."""
+    def scores(
+        self, recent: Sequence[str], depth: int, exclude: Iterable[str] = (), damping: float = 0.0
+    ) -> list[tuple[str, float, str]]:
+        """The ``depth`` best items for a user whose items are ``recent`` (newest last), not in ``exclude``:
+        (item, score, the recent item it goes with most), best first; ``damping`` lifts rarely seen items."""
         ...
 
 

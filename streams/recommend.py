@@ -133,7 +133,7 @@ class Recommender:
             self.store.upsert(self.users_collection, points)
         fusion = self._fusion()
         with self.metrics.stage("cooccurrence"):
-            together = self._together([request for request, _ in usable], fusion)
+            together = [self._together(request, fusion) for request, _ in usable]
         return self._search_and_rank(usable, windows, user_vectors, self.top_k, None, policy or self.policy, together)
 
     def rules_for(self, request: ItemFilter | None) -> ItemFilter | None:
@@ -175,7 +175,7 @@ class Recommender:
             return None
         windows, user_vectors = self._encode(usable, vectors)
         with self.metrics.stage("cooccurrence"):
-            together = [_by_item(self._cooccurring([window], self._fusion())[0])]
+            together = [_by_item(self._cooccurring(window, self._fusion()))]
         rec = self._search_and_rank(usable, windows, user_vectors, k, item_filter, policy or self.policy, together)[0]
         return rec, (user_vectors[0] if user_vectors.ndim == 3 else user_vectors)
 
@@ -239,30 +239,24 @@ class Recommender:
     def _fusion(self) -> Fusion:
         return self.encoder.fusion if self.cooccurrence is not None else ENCODER_ALONE
 
-    def _cooccurring(self, windows: Sequence[UserWindow], fusion: Fusion) -> list[Together]:
-        """Co-occurrence's candidates for each window now, best first."""
+    def _cooccurring(self, window: UserWindow, fusion: Fusion) -> Together:
+        """Co-occurrence's candidates for a window now, best first."""
         if self.cooccurrence is None or not fusion.active:
-            return [() for _ in windows]
-        users = [
-            (liked([e.item_id for e in window.entries], [e.type for e in window.entries]), window.item_ids)
-            for window in windows
-        ]
-        return [tuple(c) for c in self.cooccurrence.scores_many(users, fusion.depth, fusion.damping)]
+            return ()
+        entries = window.entries
+        leading = liked([e.item_id for e in entries], [e.type for e in entries])
+        return tuple(self.cooccurrence.scores(leading, fusion.depth, window.item_ids, fusion.damping))
 
-    def _together(self, requests: Sequence[RefreshRequest], fusion: Fusion) -> list[dict[str, tuple[float, str]]]:
-        """Each refresh's co-occurrence candidates: a replay's as first ranked, else the counts' now (kept in the
+    def _together(self, request: RefreshRequest, fusion: Fusion) -> dict[str, tuple[float, str]]:
+        """A refresh's co-occurrence candidates: a replay's as first ranked, else the counts' now (kept in the
         window for a replay of this trigger)."""
         if not fusion.active:
-            return [{} for _ in requests]
-        counted = iter(self._cooccurring([r.window for r in requests if r.together is None], fusion))
-        together = []
-        for request in requests:
-            candidates = request.together
-            if candidates is None:
-                candidates = next(counted)
-                request.window.remember_together(request.trigger.event_id, candidates, request.trigger_offset)
-            together.append(_by_item(candidates))
-        return together
+            return {}
+        if request.together is not None:
+            return _by_item(request.together)
+        candidates = self._cooccurring(request.window, fusion)
+        request.window.remember_together(request.trigger.event_id, candidates, request.trigger_offset)
+        return _by_item(candidates)
 
     def _recommendations(
         self,

@@ -56,44 +56,6 @@ def test_each_item_keeps_its_heaviest_neighbours_and_the_least_connected_items_l
     assert len(best) <= 6  # neighbours * 1.5 before a row is cut back
 
 
-def test_items_no_longer_tracked_are_forgotten_whenever_and_the_scores_do_not_depend_on_when() -> None:
-    spec = CooccurrenceSpec(neighbours=5, capacity=20)
-    rng = np.random.default_rng(3)
-    events = [(int(rng.integers(10)), f"i{int(2_000 * rng.random() ** 2)}") for _ in range(6_000)]
-    counts = Cooccurrence(spec)
-    windows: dict[int, list[str]] = {}
-
-    def observe(into: Sequence[Cooccurrence], user: int, item: str) -> None:
-        window = windows.setdefault(user, [])
-        for c in into:
-            c.observe(window[-3:], item, 0)
-        window.append(item)
-
-    for user, item in events[:3_000]:
-        observe([counts], user, item)
-    later = Cooccurrence(spec)  # the same counts from here on, with items numbered and forgotten at other times
-    later.restore(counts.rows())
-    for user, item in events[3_000:]:
-        observe([counts, later], user, item)
-    assert len(counts._names) < 500  # of the 1,700 items seen, those still referenced (and a few since)
-    for window in windows.values():
-        assert counts.scores(window, 10, window[-2:]) == later.scores(window, 10, window[-2:])
-
-
-def test_users_scored_together_get_the_lists_each_would_get_alone() -> None:
-    counts = Cooccurrence(CooccurrenceSpec(neighbours=8))
-    walks = _walks(users=70, items=60, length=15, seed=4)  # more users than one pass scores
-    for history in walks.values():
-        names = [f"i{n}" for n in history.items.tolist()]
-        for step, item in enumerate(names):
-            counts.observe(names[:step], item, 0)
-    users = [([f"i{n}" for n in h.items.tolist()], [f"i{n}" for n in h.items[-4:].tolist()]) for h in walks.values()]
-    users.insert(3, ([], []))  # nothing to lead from
-    together = counts.scores_many(users, depth=6, damping=0.2)
-    assert together == [counts.scores(recent, 6, exclude, 0.2) for recent, exclude in users]
-    assert together[3] == [] and all(together[:3] + together[4:])
-
-
 def test_old_pairs_fade_with_event_time() -> None:
     counts = Cooccurrence(CooccurrenceSpec(half_life_s=3600))
     start = 1_700_000_000_000
