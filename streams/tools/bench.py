@@ -340,7 +340,8 @@ class Bench:
         self.say = say
         run = uuid.uuid4().hex[:8]
         self.run_dir = settings.home / "bench" / run
-        self.settings = settings.isolated(f"bench-{run}").with_overrides(
+        self.isolation = f"bench-{run}"  # the run's topics and collections are named after it
+        self.settings = settings.isolated(self.isolation).with_overrides(
             model_dir=str(settings.home / "bench-models" / f"{options.items}-items"),
             experiments="",  # an experiment runs only in its own phase (--experiment)
         )
@@ -578,18 +579,22 @@ class Bench:
 
     def drop_run_data(self) -> None:
         """What only this run reads: its topics (~2 GB a default run, the windows' changelog mostly) and its
-        stores (~200 MB embedded); its logs and results stay."""
-        run = self.settings.events_topic.removesuffix(".events")
-        dropped = delete_topics_named(self.settings, [f"{run}.", f"{self.settings.app_id}-"])
-        self.say(f"  {len(dropped)} topics of this run deleted")
+        stores (~200 MB embedded); its logs and results stay. A failure here is reported, not raised: it must not
+        hide what ended the run."""
         workers = self.worker_settings(1)
-        if self.settings.qdrant_url:  # a shared server: the run's collections, dropped there
-            from streams.worker.app import load_components
+        try:
+            dropped = delete_topics_named(self.settings, [f"{self.isolation}.", f"{self.settings.app_id}-"])
+            self.say(f"  {len(dropped)} topics of this run deleted")
+            if self.settings.qdrant_url:  # a shared server: the run's collections, dropped there
+                from streams.worker.app import load_components
 
-            components = load_components(workers[0])
-            with contextlib.closing(components.store) as store:
-                store.drop_collection(items_collection_name(self.settings.items_collection, components.item_encoder))
-                store.drop_collection(self.settings.users_collection)
+                components = load_components(workers[0])
+                items = items_collection_name(self.settings.items_collection, components.item_encoder)
+                with contextlib.closing(components.store) as store:
+                    store.drop_collection(items)
+                    store.drop_collection(self.settings.users_collection)
+        except RtrecError as exc:
+            self.say(f"  the run's topics or collections could not all be deleted: {exc}")
         for settings in workers:
             shutil.rmtree(settings.home, ignore_errors=True)
             if not settings.qdrant_url:
