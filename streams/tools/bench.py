@@ -119,6 +119,7 @@ class PhaseResult:
     stage_us: dict[str, float]  # worker seconds per event in each stage, in microseconds
     mean_batch: float
     offered_per_s: float = 0.0  # the producer's pace (0: as fast as it can)
+    sent_ms: np.ndarray | None = field(default=None, repr=False)  # each event's send time after the phase's first
 
     @property
     def events_per_s(self) -> float:
@@ -452,6 +453,7 @@ class Bench:
             stage_us=stage_us,
             mean_batch=len(users) / batches if batches else float("nan"),
             offered_per_s=rate,
+            sent_ms=stamps - stamps.min(),
         )
         self.say(
             f"  {name}: {result.events:,} events in {seconds:.1f} s = {result.events_per_s:,.0f} events/s, "
@@ -591,6 +593,7 @@ class Bench:
             )
         )
         self.recall = recall
+        write_timelines(self.run_dir, results)
         return results
 
     def drop_run_data(self) -> None:
@@ -774,12 +777,49 @@ def run_bench(settings: Settings, options: BenchOptions, say: Callable[[str], No
             f"recall@10 of the store's search ({bench.search_path}) against an exact ranking (200 user vectors): "
             f"{bench.recall:.3f}"
         )
-        say(f"\n(results: {bench.run_dir / 'results.json'})")
+        say(f"\n(results: {bench.run_dir / 'results.json'}; latency over time: {bench.run_dir / 'latency.png'})")
     if len(runs) > 1:
         say(
             "\n" + format_store_comparison({label: (bench.recall, results) for label, (bench, results) in runs.items()})
         )
     return runs["server" if "server" in runs else "embedded"][1]
+
+
+def write_timelines(run_dir: Path, results: Sequence[PhaseResult]) -> None:
+    """Each paced phase's event→list latency by send time: ``latency.npz`` (per phase, seconds after its first
+    send and milliseconds of latency) and ``latency.png``, where a stall shows as a spike and a lag that grows
+    as a ramp."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paced = [r for r in results if r.offered_per_s > 0 and r.sent_ms is not None]
+    if not paced:
+        return
+    arrays: dict[str, np.ndarray] = {}
+    for r in paced:
+        assert r.sent_ms is not None
+        arrays[f"{r.name}_sent_s"] = (r.sent_ms / 1000).astype(np.float32)
+        arrays[f"{r.name}_latency_ms"] = r.latencies_ms.astype(np.float32)
+    # numpy's stubs read any ** mapping as possibly its allow_pickle flag
+    np.savez_compressed(run_dir / "latency.npz", **arrays)  # type: ignore[arg-type]
+    fig, axes = plt.subplots(len(paced), 1, figsize=(9, 1.9 * len(paced)), squeeze=False)
+    for ax, r in zip(axes[:, 0], paced, strict=True):
+        assert r.sent_ms is not None
+        ax.plot(r.sent_ms / 1000, r.latencies_ms, ".", markersize=1, alpha=0.4)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms")
+        ax.set_title(
+            f"{r.name}: {r.offered_per_s:,.0f} events/s offered, p50 {r.percentile(50):,.0f} ms, "
+            f"p99 {r.percentile(99):,.0f} ms",
+            fontsize=9,
+            loc="left",
+        )
+    axes[-1, 0].set_xlabel("seconds after the phase's first event")
+    fig.tight_layout()
+    fig.savefig(run_dir / "latency.png", dpi=110)
+    plt.close(fig)
 
 
 def format_store_comparison(runs: Mapping[str, tuple[float, Sequence[PhaseResult]]]) -> str:

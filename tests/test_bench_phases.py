@@ -1,19 +1,21 @@
-"""How `rtrec bench` decides that workers kept up with a capacity probe: served, and the lag not growing."""
+"""How `rtrec bench` judges its paced phases (kept up with: served, and the lag not growing) and shows them."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from streams.tools.bench import KEPT_UP_SHARE, PhaseResult, kept_up, lag_growth
+from streams.tools.bench import KEPT_UP_SHARE, PhaseResult, kept_up, lag_growth, write_timelines
 
 RATE = 800.0  # events/s offered
 SECONDS = 10.0
 
 
-def _probe(latencies_ms: np.ndarray, served_share: float = 1.0) -> PhaseResult:
+def _probe(latencies_ms: np.ndarray, served_share: float = 1.0, name: str = "probe100") -> PhaseResult:
     return PhaseResult(
-        name="probe100",
+        name=name,
         mode="micro-batched",
         workers=1,
         events=len(latencies_ms),
@@ -24,6 +26,7 @@ def _probe(latencies_ms: np.ndarray, served_share: float = 1.0) -> PhaseResult:
         stage_us={},
         mean_batch=10.0,
         offered_per_s=RATE,
+        sent_ms=1000 * np.arange(len(latencies_ms)) / RATE,
     )
 
 
@@ -51,3 +54,15 @@ def test_a_probe_whose_lag_keeps_growing_was_not_kept_up_with_even_when_it_staye
 def test_a_probe_served_short_or_too_small_to_judge_was_not_kept_up_with() -> None:
     assert not kept_up(_probe(_falling_behind(1.0), served_share=0.9))
     assert not kept_up(_probe(np.array([30.0, 40.0, 50.0])))
+
+
+def test_each_paced_phase_latency_over_time_is_kept_and_plotted(tmp_path: Path) -> None:
+    flat, behind = _falling_behind(1.0, noise_ms=20.0), _falling_behind(0.9)
+    drained = _probe(flat)
+    drained.offered_per_s = 0.0  # a max-rate phase: its latency is a drain, not a timeline
+    write_timelines(tmp_path, [drained, _probe(behind, name="probe90"), _probe(flat, name="load50")])
+    with np.load(tmp_path / "latency.npz") as kept:
+        assert sorted(kept.files) == ["load50_latency_ms", "load50_sent_s", "probe90_latency_ms", "probe90_sent_s"]
+        np.testing.assert_allclose(kept["probe90_latency_ms"], behind, rtol=1e-6)
+        assert kept["probe90_sent_s"][-1] == pytest.approx((len(behind) - 1) / RATE)
+    assert (tmp_path / "latency.png").read_bytes().startswith(b"\x89PNG")
