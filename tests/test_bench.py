@@ -80,8 +80,9 @@ def test_bench_measures_every_phase_with_each_store_through_the_real_pipeline(
             growth = probe["lag_growth_ms_per_s"]
             assert under_served or growth is None or growth + 0.05 > most_growth, probe
         last = probes[-1]
-        kept_up = last["events_per_s"] >= 0.97 * last["offered_per_s"] and last["lag_growth_ms_per_s"] <= most_growth
-        assert kept_up or last["phase"] == "probe30", last
+        growth = last["lag_growth_ms_per_s"]  # None: too few events to tell, never kept up with
+        served = last["events_per_s"] >= 0.97 * last["offered_per_s"]
+        assert (served and growth is not None and growth <= most_growth) or last["phase"] == "probe30", last
         for share in (50, 80):  # offered at a share of the capacity, for two seconds
             load = phases[f"load{share}"]
             assert load["offered_per_s"] == pytest.approx(results["capacity_per_s"] * share / 100, rel=0.01)
