@@ -54,7 +54,9 @@ def test_bench_measures_every_phase_with_each_store_through_the_real_pipeline(
         len(re.findall(r"pipeline / ceiling \(Faust doing the same I/O, same run\): [\d,]+ / [\d,]+ events/s", out))
         == 2
     )
-    assert len(re.findall(r"at (50|80)% of the capacity \([\d,]+ events/s offered, [\d,]+ served\)", out)) == 4
+    at_load = r"at (50|80)% of the capacity \([\d,]+ events/s offered, [\d,]+ served\): event→list p50 \d+ ms"
+    framework = r"; Faust doing only the I/O at that rate: p50 \d+ ms, p99 \d+ ms, \d+ % CPU against \d+ %"
+    assert len(re.findall(at_load + r", p95 \d+ ms, p99 \d+ ms" + framework, out)) == 4, out[-2000:]
     assert len(re.findall(r"capacity: [\d,]+ events/s, the highest offered rate kept up with", out)) == 2
     for store in ("embedded", "server"):
         assert re.search(rf"\| {store} \| [\d,]+ \| \d+ / \d+ \| \d+ \| \d+ \| (0\.9\d\d|1\.000) \|", out), out[-1500:]
@@ -89,10 +91,13 @@ def test_bench_measures_every_phase_with_each_store_through_the_real_pipeline(
             # offered_per_s is rounded to 0.1 in the results: the events are those of the rate before rounding
             offered = load["offered_per_s"]
             assert load["events"] in {int((offered - 0.05) * 2), int((offered + 0.05) * 2)}, load
+            # Faust doing only the I/O at the same rate, the same users' events
+            framework = phases[f"ceiling{share}"]
+            assert (framework["offered_per_s"], framework["events"]) == (offered, load["events"])
         for phase in phases.values():
             assert phase["latency_ms"]["p50"] > 0 and phase["peak_rss_mb"] > 0
             stages = phase["stage_us_per_event"]
-            if phase["phase"] == "ceiling":  # Faust's I/O alone: no step of the pipeline runs
+            if phase["phase"].startswith("ceiling"):  # Faust's I/O alone: no step of the pipeline runs
                 assert not any(stages.values()) and phase["mean_batch"] >= 1
                 continue
             assert stages["encode"] > 0 and stages["search"] > 0 and stages["produce"] > 0  # scraped from /metrics
@@ -103,7 +108,9 @@ def test_bench_measures_every_phase_with_each_store_through_the_real_pipeline(
     for run_dir in run_dirs:
         assert (run_dir / "worker-0.log").exists() and not list(run_dir.glob("qdrant-*"))
         with np.load(run_dir / "latency.npz") as timelines:
-            assert {"latency_latency_ms", "load50_sent_s", "load80_latency_ms"} <= set(timelines.files)
+            assert {"latency_latency_ms", "load50_sent_s", "load80_latency_ms", "ceiling80_sent_s"} <= set(
+                timelines.files
+            )
             assert len(timelines["load80_sent_s"]) == len(timelines["load80_latency_ms"]) > 0
         assert (run_dir / "latency.png").stat().st_size > 0
         assert not (run_dir / "worker-0").exists() and not (run_dir / "worker-1").exists()
@@ -137,7 +144,8 @@ def test_bench_seeds_state_on_the_changelog_and_the_worker_extends_it(
     results = json.loads(results_file.read_text())
     phases = [p["phase"] for p in results["phases"]]
     probes = [p for p in phases if p.startswith("probe")]
-    assert probes and phases == ["throughput", *probes, "load50", "load80", "ceiling", "baseline"]  # no warm-up
+    expected = ["throughput", *probes, "load50", "load80", "ceiling", "ceiling50", "ceiling80", "baseline"]
+    assert probes and phases == expected  # no warm-up
     assert results["state"]["users"] == 2000 and results["state"]["disk_mb"] > 0  # RocksDB files
 
     settings = Settings(kafka_bootstrap=kafka.config.bootstrap, topic_partitions=4).isolated(

@@ -488,10 +488,12 @@ class Bench:
             for share in LOAD_SHARES
         ]
 
-    def paced(self, workers: Workers, name: str, rate: float, seconds: float, salt: int) -> PhaseResult:
+    def paced(
+        self, workers: Workers, name: str, rate: float, seconds: float, salt: int, mode: str = "micro-batched"
+    ) -> PhaseResult:
         """A phase of random users' events (drawn with ``salt``) offered at ``rate`` for ``seconds``."""
         users = self.random_users(max(int(rate * seconds), 1), salt)
-        return self.phase(workers, name, "micro-batched", users, rate)
+        return self.phase(workers, name, mode, users, rate)
 
     def experiment_phase(self, users: Sequence[str]) -> PhaseResult:
         """The throughput phase's users again, on workers running the experiment of ``options.experiment``."""
@@ -505,8 +507,10 @@ class Bench:
         finally:
             workers.stop()
 
-    def ceiling_phase(self, users: Sequence[str]) -> PhaseResult:
-        """The throughput phase's events through Faust doing only the pipeline's I/O (streams.tools.ceiling)."""
+    def ceiling_phases(self, users: Sequence[str]) -> list[PhaseResult]:
+        """Faust doing only the pipeline's I/O (streams.tools.ceiling): the throughput phase's events as fast as
+        they come, then the latency phases' rates (``ceiling50``, ``ceiling80``), the framework's own latency
+        and CPU at the loads the pipeline is measured at."""
         from streams.tools.ceiling import CEILING_COMMAND, start_at_end
 
         settings = [
@@ -517,7 +521,12 @@ class Bench:
         ceiling = Workers(settings, self.run_dir / "ceiling", CEILING_COMMAND)
         try:
             ceiling.wait_ready(self.options.timeout_s)
-            return self.phase(ceiling, "ceiling", "Faust I/O only", users, 0)
+            results = [self.phase(ceiling, "ceiling", "Faust I/O only", users, 0)]
+            for share in LOAD_SHARES:  # the load phases' rates and users
+                percent = int(100 * share)
+                rate, seconds = share * self.capacity, self.options.rate_seconds
+                results.append(self.paced(ceiling, f"ceiling{percent}", rate, seconds, 10 + percent, "Faust I/O only"))
+            return results
         finally:
             ceiling.stop()
 
@@ -562,7 +571,7 @@ class Bench:
                 workers.stop()
             if options.experiment:
                 results.append(self.experiment_phase(throughput_users))
-            results.append(self.ceiling_phase(throughput_users))
+            results += self.ceiling_phases(throughput_users)
             naive = Workers(self.worker_settings(1), self.run_dir)
             try:
                 naive.wait_ready(options.timeout_s)
@@ -722,13 +731,21 @@ def format_table(results: Sequence[PhaseResult]) -> str:
             f"pipeline / ceiling (Faust doing the same I/O, same run): {batched.events_per_s:,.0f} / "
             f"{ceiling.events_per_s:,.0f} events/s = {batched.events_per_s / ceiling.events_per_s:.0%}"
         )
+    by_name = {r.name: r for r in results}
     for r in results:
         if r.name.startswith("load"):
             share, p50, p95, p99 = r.name.removeprefix("load"), r.percentile(50), r.percentile(95), r.percentile(99)
-            rows.append(
+            line = (
                 f"at {share}% of the capacity ({r.offered_per_s:,.0f} events/s offered, {r.events_per_s:,.0f} served): "
                 f"event→list p50 {p50:.0f} ms, p95 {p95:.0f} ms, p99 {p99:.0f} ms"
             )
+            if framework := by_name.get(f"ceiling{share}"):
+                line += (
+                    f"; Faust doing only the I/O at that rate: p50 {framework.percentile(50):.0f} ms, "
+                    f"p99 {framework.percentile(99):.0f} ms, {framework.cpu_percent:.0f} % CPU against "
+                    f"{r.cpu_percent:.0f} %"
+                )
+            rows.append(line)
     return "\n".join(rows)
 
 
