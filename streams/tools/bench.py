@@ -479,11 +479,19 @@ class Bench:
                 break
         return probes[-1].offered_per_s, probes
 
-    def load_phases(self, workers: Workers, capacity: float) -> list[PhaseResult]:
-        """Latency at a share of the capacity (``find_capacity``), offered for ``rate_seconds``."""
+    def load_phases(
+        self, workers: Workers, capacity: float, prefix: str = "load", mode: str = "micro-batched"
+    ) -> list[PhaseResult]:
+        """Latency at a share of the capacity (``find_capacity``), offered for ``rate_seconds``; each share's
+        users are the same whatever ``workers`` run them."""
         return [
             self.paced(
-                workers, f"load{int(100 * share)}", share * capacity, self.options.rate_seconds, 10 + int(100 * share)
+                workers,
+                f"{prefix}{int(100 * share)}",
+                share * capacity,
+                self.options.rate_seconds,
+                10 + int(100 * share),
+                mode,
             )
             for share in LOAD_SHARES
         ]
@@ -521,12 +529,11 @@ class Bench:
         ceiling = Workers(settings, self.run_dir / "ceiling", CEILING_COMMAND)
         try:
             ceiling.wait_ready(self.options.timeout_s)
-            results = [self.phase(ceiling, "ceiling", "Faust I/O only", users, 0)]
-            for share in LOAD_SHARES:  # the load phases' rates and users
-                percent = int(100 * share)
-                rate, seconds = share * self.capacity, self.options.rate_seconds
-                results.append(self.paced(ceiling, f"ceiling{percent}", rate, seconds, 10 + percent, "Faust I/O only"))
-            return results
+            mode = "Faust I/O only"
+            return [
+                self.phase(ceiling, "ceiling", mode, users, 0),
+                *self.load_phases(ceiling, self.capacity, "ceiling", mode),
+            ]
         finally:
             ceiling.stop()
 
@@ -811,20 +818,18 @@ def write_timelines(run_dir: Path, results: Sequence[PhaseResult]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paced = [r for r in results if r.offered_per_s > 0 and r.sent_ms is not None]
+    paced = [(r, r.sent_ms / 1000) for r in results if r.offered_per_s > 0 and r.sent_ms is not None]
     if not paced:
         return
     arrays: dict[str, np.ndarray] = {}
-    for r in paced:
-        assert r.sent_ms is not None
-        arrays[f"{r.name}_sent_s"] = (r.sent_ms / 1000).astype(np.float32)
+    for r, sent_s in paced:
+        arrays[f"{r.name}_sent_s"] = sent_s.astype(np.float32)
         arrays[f"{r.name}_latency_ms"] = r.latencies_ms.astype(np.float32)
     # numpy's stubs read any ** mapping as possibly its allow_pickle flag
     np.savez_compressed(run_dir / "latency.npz", **arrays)  # type: ignore[arg-type]
     fig, axes = plt.subplots(len(paced), 1, figsize=(9, 1.9 * len(paced)), squeeze=False)
-    for ax, r in zip(axes[:, 0], paced, strict=True):
-        assert r.sent_ms is not None
-        ax.plot(r.sent_ms / 1000, r.latencies_ms, ".", markersize=1, alpha=0.4)
+    for ax, (r, sent_s) in zip(axes[:, 0], paced, strict=True):
+        ax.plot(sent_s, r.latencies_ms, ".", markersize=1, alpha=0.4)
         ax.set_yscale("log")
         ax.set_ylabel("ms")
         ax.set_title(
