@@ -46,6 +46,13 @@ class WorkerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.events_thread_seconds = Counter(
+            "rtrec_events_thread_seconds",
+            "Micro-batches on the events thread, by clock: wall (elapsed) and cpu (the thread's own); wall minus "
+            "cpu is the time the thread waited for the interpreter lock or for a core",
+            ["clock"],
+            registry=self.registry,
+        )
         self.consumer_lag = Gauge(
             "rtrec_consumer_lag",
             "Messages on an input partition this worker owns that are not yet committed",
@@ -114,6 +121,16 @@ class WorkerMetrics:
             yield
         finally:
             self.stage_seconds.labels(name).observe(time.perf_counter() - started)
+
+    @contextmanager
+    def events_thread(self) -> Iterator[None]:
+        """Counts a micro-batch's time on the events thread (``events_thread_seconds``); run it on that thread."""
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            self.events_thread_seconds.labels("wall").inc(time.perf_counter() - wall)
+            self.events_thread_seconds.labels("cpu").inc(time.thread_time() - cpu)
 
     def serve(self, port: int) -> None:
         """``/metrics`` on ``port`` from a background thread."""

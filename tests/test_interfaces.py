@@ -185,6 +185,9 @@ def test_metrics_count_exactly_what_a_known_run_did(pipeline: Pipeline) -> None:
     assert after['rtrec_stage_seconds_count{stage="encode"}'] > before.get(
         'rtrec_stage_seconds_count{stage="encode"}', 0
     )
+    # The events thread's clocks: its own CPU is a part of the wall time its batches took there.
+    wall = delta('rtrec_events_thread_seconds_total{clock="wall"}')
+    assert 0 < delta('rtrec_events_thread_seconds_total{clock="cpu"}') <= wall + 1e-3
     # The lag gauge covers each events partition the worker owns, and drains to zero.
     topic = pipeline.settings.events_topic
     deadline = time.monotonic() + 30

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -105,7 +105,7 @@ class EventsAgent:
             for partition in partitions
             if (offset := committed_offset(self.app, TP(events_topic, partition))) is not None
         }
-        outcome = await loop.run_in_executor(self.worker, self.events.process, messages, stored, committed)
+        outcome = await loop.run_in_executor(self.worker, self._process_on_thread, messages, stored, committed)
         with stage("state"):
             written = await self.windows.write_through(
                 (self.key(user_id), stored_window, partition_of[user_id.encode("utf-8")])
@@ -120,6 +120,12 @@ class EventsAgent:
                     self.experiment_counts.put(update.key, update.applied_to(held), update.partition)
         await self.send(messages, outcome, written)
         log.debug("events batch: %s", outcome.counts)
+
+    def _process_on_thread(
+        self, messages: Sequence[IncomingMessage], stored: Mapping[str, bytes | None], committed: Mapping[int, int]
+    ) -> EventBatchOutcome:
+        with self.events.metrics.events_thread():
+            return self.events.process(messages, stored, committed)
 
     async def send(
         self, messages: Sequence[IncomingMessage], outcome: EventBatchOutcome, written: Sequence[asyncio.Future[Any]]
