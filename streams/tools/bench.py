@@ -44,7 +44,7 @@ from infra.processes import free_port
 from infra.topics import delete_topics_named, ensure_pipeline_topics
 from streams.clients.kafka_io import make_consumer, make_producer
 from streams.errors import RtrecError
-from streams.metrics import STAGES
+from streams.metrics import EVENTS_THREAD_CLOCKS, STAGES
 from streams.pseudonym import Pseudonyms
 from streams.records import Event, decode_recommendation, encode_event, encode_item
 from streams.settings import Settings
@@ -299,7 +299,6 @@ def _rss_mb(pid: int, field: str = "VmHWM") -> float:
 
 
 SCRAPED = ("rtrec_stage_seconds_sum", "rtrec_events_thread_seconds_total", "rtrec_batch_events_count")
-THREAD_CLOCKS = ("wall", "cpu")  # of rtrec_events_thread_seconds
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -446,10 +445,14 @@ class Bench:
             )
 
         worker_cpu = sum(a.cpu - b.cpu for a, b in zip(after, before, strict=True))
-        stage_us = {stage: 1e6 * grown(f'rtrec_stage_seconds_sum{{stage="{stage}"}}') / len(users) for stage in STAGES}
+
+        def us_per_event(metric: str) -> float:
+            return 1e6 * grown(metric) / len(users)
+
+        stage_us = {stage: us_per_event(f'rtrec_stage_seconds_sum{{stage="{stage}"}}') for stage in STAGES}
         events_thread_us = {
-            clock: 1e6 * grown(f'rtrec_events_thread_seconds_total{{clock="{clock}"}}') / len(users)
-            for clock in THREAD_CLOCKS
+            clock: us_per_event(f'rtrec_events_thread_seconds_total{{clock="{clock}"}}')
+            for clock in EVENTS_THREAD_CLOCKS
         }
         batches = grown("rtrec_batch_events_count")
         result = PhaseResult(
@@ -729,7 +732,7 @@ def format_table(results: Sequence[PhaseResult]) -> str:
     rows.append("|" + "---|" * (len(STAGES) + 4))
     for r in results:
         cells = " | ".join(f"{r.stage_us[s]:.0f}" for s in STAGES)
-        thread = " | ".join(f"{r.events_thread_us.get(clock, 0.0):.0f}" for clock in THREAD_CLOCKS)
+        thread = " | ".join(f"{r.events_thread_us.get(clock, 0.0):.0f}" for clock in EVENTS_THREAD_CLOCKS)
         rows.append(f"| {r.name} | {cells} | {sum(r.stage_us.values()):.0f} | {thread} |")
     rows += [
         "",
