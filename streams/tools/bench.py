@@ -728,16 +728,17 @@ def format_table(results: Sequence[PhaseResult]) -> str:
             f"{r.peak_rss_mb:.0f} |"
         )
     rows += ["", "worker time per event by stage (µs):", ""]
-    rows.append("| phase | " + " | ".join(STAGES) + " | total | events thread | its CPU |")
-    rows.append("|" + "---|" * (len(STAGES) + 4))
+    rows.append("| phase | " + " | ".join(STAGES) + " | total | events thread | its CPU | its wait for a core |")
+    rows.append("|" + "---|" * (len(STAGES) + 2 + len(EVENTS_THREAD_CLOCKS)))
     for r in results:
         cells = " | ".join(f"{r.stage_us[s]:.0f}" for s in STAGES)
         thread = " | ".join(f"{r.events_thread_us.get(clock, 0.0):.0f}" for clock in EVENTS_THREAD_CLOCKS)
         rows.append(f"| {r.name} | {cells} | {sum(r.stage_us.values()):.0f} | {thread} |")
     rows += [
         "",
-        "(events thread: a batch's steps from decode to re-rank, run off the event loop; what its CPU leaves of the "
-        "wall time it waited for the interpreter lock, which the loop's Kafka I/O holds meanwhile, or for a core)",
+        "(events thread: a batch's steps from decode to re-rank, run off the event loop; what its CPU and its wait "
+        "for a core (Linux) leave of the wall time, it waited for the interpreter lock, which the loop's Kafka I/O "
+        "holds meanwhile)",
     ]
     batched = next((r for r in results if r.name == "throughput"), None)
     baseline = next((r for r in results if r.mode == "naive"), None)
