@@ -299,6 +299,8 @@ def _rss_mb(pid: int, field: str = "VmHWM") -> float:
 
 
 SCRAPED = ("rtrec_stage_seconds_sum", "rtrec_events_thread_seconds_total", "rtrec_batch_events_count")
+# The stage table's column for each of the events thread's clocks (``EVENTS_THREAD_CLOCKS``).
+THREAD_COLUMNS = {"wall": "events thread", "cpu": "its CPU", "runqueue": "its wait for a core"}
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -728,7 +730,8 @@ def format_table(results: Sequence[PhaseResult]) -> str:
             f"{r.peak_rss_mb:.0f} |"
         )
     rows += ["", "worker time per event by stage (µs):", ""]
-    rows.append("| phase | " + " | ".join(STAGES) + " | total | events thread | its CPU | its wait for a core |")
+    thread_columns = " | ".join(THREAD_COLUMNS[clock] for clock in EVENTS_THREAD_CLOCKS)
+    rows.append("| phase | " + " | ".join(STAGES) + f" | total | {thread_columns} |")
     rows.append("|" + "---|" * (len(STAGES) + 2 + len(EVENTS_THREAD_CLOCKS)))
     for r in results:
         cells = " | ".join(f"{r.stage_us[s]:.0f}" for s in STAGES)
