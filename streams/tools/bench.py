@@ -120,7 +120,7 @@ class PhaseResult:
     mean_batch: float
     offered_per_s: float = 0.0  # the producer's pace (0: as fast as it can)
     sent_ms: np.ndarray | None = field(default=None, repr=False)  # each event's send time after the phase's first
-    # The micro-batches' time on the events thread per event, in microseconds: "wall" (elapsed) and "cpu" (its own)
+    # The micro-batches' time on the events thread per event, in microseconds, by clock (``EVENTS_THREAD_CLOCKS``)
     events_thread_us: dict[str, float] = field(default_factory=dict)
 
     @property
