@@ -175,3 +175,42 @@ def test_a_rejection_leads_nothing_and_the_rules_still_hold(parts: Processors) -
 
 def _unavailable(item: Any) -> Any:
     return replace(item, available=False, ts=item.ts + 1)
+
+
+def test_a_list_is_the_fused_ranking_of_the_catalogue_though_the_store_turns_most_candidates_away(
+    parts: Processors,
+) -> None:
+    """Candidates the search did not return are scored from cached vectors and only the best are vetted by the
+    store; when it turns away more of them than it was asked about past the list's end, it is asked again,
+    and the list is still the fused ranking over every available item."""
+    stored: dict[str, bytes] = {}
+    first, *followers = parts.items[:16]
+    for n, item in enumerate(followers):  # each later follower co-occurs with the first item more often
+        _crowd(parts, first.item_id, item.item_id, stored, n=3 + n, name=f"c{n}")
+    gone = followers[-10:]  # the ten best of co-occurrence, more than VETTED_BEYOND past a 5-item list
+    parts.catalog.process(
+        [
+            IncomingMessage(i.item_id.encode(), encode_item(_unavailable(i)), "items", 0, 100 + n)
+            for n, i in enumerate(gone)
+        ]
+    )
+    (listed,) = _send(parts, [Event("p1", "probe", first.item_id, "view", START + 10_000)], stored)
+
+    recommender = parts.events.recommender
+    fusion = recommender.encoder.fusion
+    window = parts.events.window_limits.load(stored["probe"])
+    now = recommender.current_with_interests("probe", window, k=5)
+    assert now is not None
+    counted = {
+        item_id: score for item_id, score, _ in parts.events.cooccurrence.scores([first.item_id], 50, [first.item_id])
+    }
+    eligible = [i.item_id for i in parts.items if i.item_id != first.item_id and i not in gone]
+    vectors = recommender.item_vectors(eligible)
+    fused = {
+        item_id: float((now[1] @ vectors[item_id]).max())
+        + (fusion.boost(counted[item_id]) if item_id in counted else 0.0)
+        for item_id in eligible
+    }
+    expected = sorted(fused, key=lambda item_id: -fused[item_id])[:5]
+    assert [item.item_id for item in listed.items] == expected
+    assert set(expected) == {item.item_id for item in followers[:5]}  # co-occurrence's five still on sale
