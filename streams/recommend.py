@@ -1,7 +1,8 @@
 """Windows → user vectors → candidates → the list a user sees. Pure batch logic.
 
 One batched encoder call, one batched upsert and one batched search per
-micro-batch. Items already in the window and unavailable or deleted items are
+micro-batch (and, where co-occurrence is fused, one more by id for the candidates
+it brings into the lists, ``streams.fused_ranking``). Items already in the window and unavailable or deleted items are
 never recommended; each item carries the window event it is most similar to as
 its reason, named by the item's title where the catalogue gives one.
 """
@@ -45,6 +46,7 @@ REASON_VERBS = {
     "skip": "skipped",
     "return": "returned",
 }
+VETTED_BEYOND = 8  # co-occurrence candidates past a list's end the store is asked about, in case it turns some away
 
 
 def now_ms() -> int:
@@ -238,8 +240,7 @@ class Recommender:
         """Each user's ``limit`` best of the encoder's hits and co-occurrence's candidates, at fused scores
         (``streams.fusion``). A candidate's encoder score comes from its cached vector (its best interest,
         ``steered`` [interests, dim]), and the store is asked only about candidates that could make the list
-        and that its search did not return: whether they are available and pass the rules. (Asking it to score
-        every candidate built ~50 hits a user, where a list shows 10-18.)"""
+        and that its search did not return: whether they are available and pass the rules."""
         if not any(together):
             return [list(hits[:limit]) for hits, limit in zip(nearest, limits, strict=True)]
         vectors = self.item_vectors(list({item_id for candidates in together for item_id in candidates}))
@@ -330,9 +331,6 @@ class Recommender:
 
 def _by_item(candidates: Together) -> dict[str, tuple[float, str]]:
     return {item_id: (score, anchor) for item_id, score, anchor in candidates}
-
-
-VETTED_BEYOND = 8  # candidates past a list's end the store is asked about, in case it turns some away
 
 
 def _named_by_cooccurrence(
