@@ -2,9 +2,10 @@
 
 One batched encoder call, one batched upsert and one batched search per
 micro-batch (and, where co-occurrence is fused, one more by id for the candidates
-it brings into the lists, ``streams.fused_ranking``). Items already in the window and unavailable or deleted items are
-never recommended; each item carries the window event it is most similar to as
-its reason, named by the item's title where the catalogue gives one.
+it brings into the lists: ``streams.fused_ranking``). Items already in the window
+and unavailable or deleted items are never recommended; each item carries the
+window event it is most similar to as its reason, named by the item's title where
+the catalogue gives one.
 """
 
 from __future__ import annotations
