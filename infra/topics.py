@@ -48,6 +48,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
 
 
 def admin_client(settings: Settings, timeout_s: float = 30.0) -> KafkaAdminClient:
+    unverified = _tls_failure(settings, certificate_only=True)
+    if unverified:  # kafka-python would retry for the whole timeout; a certificate does not get verified later
+        raise BrokerError(f"no Kafka broker reachable at {settings.bootstrap_servers}{unverified}")
     try:
         return KafkaAdminClient(
             **settings.kafka_options(),
@@ -61,9 +64,10 @@ def admin_client(settings: Settings, timeout_s: float = 30.0) -> KafkaAdminClien
         ) from None
 
 
-def _tls_failure(settings: Settings) -> str:
-    """Why a TLS handshake with the first bootstrap server fails ('' if it does not): kafka-python only
-    logs it, and then times out as if no broker were there."""
+def _tls_failure(settings: Settings, certificate_only: bool = False) -> str:
+    """Why a TLS handshake with the first bootstrap server fails ('' if it does not, or, with
+    ``certificate_only``, if it fails for another reason than the broker's certificate, such as a broker
+    not up yet): kafka-python only logs it, and then times out as if no broker were there."""
     context = settings.kafka_ssl_context()
     if context is None:
         return ""
@@ -80,7 +84,7 @@ def _tls_failure(settings: Settings) -> str:
             "(RTREC_KAFKA_SSL_CAFILE must name the CA that signed the broker's certificate)"
         )
     except (OSError, ValueError) as exc:
-        return f"; the TLS handshake failed: {exc}"
+        return "" if certificate_only else f"; the TLS handshake failed: {exc}"
 
 
 def delete_topics_named(settings: Settings, prefixes: Sequence[str]) -> list[str]:
