@@ -80,7 +80,7 @@ def fused_rankings(
     for user_hits, user_ids in zip(hits, known, strict=True):
         end = start + len(user_ids)
         returned = {hit.id: hit for hit in user_hits}
-        also = {
+        also = {  # the encoder's hits that co-occurrence names too: boosted, at the closer interest's score
             ids[i]: max(scores[i], returned[ids[i]].score + boosts[i]) for i in range(start, end) if ids[i] in returned
         }
         ranked = sorted(
