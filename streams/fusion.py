@@ -17,7 +17,6 @@ same list as ranking the whole catalogue.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,12 +44,8 @@ class Fusion:
     def active(self) -> bool:
         return self.weight > 0
 
-    def boost(self, cooccurrence_score: float) -> float:
-        """What co-occurrence adds to the encoder's score."""
-        return self.weight * math.log1p(cooccurrence_score / self.floor)
-
     def fused(self, encoder_scores: np.ndarray, cooccurrence_scores: np.ndarray) -> np.ndarray:
-        """``boost`` over arrays: the fused scores of every item at once (offline)."""
+        """The fused scores of items (encoder score + what co-occurrence adds), for arrays or single scores."""
         return encoder_scores + self.weight * np.log1p(cooccurrence_scores / self.floor)
 
     def to_dict(self) -> dict[str, object]:

@@ -30,9 +30,9 @@ def test_candidates_are_scored_by_their_closest_interest_and_the_boost() -> None
     (ranking,) = fused_rankings([hits], [together], INTERESTS, VECTORS, FUSION)
     head = ranking.head(10)
     assert [(h.id, round(h.score, 5)) for h in head] == [
-        ("near-second", round(2.0 + FUSION.boost(0.1), 5)),  # by the second interest
-        ("near-first", round(1.0 + FUSION.boost(0.3), 5)),
-        ("found", round(0.5 + FUSION.boost(0.1), 5)),
+        ("near-second", round(float(FUSION.fused(2.0, 0.1)), 5)),  # by the second interest
+        ("near-first", round(float(FUSION.fused(1.0, 0.3)), 5)),
+        ("found", round(float(FUSION.fused(0.5, 0.1)), 5)),
         ("plain", 0.2),
     ]  # the deleted item (no vector) is left out
     assert [h.payload is UNVETTED for h in head] == [True, True, False, False]

@@ -207,8 +207,7 @@ def test_a_list_is_the_fused_ranking_of_the_catalogue_though_the_store_turns_mos
     eligible = [i.item_id for i in parts.items if i.item_id != first.item_id and i not in gone]
     vectors = recommender.item_vectors(eligible)
     fused = {
-        item_id: float((now[1] @ vectors[item_id]).max())
-        + (fusion.boost(counted[item_id]) if item_id in counted else 0.0)
+        item_id: float(fusion.fused((now[1] @ vectors[item_id]).max(), counted.get(item_id, 0.0)))
         for item_id in eligible
     }
     expected = sorted(fused, key=lambda item_id: -fused[item_id])[:5]
