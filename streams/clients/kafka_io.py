@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, RetriableError, UnknownBrokerIdError
 
 from streams.errors import BrokerError
 from streams.records import (
@@ -99,10 +99,17 @@ def delete_items(producer: KafkaProducer, topic: str, item_ids: Sequence[str]) -
 
 
 def iterate(consumer: KafkaConsumer, timeout_s: float) -> Iterator[tuple[str, bytes | None, bytes | None]]:
-    """(topic, key, value) of each record arriving within ``timeout_s`` of the previous one."""
+    """(topic, key, value) of each record arriving within ``timeout_s`` of the previous one.
+
+    A broker leaving a cluster mid-read is ridden through: kafka-python raises it out of ``poll`` (a retriable
+    error, or a broker id its metadata no longer holds) while its leaders move, and a later poll goes on."""
     idle_since = time.monotonic()
     while time.monotonic() - idle_since < timeout_s:
-        batches = consumer.poll(timeout_ms=200)
+        try:
+            batches = consumer.poll(timeout_ms=200)
+        except (RetriableError, UnknownBrokerIdError):
+            time.sleep(0.1)
+            continue
         for tp, records in batches.items():
             for record in records:
                 idle_since = time.monotonic()
