@@ -28,4 +28,4 @@ lint: install
 	$(VENV)/bin/mypy
 
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist worksteal  # two sessions, each with its own broker (docs/development.md)

