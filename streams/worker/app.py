@@ -38,6 +38,7 @@ from streams.trending import PartitionedTrending
 from streams.worker.agents import Agents, register_agents
 from streams.worker.catalog_sync import fill_missing, items_collection_name
 from streams.worker.experiment_loader import ExperimentLoader
+from streams.worker.faust_compat import RecoveringTableManager
 from streams.worker.http_api import register_http_api
 from streams.worker.model_swap import ModelSwapper, served_model_info
 
@@ -218,6 +219,7 @@ def faust_app(settings: Settings) -> faust.App:
         # took the bench's produce stage from 127 to 20 µs per event (BENCHMARKS.md). A batch is one
         # record batch on the broker, so it stays under the broker's default message.max.bytes (1 MiB).
         producer_max_batch_size=PRODUCER_BATCH_BYTES,
+        TableManager=RecoveringTableManager,  # a rebalance during recovery crashed Faust's own
     )
 
 

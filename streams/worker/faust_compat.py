@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -15,7 +16,10 @@ from typing import Any, cast
 
 import faust
 from faust import streams as faust_streams
+from faust.tables import recovery as faust_recovery
 from faust.tables.manager import TableManager
+from faust.types import TP
+from faust.types.transports import ConsumerT
 
 from streams.settings import BATCH_QUIET_S
 
@@ -130,3 +134,23 @@ def current_event_on(partition: int) -> Iterator[None]:
         yield
     finally:
         faust_streams._current_event.reset(token)
+
+
+class Recovery(faust_recovery.Recovery):  # Faust's name: its log lines ("[^---Recovery]: Worker ready") are read
+    async def _seek_offsets(self, consumer: ConsumerT, tps: set[TP], offsets: Counter[TP], title: str) -> None:
+        """A changelog partition assigned by a rebalance while a recovery runs has no offset yet (None) when
+        that recovery seeks its standbys; Faust then seeks it to None and the worker crashes ("Offset must
+        be a positive integer", faust-streaming 0.15.3). It is sought as Faust seeks one with nothing read
+        yet (-1: the start); the recovery the rebalance signalled runs next and builds its offsets."""
+        known = Counter({tp: -1 if offsets[tp] is None else offsets[tp] for tp in tps})
+        await super()._seek_offsets(consumer, tps, known, title)
+
+
+class RecoveringTableManager(TableManager):
+    """Faust's table manager with the recovery above (``TableManager`` builds its recovery in this property)."""
+
+    @property
+    def recovery(self) -> faust_recovery.Recovery:
+        if self._recovery is None:
+            self._recovery = Recovery(self.app, self, beacon=self.beacon, loop=self.loop)
+        return self._recovery
