@@ -283,6 +283,20 @@ def _metric_sum(port: int, prefix: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
 
 
+def _outage_shown(metrics_port: int, min_lag: int, timeout_s: float) -> tuple[float, float]:
+    """Waits until the worker's metrics show a vector store outage: calls retried, and at least ``min_lag``
+    input events piling up uncommitted (the lag gauge refreshes every few seconds, and a loaded machine
+    sends slower than asked, so a fixed wait can read it too early)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        time.sleep(1)
+        errors = _metric_sum(metrics_port, "rtrec_vector_store_errors_total")
+        lag = _metric_sum(metrics_port, "rtrec_consumer_lag")
+        if errors > 0 and lag >= min_lag:
+            return errors, lag
+        assert time.monotonic() < deadline, (errors, lag)
+
+
 def _points_by_collection(url: str) -> dict[str, int]:
     client = QdrantClient(url=url, check_compatibility=False)
     try:
@@ -317,10 +331,7 @@ def test_a_qdrant_server_killed_and_restarted_mid_stream_loses_nothing(
         written = _points_by_collection(config.url)
         assert qdrant.kill()  # connections refused from now on, nothing flushed on the way out
         down_since = time.monotonic()
-        time.sleep(8)  # longer than the lag gauge's refresh: the pause must show
-        errors = _metric_sum(metrics_port, "rtrec_vector_store_errors_total")
-        lag = _metric_sum(metrics_port, "rtrec_consumer_lag")
-        assert errors > 0 and lag >= 1_000, (errors, lag)  # calls retried, input piling up uncommitted
+        errors, lag = _outage_shown(metrics_port, min_lag=1_000, timeout_s=40)
         outage_s = time.monotonic() - down_since
         qdrant.start()  # on the same storage
         restored = _points_by_collection(config.url)
